@@ -1,0 +1,179 @@
+//! Telemetry events as data: every transition says what happened, and the
+//! engine hands these to `idem-telemetry` (metrics) and the events log.
+//!
+//! Events carry job keys for audits; the metrics mapping drops them, so no
+//! label ever has a per-job value.
+
+use crate::digest::Digest32;
+use crate::job::{Epoch, JobState, WorkerId};
+use crate::ledger::{OpKind, OpStatus};
+use crate::spec::{Fingerprint, JobKey};
+use crate::time::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// An event with the instant it happened.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Event {
+    /// Milliseconds since the Unix epoch.
+    pub timestamp: Timestamp,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// Every event idem emits. The first nine are the progress report's.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum EventKind {
+    JobPlanned {
+        job_key: JobKey,
+        work_id: String,
+        artifact_id: String,
+        url: String,
+    },
+    JobLeased {
+        job_key: JobKey,
+        owner: WorkerId,
+        epoch: Epoch,
+        ttl_ms: u64,
+        attempt: u32,
+        /// Set when this lease takes over a job another holder left mid-way.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resumed_from: Option<JobState>,
+    },
+    JobStateChanged {
+        job_key: JobKey,
+        from: JobState,
+        to: JobState,
+        reason: String,
+    },
+    LeaseRenewed {
+        job_key: JobKey,
+        owner: WorkerId,
+        epoch: Epoch,
+        ttl_ms: u64,
+    },
+    LeaseReleased {
+        job_key: JobKey,
+        owner: WorkerId,
+        epoch: Epoch,
+    },
+    OperationStarted {
+        job_key: JobKey,
+        op: OpKind,
+        epoch: Epoch,
+    },
+    OperationCompleted {
+        job_key: JobKey,
+        op: OpKind,
+        epoch: Epoch,
+        status: OpStatus,
+        elapsed_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// The reconciler (or a takeover) repaired what a crash left behind.
+    #[serde(rename = "crash_recovery_event")]
+    CrashRecovery {
+        /// `lease_expired`, `op_abandoned`, `part_removed`, `blob_healed`,
+        /// `blob_missing_requeued`.
+        kind: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        job_key: Option<JobKey>,
+        count: u64,
+    },
+    /// A committed op was asked for again and its recorded result returned.
+    IdempotencyReplay {
+        job_key: JobKey,
+        op: OpKind,
+        epoch: Epoch,
+        recorded_at: Timestamp,
+    },
+    KeyConflict {
+        job_key: JobKey,
+        existing: Fingerprint,
+        proposed: Fingerprint,
+        existing_url: String,
+        proposed_url: String,
+    },
+    LeaseExpired {
+        job_key: JobKey,
+        owner: WorkerId,
+        epoch: Epoch,
+        state: JobState,
+    },
+    /// A write from a stale epoch was refused.
+    WriteFenced {
+        job_key: JobKey,
+        presented: Epoch,
+        command: String,
+    },
+    DuplicateDetected {
+        job_key: JobKey,
+        sha256: Digest32,
+        /// `content` (blob already stored) or `url` (URL already finalized).
+        by: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        of: Option<JobKey>,
+    },
+    RetryScheduled {
+        job_key: JobKey,
+        attempt: u32,
+        reason: String,
+        delay_ms: u64,
+    },
+    JobFailed {
+        job_key: JobKey,
+        reason: String,
+        error: String,
+        attempts: u32,
+    },
+}
+
+impl EventKind {
+    /// The `event` tag as it appears in JSON.
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Self::JobPlanned { .. } => "job_planned",
+            Self::JobLeased { .. } => "job_leased",
+            Self::JobStateChanged { .. } => "job_state_changed",
+            Self::LeaseRenewed { .. } => "lease_renewed",
+            Self::LeaseReleased { .. } => "lease_released",
+            Self::OperationStarted { .. } => "operation_started",
+            Self::OperationCompleted { .. } => "operation_completed",
+            Self::CrashRecovery { .. } => "crash_recovery_event",
+            Self::IdempotencyReplay { .. } => "idempotency_replay",
+            Self::KeyConflict { .. } => "key_conflict",
+            Self::LeaseExpired { .. } => "lease_expired",
+            Self::WriteFenced { .. } => "write_fenced",
+            Self::DuplicateDetected { .. } => "duplicate_detected",
+            Self::RetryScheduled { .. } => "retry_scheduled",
+            Self::JobFailed { .. } => "job_failed",
+        }
+    }
+
+    pub fn at(self, timestamp: Timestamp) -> Event {
+        Event {
+            timestamp,
+            kind: self,
+        }
+    }
+}
+
+/// Every event name, for catalogues and docs checks.
+pub const EVENT_NAMES: [&str; 15] = [
+    "job_planned",
+    "job_leased",
+    "job_state_changed",
+    "lease_renewed",
+    "lease_released",
+    "operation_started",
+    "operation_completed",
+    "crash_recovery_event",
+    "idempotency_replay",
+    "key_conflict",
+    "lease_expired",
+    "write_fenced",
+    "duplicate_detected",
+    "retry_scheduled",
+    "job_failed",
+];

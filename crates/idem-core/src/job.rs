@@ -1,0 +1,755 @@
+//! The job record and its one transition function.
+//!
+//! ```text
+//!            acquire              head ok             stream start
+//!  planned ──────────▶ leased ─────────▶ head_done ─────────────▶ streaming
+//!     ▲                  │ │                 │                      │   │
+//!     │ retry scheduled  │ │ url known       │                      │   │ blob exists
+//!     └──────────────────┤ └────────────┐    │                      │   ▼
+//!     (any live state)   │              ▼    ▼                      │ skipped_duplicate
+//!                        │        skipped_duplicate                 │
+//!                        ▼                                          ▼
+//!                      failed ◀──── permanent error / attempts ── finalized
+//!                        │
+//!                        └── operator retry ──▶ planned (new attempt)
+//! ```
+//!
+//! Every command that a lease holder issues carries its epoch (fencing token);
+//! a command whose epoch is not the current lease's is refused, so a worker
+//! whose lease was taken over can change nothing. Terminal jobs never move,
+//! except an explicit operator retry of a `failed` job.
+
+use crate::digest::Digest32;
+use crate::event::EventKind;
+use crate::spec::{Fingerprint, JobKey, JobSpec};
+use crate::time::Timestamp;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Where a job is in its life. The last three are terminal.
+#[derive(Copy, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Planned,
+    Leased,
+    HeadDone,
+    Streaming,
+    Finalized,
+    SkippedDuplicate,
+    Failed,
+}
+
+impl JobState {
+    pub const ALL: [Self; 7] = [
+        Self::Planned,
+        Self::Leased,
+        Self::HeadDone,
+        Self::Streaming,
+        Self::Finalized,
+        Self::SkippedDuplicate,
+        Self::Failed,
+    ];
+
+    pub const fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Self::Finalized | Self::SkippedDuplicate | Self::Failed
+        )
+    }
+
+    /// Terminal and counted as success by the SLOs (a duplicate is content
+    /// we already hold, not a failure).
+    pub const fn is_success(self) -> bool {
+        matches!(self, Self::Finalized | Self::SkippedDuplicate)
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Planned => "planned",
+            Self::Leased => "leased",
+            Self::HeadDone => "head_done",
+            Self::Streaming => "streaming",
+            Self::Finalized => "finalized",
+            Self::SkippedDuplicate => "skipped_duplicate",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The fencing token: +1 on every acquire of a job's lease.
+#[derive(
+    Copy, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Epoch(pub u64);
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "e{}", self.0)
+    }
+}
+
+/// Who holds a lease: unique per worker incarnation (the engine makes it from
+/// host, pid, process start time and a slot number), so a restarted process
+/// never inherits its predecessor's leases.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct WorkerId(pub String);
+
+impl WorkerId {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A lease as a value.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Lease {
+    pub owner: WorkerId,
+    pub epoch: Epoch,
+    pub expires_at: Timestamp,
+}
+
+impl Lease {
+    pub fn is_live(&self, now: Timestamp) -> bool {
+        now < self.expires_at
+    }
+}
+
+/// What a HEAD (or the headers of a fallback GET) told us.
+#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+pub struct HeadInfo {
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_modified: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_length: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    #[serde(default)]
+    pub accept_ranges: bool,
+}
+
+/// A published blob: its digest, size, and path relative to the output root.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct BlobInfo {
+    pub sha256: Digest32,
+    pub size: u64,
+    pub path: String,
+}
+
+impl BlobInfo {
+    /// The content-addressed path of a digest, relative to the output root:
+    /// `blobs/sha256/<aa>/<bb>/<hex>`.
+    pub fn path_for(sha256: &Digest32) -> String {
+        let hex = sha256.to_hex();
+        format!("blobs/sha256/{}/{}/{}", &hex[..2], &hex[2..4], hex)
+    }
+
+    pub fn new(sha256: Digest32, size: u64) -> Self {
+        Self {
+            path: Self::path_for(&sha256),
+            sha256,
+            size,
+        }
+    }
+}
+
+/// One job as the ledger holds it.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Job {
+    pub key: JobKey,
+    pub fingerprint: Fingerprint,
+    pub spec: JobSpec,
+    pub state: JobState,
+    /// The current holder, if any. Never set on a terminal job.
+    pub lease: Option<Lease>,
+    /// The last epoch ever issued for this job (0: never leased).
+    pub epoch: Epoch,
+    /// Leases acquired in the current attempt series.
+    pub attempts: u32,
+    pub max_attempts: u32,
+    /// Not leased before this instant (backoff).
+    pub next_attempt_at: Timestamp,
+    pub last_error: Option<String>,
+    pub head: Option<HeadInfo>,
+    pub blob: Option<BlobInfo>,
+    /// For `skipped_duplicate` by URL: the job whose blob this one reuses.
+    pub duplicate_of: Option<JobKey>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    pub first_leased_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+}
+
+impl Job {
+    /// A freshly planned job.
+    pub fn planned(spec: JobSpec, max_attempts: u32, now: Timestamp) -> Self {
+        Self {
+            key: spec.key(),
+            fingerprint: spec.fingerprint(),
+            spec,
+            state: JobState::Planned,
+            lease: None,
+            epoch: Epoch(0),
+            attempts: 0,
+            max_attempts: max_attempts.max(1),
+            next_attempt_at: now,
+            last_error: None,
+            head: None,
+            blob: None,
+            duplicate_of: None,
+            created_at: now,
+            updated_at: now,
+            first_leased_at: None,
+            finished_at: None,
+        }
+    }
+
+    /// May a worker acquire this job at `now`? Non-terminal, due, and no live
+    /// lease.
+    pub fn is_acquirable(&self, now: Timestamp) -> bool {
+        !self.state.is_terminal()
+            && self.next_attempt_at <= now
+            && self.lease.as_ref().is_none_or(|l| !l.is_live(now))
+    }
+}
+
+/// Why a job failed or is being retried, classified for the retry policy.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct JobError {
+    pub class: ErrorClass,
+    /// A short stable code for grouping (`http_503`, `timeout`, `digest_mismatch`).
+    pub reason: String,
+    /// Human detail: the URL, the status, what was expected.
+    pub detail: String,
+    /// A server's `Retry-After`, in milliseconds, if it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+impl JobError {
+    pub fn retryable(reason: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self {
+            class: ErrorClass::Retryable,
+            reason: reason.into(),
+            detail: detail.into(),
+            retry_after_ms: None,
+        }
+    }
+
+    pub fn permanent(reason: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self {
+            class: ErrorClass::Permanent,
+            reason: reason.into(),
+            detail: detail.into(),
+            retry_after_ms: None,
+        }
+    }
+
+    /// `reason: detail`, the form stored as `last_error`.
+    pub fn summary(&self) -> String {
+        if self.detail.is_empty() {
+            self.reason.clone()
+        } else {
+            format!("{}: {}", self.reason, self.detail)
+        }
+    }
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    /// Worth another attempt after a backoff.
+    Retryable,
+    /// Will not get better by trying again.
+    Permanent,
+}
+
+/// Everything that can happen to a job. Commands from a lease holder carry
+/// its epoch.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Command {
+    /// Take the lease: the job is free, or its lease has expired.
+    Acquire { owner: WorkerId, ttl_ms: u64 },
+    /// Extend a held lease.
+    Renew {
+        owner: WorkerId,
+        epoch: Epoch,
+        ttl_ms: u64,
+    },
+    /// Give the lease back without finishing (graceful stop).
+    Release { owner: WorkerId, epoch: Epoch },
+    /// Clear a lease that has expired (reconciler). Refused while it is live.
+    Expire,
+    /// HEAD (or its GET fallback) succeeded.
+    HeadDone { epoch: Epoch, head: HeadInfo },
+    /// The body stream is starting (a `.part` may now exist).
+    StreamStarted { epoch: Epoch },
+    /// The blob is published and durable.
+    Finalize { epoch: Epoch, blob: BlobInfo },
+    /// The content is already held: by digest (blob existed) or by URL
+    /// (another job finalized the same canonical URL).
+    Duplicate {
+        epoch: Epoch,
+        blob: BlobInfo,
+        of: Option<JobKey>,
+    },
+    /// The attempt failed. `retry_at` is the retry policy's decision: `Some`
+    /// schedules another attempt, `None` fails the job for good.
+    Fail {
+        epoch: Epoch,
+        error: JobError,
+        retry_at: Option<Timestamp>,
+    },
+    /// Operator asked to try a failed job again: a new attempt series.
+    OperatorRetry,
+    /// Reconciler found this job's blob published but its commit lost. Only
+    /// applies when no live lease holds the job.
+    Heal { blob: BlobInfo },
+    /// Reconciler found a finalized job whose blob is missing: fetch again.
+    Requeue { reason: String },
+}
+
+impl Command {
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Self::Acquire { .. } => "acquire",
+            Self::Renew { .. } => "renew",
+            Self::Release { .. } => "release",
+            Self::Expire => "expire",
+            Self::HeadDone { .. } => "head_done",
+            Self::StreamStarted { .. } => "stream_started",
+            Self::Finalize { .. } => "finalize",
+            Self::Duplicate { .. } => "duplicate",
+            Self::Fail { .. } => "fail",
+            Self::OperatorRetry => "operator_retry",
+            Self::Heal { .. } => "heal",
+            Self::Requeue { .. } => "requeue",
+        }
+    }
+
+    /// The epoch a lease holder's command is fenced on.
+    pub const fn epoch(&self) -> Option<Epoch> {
+        match self {
+            Self::Renew { epoch, .. }
+            | Self::Release { epoch, .. }
+            | Self::HeadDone { epoch, .. }
+            | Self::StreamStarted { epoch }
+            | Self::Finalize { epoch, .. }
+            | Self::Duplicate { epoch, .. }
+            | Self::Fail { epoch, .. } => Some(*epoch),
+            _ => None,
+        }
+    }
+}
+
+/// Why a command was refused. Refusals never panic and never change the job.
+#[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransitionError {
+    #[error("job is {state} (terminal); `{command}` cannot move it")]
+    Terminal {
+        state: JobState,
+        command: &'static str,
+    },
+    #[error("fenced: command carries epoch {presented} but the job's lease is {current}")]
+    Fenced {
+        presented: Epoch,
+        /// The current lease's epoch, or `e0`-style "none" when free.
+        current: String,
+    },
+    #[error("lease is held by {holder} until {until}")]
+    LeaseHeld { holder: WorkerId, until: Timestamp },
+    #[error("job not due until {0}")]
+    NotDue(Timestamp),
+    #[error("illegal move: `{command}` from state {from}")]
+    Illegal {
+        from: JobState,
+        command: &'static str,
+    },
+}
+
+/// The result of a legal command: the job after it, and what to emit.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Transition {
+    pub job: Job,
+    pub events: Vec<EventKind>,
+}
+
+/// The one transition function. Pure: `job` and `now` in, a new job and the
+/// events it produced out.
+pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition, TransitionError> {
+    let name = cmd.name();
+    if job.state.is_terminal() {
+        let operator_ok = matches!(cmd, Command::OperatorRetry) && job.state == JobState::Failed;
+        let requeue_ok = matches!(cmd, Command::Requeue { .. }) && job.state.is_success();
+        if !operator_ok && !requeue_ok {
+            return Err(TransitionError::Terminal {
+                state: job.state,
+                command: name,
+            });
+        }
+    }
+    if let Some(presented) = cmd.epoch() {
+        let current = job.lease.as_ref().map(|l| l.epoch);
+        if current != Some(presented) {
+            return Err(TransitionError::Fenced {
+                presented,
+                current: current.map_or_else(|| "none".to_owned(), |e| e.to_string()),
+            });
+        }
+    }
+    let key = job.key;
+    let mut next = job.clone();
+    next.updated_at = now;
+    let mut events = Vec::new();
+    let from = job.state;
+
+    match cmd {
+        Command::Acquire { owner, ttl_ms } => {
+            if let Some(l) = job.lease.as_ref().filter(|l| l.is_live(now)) {
+                return Err(TransitionError::LeaseHeld {
+                    holder: l.owner.clone(),
+                    until: l.expires_at,
+                });
+            }
+            if job.next_attempt_at > now {
+                return Err(TransitionError::NotDue(job.next_attempt_at));
+            }
+            if let Some(old) = &job.lease {
+                events.push(EventKind::LeaseExpired {
+                    job_key: key,
+                    owner: old.owner.clone(),
+                    epoch: old.epoch,
+                    state: job.state,
+                });
+            }
+            let takeover = job.lease.is_some()
+                || matches!(job.state, JobState::HeadDone | JobState::Streaming);
+            if job.attempts >= job.max_attempts {
+                // A job whose holders keep dying must not be retried forever.
+                let error = format!(
+                    "attempts_exhausted: {} attempts, the last holder never finished",
+                    job.attempts
+                );
+                next.lease = None;
+                next.state = JobState::Failed;
+                next.last_error = Some(error.clone());
+                next.finished_at = Some(now);
+                events.push(state_changed(
+                    key,
+                    from,
+                    JobState::Failed,
+                    "attempts_exhausted",
+                ));
+                events.push(EventKind::JobFailed {
+                    job_key: key,
+                    reason: "attempts_exhausted".into(),
+                    error,
+                    attempts: job.attempts,
+                });
+                return Ok(Transition { job: next, events });
+            }
+            let epoch = Epoch(job.epoch.0 + 1);
+            next.epoch = epoch;
+            next.attempts += 1;
+            next.first_leased_at.get_or_insert(now);
+            next.lease = Some(Lease {
+                owner: owner.clone(),
+                epoch,
+                expires_at: now.plus_ms(ttl_ms),
+            });
+            if job.state == JobState::Planned {
+                next.state = JobState::Leased;
+            }
+            events.push(EventKind::JobLeased {
+                job_key: key,
+                owner,
+                epoch,
+                ttl_ms,
+                attempt: next.attempts,
+                resumed_from: takeover.then_some(job.state),
+            });
+            if next.state != from {
+                events.push(state_changed(key, from, next.state, "acquire"));
+            }
+        }
+        Command::Renew {
+            owner,
+            epoch,
+            ttl_ms,
+        } => {
+            let lease = job.lease.as_ref().expect("fenced above");
+            if lease.owner != owner {
+                return Err(TransitionError::Fenced {
+                    presented: epoch,
+                    current: format!("{} held by {}", lease.epoch, lease.owner),
+                });
+            }
+            next.lease = Some(Lease {
+                owner: owner.clone(),
+                epoch,
+                expires_at: now.plus_ms(ttl_ms),
+            });
+            events.push(EventKind::LeaseRenewed {
+                job_key: key,
+                owner,
+                epoch,
+                ttl_ms,
+            });
+        }
+        Command::Release { owner, epoch } => {
+            let lease = job.lease.as_ref().expect("fenced above");
+            if lease.owner != owner {
+                return Err(TransitionError::Fenced {
+                    presented: epoch,
+                    current: format!("{} held by {}", lease.epoch, lease.owner),
+                });
+            }
+            next.lease = None;
+            if job.state == JobState::Leased {
+                next.state = JobState::Planned;
+                events.push(state_changed(key, from, JobState::Planned, "released"));
+            }
+            events.push(EventKind::LeaseReleased {
+                job_key: key,
+                owner,
+                epoch,
+            });
+        }
+        Command::Expire => {
+            let Some(lease) = job.lease.as_ref() else {
+                return Err(TransitionError::Illegal {
+                    from,
+                    command: name,
+                });
+            };
+            if lease.is_live(now) {
+                return Err(TransitionError::LeaseHeld {
+                    holder: lease.owner.clone(),
+                    until: lease.expires_at,
+                });
+            }
+            events.push(EventKind::LeaseExpired {
+                job_key: key,
+                owner: lease.owner.clone(),
+                epoch: lease.epoch,
+                state: job.state,
+            });
+            next.lease = None;
+            if job.state == JobState::Leased {
+                next.state = JobState::Planned;
+                events.push(state_changed(key, from, JobState::Planned, "lease_expired"));
+            }
+        }
+        Command::HeadDone { head, .. } => {
+            if from != JobState::Leased {
+                return Err(TransitionError::Illegal {
+                    from,
+                    command: name,
+                });
+            }
+            next.head = Some(head);
+            next.state = JobState::HeadDone;
+            events.push(state_changed(key, from, JobState::HeadDone, "head"));
+        }
+        Command::StreamStarted { .. } => match from {
+            JobState::HeadDone => {
+                next.state = JobState::Streaming;
+                events.push(state_changed(key, from, JobState::Streaming, "stream"));
+            }
+            // A holder that took over mid-stream resumes without a new edge.
+            JobState::Streaming => {}
+            _ => {
+                return Err(TransitionError::Illegal {
+                    from,
+                    command: name,
+                })
+            }
+        },
+        Command::Finalize { blob, .. } => {
+            if from != JobState::Streaming {
+                return Err(TransitionError::Illegal {
+                    from,
+                    command: name,
+                });
+            }
+            finish(&mut next, JobState::Finalized, now);
+            next.blob = Some(blob);
+            events.push(state_changed(key, from, JobState::Finalized, "finalize"));
+        }
+        Command::Duplicate { blob, of, .. } => {
+            if !matches!(
+                from,
+                JobState::Leased | JobState::HeadDone | JobState::Streaming
+            ) {
+                return Err(TransitionError::Illegal {
+                    from,
+                    command: name,
+                });
+            }
+            events.push(EventKind::DuplicateDetected {
+                job_key: key,
+                sha256: blob.sha256,
+                by: if of.is_some() { "url" } else { "content" }.into(),
+                of,
+            });
+            finish(&mut next, JobState::SkippedDuplicate, now);
+            next.blob = Some(blob);
+            next.duplicate_of = of;
+            events.push(state_changed(
+                key,
+                from,
+                JobState::SkippedDuplicate,
+                "duplicate",
+            ));
+        }
+        Command::Fail {
+            error, retry_at, ..
+        } => {
+            next.lease = None;
+            next.last_error = Some(error.summary());
+            let retry = retry_at.filter(|_| {
+                error.class == ErrorClass::Retryable && job.attempts < job.max_attempts
+            });
+            if let Some(at) = retry {
+                next.state = JobState::Planned;
+                next.next_attempt_at = at;
+                // Validators may be stale by the next attempt; HEAD again.
+                next.head = None;
+                events.push(EventKind::RetryScheduled {
+                    job_key: key,
+                    attempt: job.attempts,
+                    reason: error.reason.clone(),
+                    delay_ms: at.millis_since(now),
+                });
+                if from != JobState::Planned {
+                    events.push(state_changed(key, from, JobState::Planned, "retry"));
+                }
+            } else {
+                finish(&mut next, JobState::Failed, now);
+                events.push(state_changed(key, from, JobState::Failed, "failed"));
+                events.push(EventKind::JobFailed {
+                    job_key: key,
+                    reason: error.reason.clone(),
+                    error: error.summary(),
+                    attempts: job.attempts,
+                });
+            }
+        }
+        Command::OperatorRetry => {
+            if from != JobState::Failed {
+                return Err(TransitionError::Illegal {
+                    from,
+                    command: name,
+                });
+            }
+            next.state = JobState::Planned;
+            next.attempts = 0;
+            next.next_attempt_at = now;
+            next.finished_at = None;
+            next.head = None;
+            events.push(state_changed(
+                key,
+                from,
+                JobState::Planned,
+                "operator_retry",
+            ));
+        }
+        Command::Heal { blob } => {
+            if job.lease.as_ref().is_some_and(|l| l.is_live(now)) {
+                let l = job.lease.as_ref().expect("checked");
+                return Err(TransitionError::LeaseHeld {
+                    holder: l.owner.clone(),
+                    until: l.expires_at,
+                });
+            }
+            if from != JobState::Streaming {
+                return Err(TransitionError::Illegal {
+                    from,
+                    command: name,
+                });
+            }
+            finish(&mut next, JobState::Finalized, now);
+            next.blob = Some(blob);
+            events.push(EventKind::CrashRecovery {
+                kind: "blob_healed".into(),
+                job_key: Some(key),
+                count: 1,
+            });
+            events.push(state_changed(
+                key,
+                from,
+                JobState::Finalized,
+                "crash_recovery",
+            ));
+        }
+        Command::Requeue { reason } => {
+            if !from.is_success() {
+                return Err(TransitionError::Illegal {
+                    from,
+                    command: name,
+                });
+            }
+            next.state = JobState::Planned;
+            next.blob = None;
+            next.duplicate_of = None;
+            next.finished_at = None;
+            next.attempts = 0;
+            next.next_attempt_at = now;
+            next.last_error = Some(reason);
+            events.push(EventKind::CrashRecovery {
+                kind: "blob_missing_requeued".into(),
+                job_key: Some(key),
+                count: 1,
+            });
+            events.push(state_changed(
+                key,
+                from,
+                JobState::Planned,
+                "crash_recovery",
+            ));
+        }
+    }
+    Ok(Transition { job: next, events })
+}
+
+fn finish(job: &mut Job, state: JobState, now: Timestamp) {
+    job.state = state;
+    job.lease = None;
+    job.finished_at = Some(now);
+    if state.is_success() {
+        job.last_error = None;
+    }
+}
+
+fn state_changed(job_key: JobKey, from: JobState, to: JobState, reason: &str) -> EventKind {
+    EventKind::JobStateChanged {
+        job_key,
+        from,
+        to,
+        reason: reason.to_owned(),
+    }
+}

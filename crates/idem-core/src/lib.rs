@@ -1,0 +1,39 @@
+//! idem-core: the job lifecycle of an idempotent downloader as a pure state
+//! machine.
+//!
+//! Plan → lease → HEAD → stream → finalize, with deterministic keys, leases
+//! with fencing epochs, an operation ledger that replays committed effects,
+//! a retry policy and telemetry events. Nothing here performs I/O, reads a
+//! clock or needs an async runtime: time comes in as an argument and effects
+//! go out as data. Adapters plug in through the [`ports`].
+
+pub mod digest;
+pub mod event;
+pub mod job;
+pub mod ledger;
+pub mod mem;
+pub mod plan;
+pub mod ports;
+pub mod retry;
+pub mod spec;
+pub mod time;
+
+pub use digest::Digest32;
+pub use event::{Event, EventKind, EVENT_NAMES};
+pub use job::{
+    transition, BlobInfo, Command, Epoch, ErrorClass, HeadInfo, Job, JobError, JobState, Lease,
+    Transition, TransitionError, WorkerId,
+};
+pub use ledger::{OpDecision, OpKey, OpKind, OpRecord, OpResult, OpStatus, StreamInfo};
+pub use mem::MemStore;
+pub use plan::{KeyConflict, PlanCounts, PlanOutcome};
+pub use ports::{
+    Applied, Body, FetchError, FetchErrorKind, GetResponse, Http, LeaseRequest, Resume,
+    StatusCounts, Store, StoreError,
+};
+pub use retry::{RetryPolicy, SplitMix64};
+pub use spec::{job_key_of, CanonicalUrl, Fingerprint, JobKey, JobSpec, SpecError};
+pub use time::{Clock, ManualClock, Timestamp};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,374 @@
+//! `MemStore`: the reference implementation of the [`Store`] port, in memory.
+//!
+//! It defines what every store must do in the simplest possible terms (a
+//! mutex around two maps, every call applying the core's pure decisions), so
+//! the conformance suite can be checked against it, and scenarios and
+//! simulations can run without a database. Not durable, by design.
+
+use crate::event::{Event, EventKind};
+use crate::job::{transition, Command, Job, JobError, JobState, TransitionError, WorkerId};
+use crate::ledger::{self, OpDecision, OpKey, OpRecord, OpResult, OpStatus};
+use crate::plan::{self, PlanOutcome};
+use crate::ports::{Applied, LeaseRequest, StatusCounts, Store, StoreError};
+use crate::spec::{JobKey, JobSpec};
+use crate::time::Timestamp;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+#[derive(Default)]
+struct Inner {
+    jobs: BTreeMap<JobKey, Job>,
+    ops: BTreeMap<OpKey, OpRecord>,
+    /// Start order of ops, for `ops()`.
+    op_seq: Vec<OpKey>,
+    fenced: u64,
+}
+
+/// An in-memory store. See the module docs.
+#[derive(Default)]
+pub struct MemStore(Mutex<Inner>);
+
+impl MemStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves data that was consistent
+        // before the panicking call (every call mutates only on success).
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn stamp(events: Vec<EventKind>, now: Timestamp) -> Vec<Event> {
+    events.into_iter().map(|e| e.at(now)).collect()
+}
+
+fn refused(job: JobKey, error: TransitionError) -> StoreError {
+    StoreError::Refused { job, error }
+}
+
+/// Checks that `op`'s epoch is the job's live lease, the shared fence of
+/// `begin_op` and `finish_op`.
+pub(crate) fn check_op_fence(job: &Job, op: &OpKey) -> Result<(), StoreError> {
+    match &job.lease {
+        Some(l) if l.epoch == op.epoch => Ok(()),
+        other => Err(refused(
+            job.key,
+            TransitionError::Fenced {
+                presented: op.epoch,
+                current: other
+                    .as_ref()
+                    .map_or_else(|| "none".to_owned(), |l| l.epoch.to_string()),
+            },
+        )),
+    }
+}
+
+impl Store for MemStore {
+    fn plan(
+        &self,
+        specs: &[JobSpec],
+        max_attempts: u32,
+        now: Timestamp,
+    ) -> Result<Applied<Vec<PlanOutcome>>, StoreError> {
+        let mut g = self.lock();
+        let mut out = Vec::with_capacity(specs.len());
+        let mut events = Vec::new();
+        for spec in specs {
+            let (o, job, ev) = plan::decide(g.jobs.get(&spec.key()), spec, max_attempts, now);
+            if let Some(job) = job {
+                g.jobs.insert(job.key, job);
+            }
+            events.extend(ev);
+            out.push(o);
+        }
+        Ok(Applied {
+            value: out,
+            events: stamp(events, now),
+        })
+    }
+
+    fn lease(&self, req: &LeaseRequest, now: Timestamp) -> Result<Applied<Vec<Job>>, StoreError> {
+        let mut g = self.lock();
+        let mut candidates: Vec<&Job> = g
+            .jobs
+            .values()
+            .filter(|j| {
+                j.is_acquirable(now)
+                    || (!j.state.is_terminal()
+                        && j.next_attempt_at <= now
+                        && j.lease
+                            .as_ref()
+                            .is_some_and(|l| req.dead_owners.contains(&l.owner)))
+            })
+            .collect();
+        candidates.sort_by_key(|j| (j.next_attempt_at, j.created_at, j.key));
+        let keys: Vec<JobKey> = candidates.iter().take(req.limit).map(|j| j.key).collect();
+        let mut leased = Vec::new();
+        let mut events = Vec::new();
+        for key in keys {
+            let mut job = g.jobs[&key].clone();
+            if job.lease.as_ref().is_some_and(|l| l.is_live(now)) {
+                // A dead owner's live lease: expire it now so acquire may proceed.
+                if let Some(l) = job.lease.as_mut() {
+                    l.expires_at = now;
+                }
+            }
+            let t = transition(
+                &job,
+                Command::Acquire {
+                    owner: req.owner.clone(),
+                    ttl_ms: req.ttl_ms,
+                },
+                now,
+            )
+            .map_err(|e| refused(key, e))?;
+            events.extend(t.events);
+            if t.job.lease.is_some() {
+                leased.push(t.job.clone());
+            }
+            g.jobs.insert(key, t.job);
+        }
+        Ok(Applied {
+            value: leased,
+            events: stamp(events, now),
+        })
+    }
+
+    fn apply(
+        &self,
+        key: &JobKey,
+        cmd: Command,
+        now: Timestamp,
+    ) -> Result<Applied<Job>, StoreError> {
+        let mut g = self.lock();
+        let job = g.jobs.get(key).ok_or(StoreError::NotFound(*key))?;
+        let t = transition(job, cmd, now).map_err(|e| refused(*key, e))?;
+        g.jobs.insert(*key, t.job.clone());
+        Ok(Applied {
+            value: t.job,
+            events: stamp(t.events, now),
+        })
+    }
+
+    fn begin_op(
+        &self,
+        op: &OpKey,
+        owner: &WorkerId,
+        now: Timestamp,
+    ) -> Result<Applied<OpDecision>, StoreError> {
+        let mut g = self.lock();
+        let job = g.jobs.get(&op.job).ok_or(StoreError::NotFound(op.job))?;
+        check_op_fence(job, op)?;
+        let existing = g.ops.get(op).cloned();
+        let decision = ledger::begin_op(existing.as_ref());
+        let ev = match &decision {
+            OpDecision::Run => {
+                let rec = ledger::started(*op, owner.clone(), existing.as_ref(), now);
+                if existing.is_none() {
+                    g.op_seq.push(*op);
+                }
+                g.ops.insert(*op, rec);
+                EventKind::OperationStarted {
+                    job_key: op.job,
+                    op: op.kind,
+                    epoch: op.epoch,
+                }
+            }
+            OpDecision::Replay { recorded_at, .. } => EventKind::IdempotencyReplay {
+                job_key: op.job,
+                op: op.kind,
+                epoch: op.epoch,
+                recorded_at: *recorded_at,
+            },
+        };
+        Ok(Applied {
+            value: decision,
+            events: vec![ev.at(now)],
+        })
+    }
+
+    fn finish_op(
+        &self,
+        op: &OpKey,
+        outcome: Result<OpResult, JobError>,
+        then: Option<Command>,
+        now: Timestamp,
+    ) -> Result<Applied<Job>, StoreError> {
+        let mut g = self.lock();
+        let job = g
+            .jobs
+            .get(&op.job)
+            .ok_or(StoreError::NotFound(op.job))?
+            .clone();
+        check_op_fence(&job, op)?;
+        let Some(rec) = g.ops.get(op).cloned() else {
+            return Err(StoreError::OpNotStarted(op.to_string()));
+        };
+        if rec.status != OpStatus::Started {
+            return Err(StoreError::OpNotStarted(op.to_string()));
+        }
+        let t = match then {
+            Some(cmd) => transition(&job, cmd, now).map_err(|e| refused(op.job, e))?,
+            None => crate::job::Transition {
+                job: job.clone(),
+                events: vec![],
+            },
+        };
+        let (status, result, error) = match outcome {
+            Ok(r) => (OpStatus::Committed, Some(r), None),
+            Err(e) => (OpStatus::Failed, None, Some(e.summary())),
+        };
+        let mut events = vec![EventKind::OperationCompleted {
+            job_key: op.job,
+            op: op.kind,
+            epoch: op.epoch,
+            status,
+            elapsed_ms: now.millis_since(rec.started_at),
+            error: error.clone(),
+        }];
+        events.extend(t.events);
+        g.ops.insert(
+            *op,
+            OpRecord {
+                status,
+                result,
+                error,
+                finished_at: Some(now),
+                ..rec
+            },
+        );
+        g.jobs.insert(op.job, t.job.clone());
+        Ok(Applied {
+            value: t.job,
+            events: stamp(events, now),
+        })
+    }
+
+    fn job(&self, key: &JobKey) -> Result<Option<Job>, StoreError> {
+        Ok(self.lock().jobs.get(key).cloned())
+    }
+
+    fn ops(&self, key: &JobKey) -> Result<Vec<OpRecord>, StoreError> {
+        let g = self.lock();
+        Ok(g.op_seq
+            .iter()
+            .filter(|k| k.job == *key)
+            .filter_map(|k| g.ops.get(k).cloned())
+            .collect())
+    }
+
+    fn scan(
+        &self,
+        state: Option<JobState>,
+        after: Option<&JobKey>,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError> {
+        let g = self.lock();
+        Ok(g.jobs
+            .values()
+            .filter(|j| after.is_none_or(|a| j.key > *a))
+            .filter(|j| state.is_none_or(|s| j.state == s))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    fn finalized_by_url(&self, url: &str) -> Result<Option<Job>, StoreError> {
+        Ok(self
+            .lock()
+            .jobs
+            .values()
+            .find(|j| j.state == JobState::Finalized && j.spec.url.as_str() == url)
+            .cloned())
+    }
+
+    fn expired_leases(&self, now: Timestamp, limit: usize) -> Result<Vec<Job>, StoreError> {
+        Ok(self
+            .lock()
+            .jobs
+            .values()
+            .filter(|j| j.lease.as_ref().is_some_and(|l| !l.is_live(now)))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    fn abandon_dead_ops(&self, now: Timestamp) -> Result<Applied<u64>, StoreError> {
+        let mut g = self.lock();
+        let live: BTreeMap<JobKey, Option<crate::job::Epoch>> = g
+            .jobs
+            .values()
+            .map(|j| {
+                (
+                    j.key,
+                    j.lease.as_ref().filter(|l| l.is_live(now)).map(|l| l.epoch),
+                )
+            })
+            .collect();
+        let mut n = 0;
+        for rec in g.ops.values_mut() {
+            if ledger::is_dead(rec, live.get(&rec.key.job).copied().flatten()) {
+                rec.status = OpStatus::Abandoned;
+                rec.finished_at = Some(now);
+                n += 1;
+            }
+        }
+        let events = if n > 0 {
+            vec![EventKind::CrashRecovery {
+                kind: "op_abandoned".into(),
+                job_key: None,
+                count: n,
+            }
+            .at(now)]
+        } else {
+            vec![]
+        };
+        Ok(Applied { value: n, events })
+    }
+
+    fn status(&self, now: Timestamp) -> Result<StatusCounts, StoreError> {
+        let g = self.lock();
+        let mut c = StatusCounts {
+            fenced_writes: g.fenced,
+            ..StatusCounts::default()
+        };
+        for s in JobState::ALL {
+            c.by_state.insert(s, 0);
+        }
+        for j in g.jobs.values() {
+            c.total += 1;
+            *c.by_state.entry(j.state).or_default() += 1;
+            match &j.lease {
+                Some(l) if l.is_live(now) => c.live_leases += 1,
+                Some(_) => c.expired_leases += 1,
+                None => {}
+            }
+            if j.is_acquirable(now) {
+                c.due_now += 1;
+                let age = now.millis_since(j.next_attempt_at);
+                c.oldest_due_age_ms = Some(c.oldest_due_age_ms.map_or(age, |a: u64| a.max(age)));
+            }
+            if j.state == JobState::Failed {
+                let reason = failure_reason(j.last_error.as_deref());
+                *c.failures_by_reason.entry(reason).or_default() += 1;
+            }
+        }
+        Ok(c)
+    }
+
+    fn note_fenced(&self) -> Result<(), StoreError> {
+        self.lock().fenced += 1;
+        Ok(())
+    }
+}
+
+/// The reason code of a stored `last_error` (`reason: detail`).
+pub fn failure_reason(last_error: Option<&str>) -> String {
+    last_error
+        .and_then(|e| e.split(':').next())
+        .map_or_else(|| "unknown".to_owned(), |r| r.trim().to_owned())
+}

@@ -1,0 +1,273 @@
+//! The ports: the store and HTTP traits that adapters implement.
+//!
+//! Both are narrow and speak only core types; adapter errors are mapped into
+//! [`StoreError`] and [`FetchError`] inside each adapter, so no `rusqlite`,
+//! `tokio_postgres` or `reqwest` type crosses this boundary.
+//!
+//! The store is synchronous on purpose: SQLite is a blocking library, and the
+//! engine calls the store from blocking threads. Every store call takes the
+//! one `now` its caller read, and runs the core's pure decisions inside a
+//! single transaction.
+
+use crate::event::Event;
+use crate::job::{Command, HeadInfo, Job, JobError, JobState, TransitionError, WorkerId};
+use crate::ledger::{OpDecision, OpKey, OpRecord, OpResult};
+use crate::plan::PlanOutcome;
+use crate::spec::{JobKey, JobSpec};
+use crate::time::Timestamp;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::future::Future;
+
+/// A store call's value plus the events its transitions produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied<T> {
+    pub value: T,
+    pub events: Vec<Event>,
+}
+
+/// Why a store call failed. The ledger is unchanged by a failed call.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The command was refused by the state machine (includes fencing).
+    #[error("job {job}: {error}")]
+    Refused { job: JobKey, error: TransitionError },
+    #[error("no job with key {0}")]
+    NotFound(JobKey),
+    /// `finish_op` on an op that is not `started` (never begun, or already
+    /// finished): an op is committed at most once.
+    #[error("op {0} is not started; it was never begun or is already finished")]
+    OpNotStarted(String),
+    /// The file or database is not an idem ledger.
+    #[error("{0}")]
+    NotALedger(String),
+    /// Written by a newer idem; refusing to touch it.
+    #[error("ledger schema version {found} is newer than this idem supports ({supported}); upgrade idem")]
+    TooNew { found: i64, supported: i64 },
+    /// Contention outlasted the busy timeout; safe to retry.
+    #[error("store busy: {0}")]
+    Busy(String),
+    #[error("store is read-only: {0}")]
+    ReadOnly(String),
+    #[error("disk full: {0}")]
+    DiskFull(String),
+    #[error("ledger is corrupt: {0}")]
+    Corrupt(String),
+    /// Anything else the backend reported, as text.
+    #[error("store error: {0}")]
+    Backend(String),
+}
+
+impl StoreError {
+    /// Would the same call succeed later without anyone intervening?
+    pub const fn is_transient(&self) -> bool {
+        matches!(self, Self::Busy(_))
+    }
+
+    /// Was this a stale-epoch write?
+    pub const fn is_fenced(&self) -> bool {
+        matches!(
+            self,
+            Self::Refused {
+                error: TransitionError::Fenced { .. },
+                ..
+            }
+        )
+    }
+}
+
+/// Counts an operator reads with `idem status`.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct StatusCounts {
+    pub total: u64,
+    pub by_state: BTreeMap<JobState, u64>,
+    pub live_leases: u64,
+    pub expired_leases: u64,
+    /// Non-terminal, due now and not held.
+    pub due_now: u64,
+    /// Age of the oldest due job (ms), if any is due.
+    pub oldest_due_age_ms: Option<u64>,
+    /// Failed jobs grouped by the reason code of their last error.
+    pub failures_by_reason: BTreeMap<String, u64>,
+    /// Stale-epoch writes refused so far.
+    pub fenced_writes: u64,
+}
+
+/// How to lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseRequest {
+    pub owner: WorkerId,
+    pub limit: usize,
+    pub ttl_ms: u64,
+    /// Holders known to be dead (their process is gone): their leases may be
+    /// taken over before they expire.
+    pub dead_owners: Vec<WorkerId>,
+}
+
+/// The store port.
+pub trait Store: Send + Sync {
+    /// Plans a batch in one transaction. `max_attempts` is stored on new jobs.
+    fn plan(
+        &self,
+        specs: &[JobSpec],
+        max_attempts: u32,
+        now: Timestamp,
+    ) -> Result<Applied<Vec<PlanOutcome>>, StoreError>;
+
+    /// Leases up to `limit` acquirable jobs (planned and due, or an expired
+    /// lease in any non-terminal state), oldest due first, in one transaction.
+    fn lease(&self, req: &LeaseRequest, now: Timestamp) -> Result<Applied<Vec<Job>>, StoreError>;
+
+    /// Applies one command through the core transition function, atomically.
+    fn apply(&self, key: &JobKey, cmd: Command, now: Timestamp)
+        -> Result<Applied<Job>, StoreError>;
+
+    /// Claims an op for the live lease holder: `Run` (row now `started`) or
+    /// `Replay` with the recorded result. Fenced when the epoch is not live.
+    fn begin_op(
+        &self,
+        op: &OpKey,
+        owner: &WorkerId,
+        now: Timestamp,
+    ) -> Result<Applied<OpDecision>, StoreError>;
+
+    /// Records the op's outcome and, in the same transaction, applies
+    /// `then` (the transition the outcome implies). Fenced like `begin_op`.
+    fn finish_op(
+        &self,
+        op: &OpKey,
+        outcome: Result<OpResult, JobError>,
+        then: Option<Command>,
+        now: Timestamp,
+    ) -> Result<Applied<Job>, StoreError>;
+
+    fn job(&self, key: &JobKey) -> Result<Option<Job>, StoreError>;
+
+    /// A job's operation ledger, in the order ops were started.
+    fn ops(&self, key: &JobKey) -> Result<Vec<OpRecord>, StoreError>;
+
+    /// Jobs in key order after `after`, optionally of one state: for export,
+    /// reconcile and audits, in pages.
+    fn scan(
+        &self,
+        state: Option<JobState>,
+        after: Option<&JobKey>,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError>;
+
+    /// A finalized job with this canonical URL, if any (URL-level dedupe).
+    fn finalized_by_url(&self, url: &str) -> Result<Option<Job>, StoreError>;
+
+    /// Jobs whose lease has expired, for the reconciler.
+    fn expired_leases(&self, now: Timestamp, limit: usize) -> Result<Vec<Job>, StoreError>;
+
+    /// Marks `started` ops whose epoch is no longer live as `abandoned`.
+    fn abandon_dead_ops(&self, now: Timestamp) -> Result<Applied<u64>, StoreError>;
+
+    fn status(&self, now: Timestamp) -> Result<StatusCounts, StoreError>;
+
+    /// Counts a refused stale-epoch write (for `status` and SLOs).
+    fn note_fenced(&self) -> Result<(), StoreError>;
+}
+
+/// Why a fetch failed, classified for the retry policy.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{kind:?}: {detail}")]
+pub struct FetchError {
+    pub kind: FetchErrorKind,
+    pub detail: String,
+    pub retry_after_ms: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FetchErrorKind {
+    Connect,
+    Timeout,
+    Reset,
+    /// The body ended before its declared length.
+    Truncated,
+    Status(u16),
+    TooManyRedirects,
+    /// Refused by policy: scheme, private address, https→http.
+    Policy,
+    /// Over the size cap.
+    TooLarge,
+    Other,
+}
+
+impl FetchError {
+    pub fn new(kind: FetchErrorKind, detail: impl Into<String>) -> Self {
+        Self {
+            kind,
+            detail: detail.into(),
+            retry_after_ms: None,
+        }
+    }
+
+    /// The job error this fetch error means.
+    pub fn to_job_error(&self) -> JobError {
+        use crate::job::ErrorClass::{Permanent, Retryable};
+        let (class, reason) = match self.kind {
+            FetchErrorKind::Connect => (Retryable, "connect".to_owned()),
+            FetchErrorKind::Timeout => (Retryable, "timeout".to_owned()),
+            FetchErrorKind::Reset => (Retryable, "reset".to_owned()),
+            FetchErrorKind::Truncated => (Retryable, "truncated".to_owned()),
+            FetchErrorKind::Status(s) => (crate::retry::classify_status(s), format!("http_{s}")),
+            FetchErrorKind::TooManyRedirects => (Permanent, "redirects".to_owned()),
+            FetchErrorKind::Policy => (Permanent, "policy".to_owned()),
+            FetchErrorKind::TooLarge => (Permanent, "too_large".to_owned()),
+            FetchErrorKind::Other => (Retryable, "other".to_owned()),
+        };
+        JobError {
+            class,
+            reason,
+            detail: self.detail.clone(),
+            retry_after_ms: self.retry_after_ms,
+        }
+    }
+}
+
+/// Resume an interrupted body from `offset`, only if the entity is still the
+/// one identified by `if_range` (a strong ETag or a Last-Modified date).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resume {
+    pub offset: u64,
+    pub if_range: Option<String>,
+}
+
+/// The start of a GET: headers, and where the body begins.
+#[derive(Debug)]
+pub struct GetResponse<B> {
+    pub head: HeadInfo,
+    /// 0 for a full body; the resume offset when the server answered 206.
+    pub offset: u64,
+    pub body: B,
+}
+
+/// A response body read chunk by chunk.
+pub trait Body: Send {
+    type Chunk: AsRef<[u8]> + Send;
+    /// The next chunk, `None` at the end. Errors are retryable per kind.
+    fn next_chunk(
+        &mut self,
+    ) -> impl Future<Output = Result<Option<Self::Chunk>, FetchError>> + Send;
+}
+
+/// The HTTP port. Policy (schemes, redirects, addresses, size caps) is the
+/// adapter's job; it reports refusals as `FetchErrorKind::Policy`.
+pub trait Http: Send + Sync + 'static {
+    type Body: Body + 'static;
+
+    /// HEAD, falling back to a GET's headers when the server refuses HEAD.
+    fn head(&self, url: &str) -> impl Future<Output = Result<HeadInfo, FetchError>> + Send;
+
+    /// GET, optionally resuming. A 200 answer to a range request comes back
+    /// with `offset == 0`: the caller must restart from scratch.
+    fn get(
+        &self,
+        url: &str,
+        resume: Option<&Resume>,
+    ) -> impl Future<Output = Result<GetResponse<Self::Body>, FetchError>> + Send;
+}

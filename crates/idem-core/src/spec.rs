@@ -1,0 +1,295 @@
+//! A job's identity and payload: the spec a user plans, its canonical URL,
+//! and the keys derived from it.
+//!
+//! The job key hashes only the identity (`work_id`, `artifact_id`), so a
+//! re-plan of the same artifact always lands on the same row; the payload
+//! fingerprint hashes what is fetched (canonical URL, expected digest and
+//! type), so a re-plan that changes the payload is detected as a conflict
+//! instead of silently rewriting history.
+
+use crate::digest::{hash_fields, BadDigest, Digest32};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Longest `work_id` / `artifact_id` accepted; keys are hashes, but the
+/// fields are stored and shown, so absurd values are refused at the door.
+pub const MAX_ID_LEN: usize = 1024;
+/// Longest URL accepted (after canonicalisation).
+pub const MAX_URL_LEN: usize = 8192;
+
+/// Why a spec was refused. Each variant names the offending field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpecError {
+    #[error("field `{0}` is empty")]
+    Empty(&'static str),
+    #[error("field `{field}` is longer than {max} bytes")]
+    TooLong { field: &'static str, max: usize },
+    #[error("bad url {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("url {url:?} has scheme `{scheme}`; only http and https are fetched")]
+    UnsupportedScheme { url: String, scheme: String },
+    #[error("field `sha256`: {0}")]
+    BadDigest(#[from] BadDigest),
+    #[error("field `content_type` {0:?} is not a media type like `application/pdf`")]
+    BadContentType(String),
+}
+
+/// A URL in canonical form: lower-case scheme and host, no default port, no
+/// fragment, percent-encoding normalised, query kept as given.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CanonicalUrl(String);
+
+impl CanonicalUrl {
+    pub fn parse(raw: &str) -> Result<Self, SpecError> {
+        let raw = raw.trim();
+        if raw.is_empty() {
+            return Err(SpecError::Empty("url"));
+        }
+        let mut url = url::Url::parse(raw).map_err(|e| SpecError::BadUrl {
+            url: raw.to_owned(),
+            reason: e.to_string(),
+        })?;
+        match url.scheme() {
+            "http" | "https" => {}
+            other => {
+                return Err(SpecError::UnsupportedScheme {
+                    url: raw.to_owned(),
+                    scheme: other.to_owned(),
+                })
+            }
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(SpecError::BadUrl {
+                url: raw.to_owned(),
+                reason: "no host".into(),
+            });
+        }
+        url.set_fragment(None);
+        let path = normalise_percent(url.path());
+        url.set_path(&path);
+        if let Some(q) = url.query().map(normalise_percent) {
+            url.set_query(Some(&q));
+        }
+        let s = String::from(url);
+        if s.len() > MAX_URL_LEN {
+            return Err(SpecError::TooLong {
+                field: "url",
+                max: MAX_URL_LEN,
+            });
+        }
+        Ok(Self(s))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The host (lower-case), for per-host limits. Always present: `parse`
+    /// refuses URLs without one.
+    pub fn host(&self) -> String {
+        url::Url::parse(&self.0)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+}
+
+impl fmt::Display for CanonicalUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for CanonicalUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+/// Decodes escapes of unreserved characters (RFC 3986 §6.2.2.2) and
+/// upper-cases the hex of the escapes that must stay, so `%7e`, `%7E` and `~`
+/// all become `~` and `%2f` becomes `%2F`.
+fn normalise_percent(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let (h, l) = (b[i + 1], b[i + 2]);
+            if h.is_ascii_hexdigit() && l.is_ascii_hexdigit() {
+                let v = (hex(h) << 4) | hex(l);
+                if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') {
+                    out.push(v as char);
+                } else {
+                    out.push('%');
+                    out.push(h.to_ascii_uppercase() as char);
+                    out.push(l.to_ascii_uppercase() as char);
+                }
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i] as char);
+        i += 1;
+    }
+    out
+}
+
+fn hex(c: u8) -> u8 {
+    match c {
+        b'0'..=b'9' => c - b'0',
+        b'a'..=b'f' => c - b'a' + 10,
+        _ => c - b'A' + 10,
+    }
+}
+
+/// The deterministic idempotency key of a job: SHA-256 over its versioned
+/// identity.
+#[derive(Copy, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobKey(Digest32);
+
+/// SHA-256 over a job's canonical payload.
+#[derive(Copy, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Fingerprint(Digest32);
+
+macro_rules! digest_newtype {
+    ($t:ident) => {
+        impl $t {
+            pub const fn from_digest(d: Digest32) -> Self {
+                Self(d)
+            }
+            pub const fn digest(&self) -> &Digest32 {
+                &self.0
+            }
+            pub fn to_hex(&self) -> String {
+                self.0.to_hex()
+            }
+            pub fn parse_hex(s: &str) -> Result<Self, BadDigest> {
+                Digest32::parse_hex(s).map(Self)
+            }
+        }
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&self.0, f)
+            }
+        }
+        impl fmt::Debug for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&self.0, f)
+            }
+        }
+    };
+}
+digest_newtype!(JobKey);
+digest_newtype!(Fingerprint);
+
+/// What a user asks idem to fetch. Construct with [`JobSpec::new`], which
+/// validates and canonicalises every field.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub work_id: String,
+    pub artifact_id: String,
+    pub url: CanonicalUrl,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<Digest32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+}
+
+/// Version tags baked into every key; bump them only with a migration.
+const JOB_KEY_DOMAIN: &str = "idem/job-key/v1";
+const FINGERPRINT_DOMAIN: &str = "idem/payload/v1";
+
+impl JobSpec {
+    pub fn new(
+        work_id: &str,
+        artifact_id: &str,
+        url: &str,
+        sha256: Option<&str>,
+        content_type: Option<&str>,
+    ) -> Result<Self, SpecError> {
+        let work_id = check_id("work_id", work_id)?;
+        let artifact_id = check_id("artifact_id", artifact_id)?;
+        let url = CanonicalUrl::parse(url)?;
+        let sha256 = match sha256.map(str::trim).filter(|s| !s.is_empty()) {
+            Some(s) => Some(Digest32::parse_hex(s)?),
+            None => None,
+        };
+        let content_type = match content_type.map(str::trim).filter(|s| !s.is_empty()) {
+            Some(t) => Some(check_media_type(t)?),
+            None => None,
+        };
+        Ok(Self {
+            work_id,
+            artifact_id,
+            url,
+            sha256,
+            content_type,
+        })
+    }
+
+    pub fn key(&self) -> JobKey {
+        job_key_of(&self.work_id, &self.artifact_id)
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        let sha = self.sha256.map(|d| d.to_hex()).unwrap_or_default();
+        let ct = self.content_type.as_deref().unwrap_or("");
+        Fingerprint(hash_fields(
+            FINGERPRINT_DOMAIN,
+            &[self.url.as_str().as_bytes(), sha.as_bytes(), ct.as_bytes()],
+        ))
+    }
+}
+
+/// The job key of `work_id/artifact_id` (trimmed, as [`JobSpec::new`] does),
+/// without building a full spec: for `idem show W/A`.
+pub fn job_key_of(work_id: &str, artifact_id: &str) -> JobKey {
+    JobKey(hash_fields(
+        JOB_KEY_DOMAIN,
+        &[work_id.trim().as_bytes(), artifact_id.trim().as_bytes()],
+    ))
+}
+
+fn check_id(field: &'static str, v: &str) -> Result<String, SpecError> {
+    let v = v.trim();
+    if v.is_empty() {
+        return Err(SpecError::Empty(field));
+    }
+    if v.len() > MAX_ID_LEN {
+        return Err(SpecError::TooLong {
+            field,
+            max: MAX_ID_LEN,
+        });
+    }
+    Ok(v.to_owned())
+}
+
+fn check_media_type(t: &str) -> Result<String, SpecError> {
+    let lower = t.to_ascii_lowercase();
+    let essence = lower.split(';').next().unwrap_or("").trim();
+    let ok = essence.split_once('/').is_some_and(|(a, b)| {
+        let tok = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"!#$&-^_.+*".contains(&c))
+        };
+        tok(a) && tok(b)
+    });
+    if ok {
+        Ok(essence.to_owned())
+    } else {
+        Err(SpecError::BadContentType(t.to_owned()))
+    }
+}
+
+/// Does a server's `Content-Type` satisfy the expected media type? Parameters
+/// (`; charset=...`) and case are ignored.
+pub fn media_type_matches(expected: &str, got: &str) -> bool {
+    let essence = got.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case(expected)
+}
