@@ -52,7 +52,7 @@ fn refused(job: JobKey, error: TransitionError) -> StoreError {
 
 /// Checks that `op`'s epoch is the job's live lease, the shared fence of
 /// `begin_op` and `finish_op`.
-pub(crate) fn check_op_fence(job: &Job, op: &OpKey) -> Result<(), StoreError> {
+pub fn check_op_fence(job: &Job, op: &OpKey) -> Result<(), StoreError> {
     match &job.lease {
         Some(l) if l.epoch == op.epoch => Ok(()),
         other => Err(refused(
@@ -64,6 +64,124 @@ pub(crate) fn check_op_fence(job: &Job, op: &OpKey) -> Result<(), StoreError> {
                     .map_or_else(|| "none".to_owned(), |l| l.epoch.to_string()),
             },
         )),
+    }
+}
+
+impl MemStore {
+    fn count_fenced<T>(&self, r: &Result<T, StoreError>) {
+        if r.as_ref().is_err_and(StoreError::is_fenced) {
+            self.lock().fenced += 1;
+        }
+    }
+
+    fn apply_inner(
+        &self,
+        key: &JobKey,
+        cmd: Command,
+        now: Timestamp,
+    ) -> Result<Applied<Job>, StoreError> {
+        let mut g = self.lock();
+        let job = g.jobs.get(key).ok_or(StoreError::NotFound(*key))?;
+        let t = transition(job, cmd, now).map_err(|e| refused(*key, e))?;
+        g.jobs.insert(*key, t.job.clone());
+        Ok(Applied {
+            value: t.job,
+            events: stamp(t.events, now),
+        })
+    }
+
+    fn begin_inner(
+        &self,
+        op: &OpKey,
+        owner: &WorkerId,
+        now: Timestamp,
+    ) -> Result<Applied<OpDecision>, StoreError> {
+        let mut g = self.lock();
+        let job = g.jobs.get(&op.job).ok_or(StoreError::NotFound(op.job))?;
+        check_op_fence(job, op)?;
+        let existing = g.ops.get(op).cloned();
+        let decision = ledger::begin_op(existing.as_ref());
+        let ev = match &decision {
+            OpDecision::Run => {
+                let rec = ledger::started(*op, owner.clone(), existing.as_ref(), now);
+                if existing.is_none() {
+                    g.op_seq.push(*op);
+                }
+                g.ops.insert(*op, rec);
+                EventKind::OperationStarted {
+                    job_key: op.job,
+                    op: op.kind,
+                    epoch: op.epoch,
+                }
+            }
+            OpDecision::Replay { recorded_at, .. } => EventKind::IdempotencyReplay {
+                job_key: op.job,
+                op: op.kind,
+                epoch: op.epoch,
+                recorded_at: *recorded_at,
+            },
+        };
+        Ok(Applied {
+            value: decision,
+            events: vec![ev.at(now)],
+        })
+    }
+
+    fn finish_inner(
+        &self,
+        op: &OpKey,
+        outcome: Result<OpResult, JobError>,
+        then: Option<Command>,
+        now: Timestamp,
+    ) -> Result<Applied<Job>, StoreError> {
+        let mut g = self.lock();
+        let job = g
+            .jobs
+            .get(&op.job)
+            .ok_or(StoreError::NotFound(op.job))?
+            .clone();
+        check_op_fence(&job, op)?;
+        let Some(rec) = g.ops.get(op).cloned() else {
+            return Err(StoreError::OpNotStarted(op.to_string()));
+        };
+        if rec.status != OpStatus::Started {
+            return Err(StoreError::OpNotStarted(op.to_string()));
+        }
+        let t = match then {
+            Some(cmd) => transition(&job, cmd, now).map_err(|e| refused(op.job, e))?,
+            None => crate::job::Transition {
+                job: job.clone(),
+                events: vec![],
+            },
+        };
+        let (status, result, error) = match outcome {
+            Ok(r) => (OpStatus::Committed, Some(r), None),
+            Err(e) => (OpStatus::Failed, None, Some(e.summary())),
+        };
+        let mut events = vec![EventKind::OperationCompleted {
+            job_key: op.job,
+            op: op.kind,
+            epoch: op.epoch,
+            status,
+            elapsed_ms: now.millis_since(rec.started_at),
+            error: error.clone(),
+        }];
+        events.extend(t.events);
+        g.ops.insert(
+            *op,
+            OpRecord {
+                status,
+                result,
+                error,
+                finished_at: Some(now),
+                ..rec
+            },
+        );
+        g.jobs.insert(op.job, t.job.clone());
+        Ok(Applied {
+            value: t.job,
+            events: stamp(events, now),
+        })
     }
 }
 
@@ -144,14 +262,9 @@ impl Store for MemStore {
         cmd: Command,
         now: Timestamp,
     ) -> Result<Applied<Job>, StoreError> {
-        let mut g = self.lock();
-        let job = g.jobs.get(key).ok_or(StoreError::NotFound(*key))?;
-        let t = transition(job, cmd, now).map_err(|e| refused(*key, e))?;
-        g.jobs.insert(*key, t.job.clone());
-        Ok(Applied {
-            value: t.job,
-            events: stamp(t.events, now),
-        })
+        let r = self.apply_inner(key, cmd, now);
+        self.count_fenced(&r);
+        r
     }
 
     fn begin_op(
@@ -160,35 +273,9 @@ impl Store for MemStore {
         owner: &WorkerId,
         now: Timestamp,
     ) -> Result<Applied<OpDecision>, StoreError> {
-        let mut g = self.lock();
-        let job = g.jobs.get(&op.job).ok_or(StoreError::NotFound(op.job))?;
-        check_op_fence(job, op)?;
-        let existing = g.ops.get(op).cloned();
-        let decision = ledger::begin_op(existing.as_ref());
-        let ev = match &decision {
-            OpDecision::Run => {
-                let rec = ledger::started(*op, owner.clone(), existing.as_ref(), now);
-                if existing.is_none() {
-                    g.op_seq.push(*op);
-                }
-                g.ops.insert(*op, rec);
-                EventKind::OperationStarted {
-                    job_key: op.job,
-                    op: op.kind,
-                    epoch: op.epoch,
-                }
-            }
-            OpDecision::Replay { recorded_at, .. } => EventKind::IdempotencyReplay {
-                job_key: op.job,
-                op: op.kind,
-                epoch: op.epoch,
-                recorded_at: *recorded_at,
-            },
-        };
-        Ok(Applied {
-            value: decision,
-            events: vec![ev.at(now)],
-        })
+        let r = self.begin_inner(op, owner, now);
+        self.count_fenced(&r);
+        r
     }
 
     fn finish_op(
@@ -198,54 +285,9 @@ impl Store for MemStore {
         then: Option<Command>,
         now: Timestamp,
     ) -> Result<Applied<Job>, StoreError> {
-        let mut g = self.lock();
-        let job = g
-            .jobs
-            .get(&op.job)
-            .ok_or(StoreError::NotFound(op.job))?
-            .clone();
-        check_op_fence(&job, op)?;
-        let Some(rec) = g.ops.get(op).cloned() else {
-            return Err(StoreError::OpNotStarted(op.to_string()));
-        };
-        if rec.status != OpStatus::Started {
-            return Err(StoreError::OpNotStarted(op.to_string()));
-        }
-        let t = match then {
-            Some(cmd) => transition(&job, cmd, now).map_err(|e| refused(op.job, e))?,
-            None => crate::job::Transition {
-                job: job.clone(),
-                events: vec![],
-            },
-        };
-        let (status, result, error) = match outcome {
-            Ok(r) => (OpStatus::Committed, Some(r), None),
-            Err(e) => (OpStatus::Failed, None, Some(e.summary())),
-        };
-        let mut events = vec![EventKind::OperationCompleted {
-            job_key: op.job,
-            op: op.kind,
-            epoch: op.epoch,
-            status,
-            elapsed_ms: now.millis_since(rec.started_at),
-            error: error.clone(),
-        }];
-        events.extend(t.events);
-        g.ops.insert(
-            *op,
-            OpRecord {
-                status,
-                result,
-                error,
-                finished_at: Some(now),
-                ..rec
-            },
-        );
-        g.jobs.insert(op.job, t.job.clone());
-        Ok(Applied {
-            value: t.job,
-            events: stamp(events, now),
-        })
+        let r = self.finish_inner(op, outcome, then, now);
+        self.count_fenced(&r);
+        r
     }
 
     fn job(&self, key: &JobKey) -> Result<Option<Job>, StoreError> {
@@ -349,7 +391,11 @@ impl Store for MemStore {
             }
             if j.is_acquirable(now) {
                 c.due_now += 1;
-                let age = now.millis_since(j.next_attempt_at);
+                let due = j
+                    .lease
+                    .as_ref()
+                    .map_or(j.next_attempt_at, |l| l.expires_at.max(j.next_attempt_at));
+                let age = now.millis_since(due);
                 c.oldest_due_age_ms = Some(c.oldest_due_age_ms.map_or(age, |a: u64| a.max(age)));
             }
             if j.state == JobState::Failed {
@@ -358,11 +404,6 @@ impl Store for MemStore {
             }
         }
         Ok(c)
-    }
-
-    fn note_fenced(&self) -> Result<(), StoreError> {
-        self.lock().fenced += 1;
-        Ok(())
     }
 }
 

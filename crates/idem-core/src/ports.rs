@@ -165,10 +165,9 @@ pub trait Store: Send + Sync {
     /// Marks `started` ops whose epoch is no longer live as `abandoned`.
     fn abandon_dead_ops(&self, now: Timestamp) -> Result<Applied<u64>, StoreError>;
 
+    /// Counts for `idem status`. Refused stale-epoch writes are counted by
+    /// the store itself, as it refuses them.
     fn status(&self, now: Timestamp) -> Result<StatusCounts, StoreError>;
-
-    /// Counts a refused stale-epoch write (for `status` and SLOs).
-    fn note_fenced(&self) -> Result<(), StoreError>;
 }
 
 /// Why a fetch failed, classified for the retry policy.

@@ -1,0 +1,251 @@
+//! idem-store-sqlite: the embedded idem ledger, SQLite behind the core's
+//! [`Store`] port.
+//!
+//! Several worker processes on one host share one file safely:
+//!
+//! - WAL journal, so readers never block and one writer at a time commits;
+//! - every writing call is one `BEGIN IMMEDIATE` transaction (a deferred one
+//!   that upgrades to a write gets `SQLITE_BUSY` without waiting), and no
+//!   transaction is ever held across network or disk I/O: the engine calls
+//!   the store between effects, never during one;
+//! - `synchronous=FULL` by default, so an acknowledged write survives power
+//!   loss; [`Durability::Normal`] trades the last commits on power loss
+//!   (never on a process crash) for speed;
+//! - writes from concurrent callers in one process are **group-committed**:
+//!   whoever holds the connection runs every queued request in one
+//!   transaction (each in its own savepoint, so one refusal rolls back only
+//!   itself), commits once, and only then acknowledges each caller.
+//!
+//! Every decision (plan, acquire, transition, op replay) is the core's; this
+//! crate only loads rows, calls the core, and writes rows back.
+//!
+//! ## Schema (version 1)
+//!
+//! - `jobs`: one row per job key (32-byte BLOB, unique), its spec, state,
+//!   lease (owner, epoch, expiry), attempts, backoff, last error, HEAD
+//!   validators (JSON), blob (sha256, size, path), timestamps, and `due_at`:
+//!   when the job may next be leased (its backoff or its lease expiry,
+//!   whichever is later; NULL once terminal). A partial index on `due_at`
+//!   makes leasing one index range scan.
+//! - `ops`: the operation ledger, unique on (job key, kind, epoch), with
+//!   status, result (JSON, never truncated), error, run count, timestamps.
+//! - `counters`: refused stale-epoch writes.
+//!
+//! The file is marked with `PRAGMA application_id` and versioned with
+//! `PRAGMA user_version`; migrations are forward-only. A file that is not a
+//! SQLite database, a SQLite database that is not an idem ledger, or a ledger
+//! written by a newer idem is refused before anything is written to it.
+//!
+//! ## Time
+//!
+//! Every call takes the caller's one clock reading (`now`). Processes on one
+//! host share the system clock, so leases compare consistently; a clock
+//! step backwards can only make a lease look younger (later takeover), and a
+//! step forwards can expire leases early, which fencing makes safe: the old
+//! holder's writes are refused.
+
+mod group;
+mod schema;
+
+#[cfg(test)]
+mod tests;
+
+use group::{Group, Req, Res};
+use idem_core::ports::{Applied, LeaseRequest, StatusCounts, Store, StoreError};
+use idem_core::{
+    Command, Job, JobError, JobKey, JobSpec, JobState, OpDecision, OpKey, OpRecord, OpResult,
+    PlanOutcome, Timestamp, WorkerId,
+};
+use std::path::{Path, PathBuf};
+
+/// How hard each commit is pushed to disk.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `synchronous=FULL`: every acknowledged write survives power loss.
+    #[default]
+    Full,
+    /// `synchronous=NORMAL`: survives a process crash, but the last commits
+    /// may roll back after power loss or an OS crash. Idempotent effects
+    /// tolerate that (they are redone), at the cost of repeated downloads.
+    Normal,
+}
+
+/// Options for [`SqliteStore::open`].
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub durability: Durability,
+    /// How long a call waits for another process's write lock.
+    pub busy_timeout_ms: u64,
+    /// Most requests run in one group-commit transaction.
+    pub max_batch: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Full,
+            busy_timeout_ms: 30_000,
+            max_batch: 256,
+        }
+    }
+}
+
+/// The SQLite ledger. Cheap to share (`Arc`) between threads.
+pub struct SqliteStore {
+    path: PathBuf,
+    group: Group,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if absent) the ledger at `path`. Refuses, without
+    /// writing, a file that is not an idem ledger or is from a newer idem.
+    pub fn open(path: impl AsRef<Path>, opts: &Options) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let conn = schema::open(&path, opts)?;
+        Ok(Self {
+            group: Group::new(conn, opts.max_batch),
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The schema version this build writes.
+    pub const fn schema_version() -> i64 {
+        schema::LATEST
+    }
+
+    fn write(&self, req: Req) -> Result<Res, StoreError> {
+        self.group.submit(req)
+    }
+
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.group.read(f)
+    }
+}
+
+macro_rules! expect_res {
+    ($res:expr, $variant:ident) => {
+        match $res {
+            Res::$variant(v) => Ok(v),
+            _ => Err(StoreError::Backend(
+                "group commit returned the wrong reply".into(),
+            )),
+        }
+    };
+}
+
+impl Store for SqliteStore {
+    fn plan(
+        &self,
+        specs: &[JobSpec],
+        max_attempts: u32,
+        now: Timestamp,
+    ) -> Result<Applied<Vec<PlanOutcome>>, StoreError> {
+        let r = self.write(Req::Plan {
+            specs: specs.to_vec(),
+            max_attempts,
+            now,
+        })?;
+        expect_res!(r, Plan)
+    }
+
+    fn lease(&self, req: &LeaseRequest, now: Timestamp) -> Result<Applied<Vec<Job>>, StoreError> {
+        let r = self.write(Req::Lease {
+            req: req.clone(),
+            now,
+        })?;
+        expect_res!(r, Lease)
+    }
+
+    fn apply(
+        &self,
+        key: &JobKey,
+        cmd: Command,
+        now: Timestamp,
+    ) -> Result<Applied<Job>, StoreError> {
+        let r = self.write(Req::Apply {
+            key: *key,
+            cmd,
+            now,
+        })?;
+        expect_res!(r, Job).map(|b| *b)
+    }
+
+    fn begin_op(
+        &self,
+        op: &OpKey,
+        owner: &WorkerId,
+        now: Timestamp,
+    ) -> Result<Applied<OpDecision>, StoreError> {
+        let r = self.write(Req::BeginOp {
+            op: *op,
+            owner: owner.clone(),
+            now,
+        })?;
+        expect_res!(r, Begin)
+    }
+
+    fn finish_op(
+        &self,
+        op: &OpKey,
+        outcome: Result<OpResult, JobError>,
+        then: Option<Command>,
+        now: Timestamp,
+    ) -> Result<Applied<Job>, StoreError> {
+        let r = self.write(Req::FinishOp {
+            op: *op,
+            outcome,
+            then,
+            now,
+        })?;
+        expect_res!(r, Job).map(|b| *b)
+    }
+
+    fn job(&self, key: &JobKey) -> Result<Option<Job>, StoreError> {
+        self.read(|c| schema::load_job(c, key))
+    }
+
+    fn ops(&self, key: &JobKey) -> Result<Vec<OpRecord>, StoreError> {
+        self.read(|c| schema::load_ops(c, key))
+    }
+
+    fn scan(
+        &self,
+        state: Option<JobState>,
+        after: Option<&JobKey>,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError> {
+        self.read(|c| schema::scan(c, state, after, limit))
+    }
+
+    fn finalized_by_url(&self, url: &str) -> Result<Option<Job>, StoreError> {
+        self.read(|c| schema::finalized_by_url(c, url))
+    }
+
+    fn expired_leases(&self, now: Timestamp, limit: usize) -> Result<Vec<Job>, StoreError> {
+        self.read(|c| schema::expired_leases(c, now, limit))
+    }
+
+    fn abandon_dead_ops(&self, now: Timestamp) -> Result<Applied<u64>, StoreError> {
+        let r = self.write(Req::AbandonDeadOps { now })?;
+        expect_res!(r, Count)
+    }
+
+    fn status(&self, now: Timestamp) -> Result<StatusCounts, StoreError> {
+        self.read(|c| schema::status(c, now))
+    }
+}

@@ -1,0 +1,824 @@
+//! The schema, its migrations, row mapping, and each store call's SQL.
+//!
+//! Calls here run inside the transaction (and savepoint) the group commit
+//! opened; they load rows, ask the core what to do, and write rows back.
+
+use crate::{Durability, Options};
+use idem_core::ledger::{self, OpStatus};
+use idem_core::mem::{check_op_fence, failure_reason};
+use idem_core::plan;
+use idem_core::ports::{Applied, LeaseRequest, StatusCounts, StoreError};
+use idem_core::{
+    transition, BlobInfo, CanonicalUrl, Command, Digest32, Epoch, Event, EventKind, HeadInfo, Job,
+    JobError, JobKey, JobSpec, JobState, Lease, OpDecision, OpKey, OpKind, OpRecord, OpResult,
+    PlanOutcome, Timestamp, TransitionError, WorkerId,
+};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
+use std::io::Read;
+use std::path::Path;
+
+/// `PRAGMA application_id` of an idem ledger: "idem" in ASCII.
+pub(crate) const APPLICATION_ID: i64 = 0x6964_656d;
+/// The schema version this build writes.
+pub(crate) const LATEST: i64 = 1;
+
+/// Forward-only migrations; entry `i` takes version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[r"
+CREATE TABLE jobs (
+    id               INTEGER PRIMARY KEY,
+    key              BLOB    NOT NULL UNIQUE CHECK (length(key) = 32),
+    fingerprint      BLOB    NOT NULL,
+    work_id          TEXT    NOT NULL,
+    artifact_id      TEXT    NOT NULL,
+    url              TEXT    NOT NULL,
+    expected_sha256  TEXT,
+    expected_type    TEXT,
+    state            TEXT    NOT NULL CHECK (state IN ('planned','leased','head_done','streaming','finalized','skipped_duplicate','failed')),
+    lease_owner      TEXT,
+    lease_epoch      INTEGER,
+    lease_expires_at INTEGER,
+    epoch            INTEGER NOT NULL,
+    attempts         INTEGER NOT NULL,
+    max_attempts     INTEGER NOT NULL,
+    next_attempt_at  INTEGER NOT NULL,
+    due_at           INTEGER,
+    last_error       TEXT,
+    head             TEXT,
+    blob_sha256      TEXT,
+    blob_size        INTEGER,
+    blob_path        TEXT,
+    duplicate_of     BLOB,
+    created_at       INTEGER NOT NULL,
+    updated_at       INTEGER NOT NULL,
+    first_leased_at  INTEGER,
+    finished_at      INTEGER
+) STRICT;
+CREATE INDEX jobs_due ON jobs (due_at, id) WHERE due_at IS NOT NULL;
+CREATE INDEX jobs_lease_owner ON jobs (lease_owner) WHERE lease_owner IS NOT NULL;
+CREATE INDEX jobs_finalized_url ON jobs (url) WHERE state = 'finalized';
+CREATE INDEX jobs_state ON jobs (state);
+
+CREATE TABLE ops (
+    id          INTEGER PRIMARY KEY,
+    job_key     BLOB    NOT NULL REFERENCES jobs (key),
+    kind        TEXT    NOT NULL CHECK (kind IN ('head','stream','finalize')),
+    epoch       INTEGER NOT NULL,
+    owner       TEXT    NOT NULL,
+    status      TEXT    NOT NULL CHECK (status IN ('started','committed','failed','abandoned')),
+    result      TEXT,
+    error       TEXT,
+    runs        INTEGER NOT NULL,
+    started_at  INTEGER NOT NULL,
+    finished_at INTEGER,
+    UNIQUE (job_key, kind, epoch)
+) STRICT;
+CREATE INDEX ops_started ON ops (job_key) WHERE status = 'started';
+
+CREATE TABLE counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) STRICT;
+INSERT INTO counters (name, value) VALUES ('fenced_writes', 0);
+"];
+
+pub(crate) fn map_err(e: rusqlite::Error) -> StoreError {
+    let text = e.to_string();
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Busy(text),
+        Some(ErrorCode::DiskFull) => StoreError::DiskFull(text),
+        Some(ErrorCode::ReadOnly) => StoreError::ReadOnly(text),
+        Some(ErrorCode::NotADatabase) => StoreError::NotALedger(text),
+        Some(ErrorCode::DatabaseCorrupt) => StoreError::Corrupt(text),
+        Some(ErrorCode::CannotOpen) => StoreError::Backend(format!("cannot open: {text}")),
+        _ => StoreError::Backend(text),
+    }
+}
+
+/// Opens the writer and reader connections, after checking that the file is
+/// an idem ledger (or absent/empty) and migrating it.
+pub(crate) fn open(path: &Path, opts: &Options) -> Result<(Connection, Connection), StoreError> {
+    let shown = path.display();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let mut magic = [0u8; 16];
+        let n = f.read(&mut magic).unwrap_or(0);
+        if n > 0 && (n < 16 || &magic != b"SQLite format 3\0") {
+            return Err(StoreError::NotALedger(format!(
+                "{shown} is not an idem ledger (not a SQLite database); refusing to touch it"
+            )));
+        }
+    } else if path.is_dir() {
+        return Err(StoreError::NotALedger(format!(
+            "{shown} is a directory, not a ledger file"
+        )));
+    }
+    let conn = Connection::open(path).map_err(|e| with_path(map_err(e), path))?;
+    conn.busy_timeout(std::time::Duration::from_millis(opts.busy_timeout_ms))
+        .map_err(map_err)?;
+    let app_id: i64 = conn
+        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .map_err(|e| with_path(map_err(e), path))?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(map_err)?;
+    let tables: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+        .map_err(map_err)?;
+    if app_id != APPLICATION_ID && (app_id != 0 || tables > 0) {
+        return Err(StoreError::NotALedger(format!(
+            "{shown} is a SQLite database but not an idem ledger; refusing to touch it"
+        )));
+    }
+    if version > LATEST {
+        return Err(StoreError::TooNew {
+            found: version,
+            supported: LATEST,
+        });
+    }
+    configure(&conn, opts, path)?;
+    migrate(&conn, path)?;
+    let reader = Connection::open(path).map_err(map_err)?;
+    reader
+        .busy_timeout(std::time::Duration::from_millis(opts.busy_timeout_ms))
+        .map_err(map_err)?;
+    reader
+        .execute_batch("PRAGMA query_only = ON;")
+        .map_err(map_err)?;
+    Ok((conn, reader))
+}
+
+fn with_path(e: StoreError, path: &Path) -> StoreError {
+    match e {
+        StoreError::Backend(t) => StoreError::Backend(format!("{}: {t}", path.display())),
+        StoreError::ReadOnly(t) => StoreError::ReadOnly(format!("{}: {t}", path.display())),
+        StoreError::NotALedger(t) => StoreError::NotALedger(format!(
+            "{} is not an idem ledger ({t}); refusing to touch it",
+            path.display()
+        )),
+        other => other,
+    }
+}
+
+fn configure(conn: &Connection, opts: &Options, path: &Path) -> Result<(), StoreError> {
+    let sync = match opts.durability {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    };
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(|e| with_path(map_err(e), path))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Backend(format!(
+            "{}: could not enable WAL (journal_mode is {mode}); is the directory writable and on a local filesystem?",
+            path.display()
+        )));
+    }
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY;"
+    ))
+    .map_err(map_err)
+}
+
+fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)
+        .map_err(|e| with_path(map_err(e), path))?;
+    // Re-read under the write lock: another process may have migrated.
+    let version: i64 = tx
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(map_err)?;
+    if version > LATEST {
+        return Err(StoreError::TooNew {
+            found: version,
+            supported: LATEST,
+        });
+    }
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(version).unwrap_or(0))
+    {
+        tx.execute_batch(sql).map_err(map_err)?;
+        tx.execute_batch(&format!(
+            "PRAGMA user_version = {}; PRAGMA application_id = {APPLICATION_ID};",
+            i + 1
+        ))
+        .map_err(map_err)?;
+    }
+    tx.commit().map_err(map_err)
+}
+
+pub(crate) fn bump_counter(c: &Connection, name: &str) -> Result<(), StoreError> {
+    c.execute(
+        "UPDATE counters SET value = value + 1 WHERE name = ?1",
+        [name],
+    )
+    .map(|_| ())
+    .map_err(map_err)
+}
+
+const JOB_COLS: &str = "key, fingerprint, work_id, artifact_id, url, expected_sha256, expected_type, state, \
+    lease_owner, lease_epoch, lease_expires_at, epoch, attempts, max_attempts, next_attempt_at, last_error, \
+    head, blob_sha256, blob_size, blob_path, duplicate_of, created_at, updated_at, first_leased_at, finished_at";
+
+fn corrupt(what: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Text,
+        format!("ledger row has a bad {what}").into(),
+    )
+}
+
+fn key_from(bytes: &[u8]) -> rusqlite::Result<JobKey> {
+    let arr: [u8; 32] = bytes.try_into().map_err(|_| corrupt("job key"))?;
+    Ok(JobKey::from_digest(Digest32::from_bytes(arr)))
+}
+
+fn row_to_job(r: &Row<'_>) -> rusqlite::Result<Job> {
+    let key = key_from(&r.get::<_, Vec<u8>>(0)?)?;
+    let fp: Vec<u8> = r.get(1)?;
+    let fp: [u8; 32] = fp
+        .as_slice()
+        .try_into()
+        .map_err(|_| corrupt("fingerprint"))?;
+    let url: String = r.get(4)?;
+    let expected_sha: Option<String> = r.get(5)?;
+    let state: String = r.get(7)?;
+    let lease_owner: Option<String> = r.get(8)?;
+    let lease_epoch: Option<i64> = r.get(9)?;
+    let lease_expires: Option<i64> = r.get(10)?;
+    let head: Option<String> = r.get(16)?;
+    let blob_sha: Option<String> = r.get(17)?;
+    let dup: Option<Vec<u8>> = r.get(20)?;
+    let spec = JobSpec {
+        work_id: r.get(2)?,
+        artifact_id: r.get(3)?,
+        url: serde_json::from_value::<CanonicalUrl>(serde_json::Value::String(url))
+            .map_err(|_| corrupt("url"))?,
+        sha256: expected_sha
+            .map(|s| Digest32::parse_hex(&s))
+            .transpose()
+            .map_err(|_| corrupt("expected sha256"))?,
+        content_type: r.get(6)?,
+    };
+    let lease = match (lease_owner, lease_epoch, lease_expires) {
+        (Some(owner), Some(epoch), Some(exp)) => Some(Lease {
+            owner: WorkerId(owner),
+            epoch: Epoch(u64::try_from(epoch).map_err(|_| corrupt("lease epoch"))?),
+            expires_at: Timestamp::from_millis(exp),
+        }),
+        _ => None,
+    };
+    let blob = match blob_sha {
+        Some(s) => Some(BlobInfo {
+            sha256: Digest32::parse_hex(&s).map_err(|_| corrupt("blob sha256"))?,
+            size: u64::try_from(r.get::<_, i64>(18)?).map_err(|_| corrupt("blob size"))?,
+            path: r.get(19)?,
+        }),
+        None => None,
+    };
+    Ok(Job {
+        key,
+        fingerprint: idem_core::Fingerprint::from_digest(Digest32::from_bytes(fp)),
+        spec,
+        state: JobState::parse(&state).ok_or_else(|| corrupt("state"))?,
+        lease,
+        epoch: Epoch(u64::try_from(r.get::<_, i64>(11)?).map_err(|_| corrupt("epoch"))?),
+        attempts: u32::try_from(r.get::<_, i64>(12)?).map_err(|_| corrupt("attempts"))?,
+        max_attempts: u32::try_from(r.get::<_, i64>(13)?).map_err(|_| corrupt("max_attempts"))?,
+        next_attempt_at: Timestamp::from_millis(r.get(14)?),
+        last_error: r.get(15)?,
+        head: head
+            .map(|h| serde_json::from_str::<HeadInfo>(&h))
+            .transpose()
+            .map_err(|_| corrupt("head"))?,
+        blob,
+        duplicate_of: dup.map(|d| key_from(&d)).transpose()?,
+        created_at: Timestamp::from_millis(r.get(21)?),
+        updated_at: Timestamp::from_millis(r.get(22)?),
+        first_leased_at: r.get::<_, Option<i64>>(23)?.map(Timestamp::from_millis),
+        finished_at: r.get::<_, Option<i64>>(24)?.map(Timestamp::from_millis),
+    })
+}
+
+/// When the job may next be leased: NULL once terminal, else the later of
+/// its backoff and its lease expiry.
+fn due_at(job: &Job) -> Option<i64> {
+    if job.state.is_terminal() {
+        return None;
+    }
+    let lease_end = job
+        .lease
+        .as_ref()
+        .map_or(i64::MIN, |l| l.expires_at.as_millis());
+    Some(job.next_attempt_at.as_millis().max(lease_end))
+}
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn insert_job(c: &Connection, job: &Job) -> Result<bool, StoreError> {
+    let mut st = c
+        .prepare_cached(
+            "INSERT INTO jobs (key, fingerprint, work_id, artifact_id, url, expected_sha256, expected_type, state, \
+             epoch, attempts, max_attempts, next_attempt_at, due_at, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, 0, ?9, ?10, ?10, ?11, ?11) ON CONFLICT (key) DO NOTHING",
+        )
+        .map_err(map_err)?;
+    let n = st
+        .execute(params![
+            job.key.digest().as_bytes().as_slice(),
+            job.fingerprint.digest().as_bytes().as_slice(),
+            job.spec.work_id,
+            job.spec.artifact_id,
+            job.spec.url.as_str(),
+            job.spec.sha256.map(|d| d.to_hex()),
+            job.spec.content_type,
+            job.state.as_str(),
+            job.max_attempts,
+            job.next_attempt_at.as_millis(),
+            job.created_at.as_millis(),
+        ])
+        .map_err(map_err)?;
+    Ok(n == 1)
+}
+
+/// Writes every mutable column of `job` back to its row.
+fn update_job(c: &Connection, job: &Job) -> Result<(), StoreError> {
+    let mut st = c
+        .prepare_cached(
+            "UPDATE jobs SET state = ?2, lease_owner = ?3, lease_epoch = ?4, lease_expires_at = ?5, epoch = ?6, \
+             attempts = ?7, max_attempts = ?8, next_attempt_at = ?9, due_at = ?10, last_error = ?11, head = ?12, \
+             blob_sha256 = ?13, blob_size = ?14, blob_path = ?15, duplicate_of = ?16, updated_at = ?17, \
+             first_leased_at = ?18, finished_at = ?19 WHERE key = ?1",
+        )
+        .map_err(map_err)?;
+    let head = job
+        .head
+        .as_ref()
+        .map(|h| serde_json::to_string(h).unwrap_or_default());
+    let n = st
+        .execute(params![
+            job.key.digest().as_bytes().as_slice(),
+            job.state.as_str(),
+            job.lease.as_ref().map(|l| l.owner.as_str()),
+            job.lease.as_ref().map(|l| i(l.epoch.0)),
+            job.lease.as_ref().map(|l| l.expires_at.as_millis()),
+            i(job.epoch.0),
+            job.attempts,
+            job.max_attempts,
+            job.next_attempt_at.as_millis(),
+            due_at(job),
+            job.last_error,
+            head,
+            job.blob.as_ref().map(|b| b.sha256.to_hex()),
+            job.blob.as_ref().map(|b| i(b.size)),
+            job.blob.as_ref().map(|b| b.path.as_str()),
+            job.duplicate_of.map(|k| k.digest().as_bytes().to_vec()),
+            job.updated_at.as_millis(),
+            job.first_leased_at.map(Timestamp::as_millis),
+            job.finished_at.map(Timestamp::as_millis),
+        ])
+        .map_err(map_err)?;
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::NotFound(job.key))
+    }
+}
+
+pub(crate) fn load_job(c: &Connection, key: &JobKey) -> Result<Option<Job>, StoreError> {
+    let mut st = c
+        .prepare_cached(&format!("SELECT {JOB_COLS} FROM jobs WHERE key = ?1"))
+        .map_err(map_err)?;
+    st.query_row([key.digest().as_bytes().as_slice()], row_to_job)
+        .optional()
+        .map_err(map_err)
+}
+
+fn must_job(c: &Connection, key: &JobKey) -> Result<Job, StoreError> {
+    load_job(c, key)?.ok_or(StoreError::NotFound(*key))
+}
+
+fn stamp(events: Vec<EventKind>, now: Timestamp) -> Vec<Event> {
+    events.into_iter().map(|e| e.at(now)).collect()
+}
+
+fn refused(job: JobKey, error: TransitionError) -> StoreError {
+    StoreError::Refused { job, error }
+}
+
+pub(crate) fn plan(
+    c: &Connection,
+    specs: &[JobSpec],
+    max_attempts: u32,
+    now: Timestamp,
+) -> Result<Applied<Vec<PlanOutcome>>, StoreError> {
+    let mut out = Vec::with_capacity(specs.len());
+    let mut events = Vec::new();
+    for spec in specs {
+        // Optimistic insert: new keys (the common case) cost one statement.
+        let fresh = Job::planned(spec.clone(), max_attempts, now);
+        if insert_job(c, &fresh)? {
+            let (o, _, ev) = plan::decide(None, spec, max_attempts, now);
+            events.extend(ev);
+            out.push(o);
+            continue;
+        }
+        let existing = must_job(c, &fresh.key)?;
+        let (o, _, ev) = plan::decide(Some(&existing), spec, max_attempts, now);
+        events.extend(ev);
+        out.push(o);
+    }
+    Ok(Applied {
+        value: out,
+        events: stamp(events, now),
+    })
+}
+
+pub(crate) fn lease(
+    c: &Connection,
+    req: &LeaseRequest,
+    now: Timestamp,
+) -> Result<Applied<Vec<Job>>, StoreError> {
+    let mut jobs = {
+        let mut st = c
+            .prepare_cached(&format!(
+                "SELECT {JOB_COLS} FROM jobs WHERE due_at <= ?1 ORDER BY due_at, id LIMIT ?2"
+            ))
+            .map_err(map_err)?;
+        let rows = st
+            .query_map(params![now.as_millis(), i(req.limit as u64)], row_to_job)
+            .map_err(map_err)?;
+        rows.collect::<rusqlite::Result<Vec<Job>>>()
+            .map_err(map_err)?
+    };
+    if jobs.len() < req.limit && !req.dead_owners.is_empty() {
+        let mut st = c
+            .prepare_cached(&format!(
+                "SELECT {JOB_COLS} FROM jobs WHERE lease_owner = ?1 AND due_at IS NOT NULL AND next_attempt_at <= ?2 ORDER BY id"
+            ))
+            .map_err(map_err)?;
+        for owner in &req.dead_owners {
+            let rows = st
+                .query_map(params![owner.as_str(), now.as_millis()], row_to_job)
+                .map_err(map_err)?;
+            for j in rows {
+                let mut j = j.map_err(map_err)?;
+                if jobs.len() >= req.limit || jobs.iter().any(|x| x.key == j.key) {
+                    continue;
+                }
+                // Its holder is gone: treat the lease as expired now.
+                if let Some(l) = j.lease.as_mut() {
+                    l.expires_at = l.expires_at.min(now);
+                }
+                jobs.push(j);
+            }
+        }
+    }
+    let mut leased = Vec::with_capacity(jobs.len());
+    let mut events = Vec::new();
+    for job in jobs {
+        let t = transition(
+            &job,
+            Command::Acquire {
+                owner: req.owner.clone(),
+                ttl_ms: req.ttl_ms,
+            },
+            now,
+        )
+        .map_err(|e| refused(job.key, e))?;
+        update_job(c, &t.job)?;
+        events.extend(t.events);
+        if t.job.lease.is_some() {
+            leased.push(t.job);
+        }
+    }
+    Ok(Applied {
+        value: leased,
+        events: stamp(events, now),
+    })
+}
+
+pub(crate) fn apply(
+    c: &Connection,
+    key: &JobKey,
+    cmd: Command,
+    now: Timestamp,
+) -> Result<Applied<Job>, StoreError> {
+    let job = must_job(c, key)?;
+    let t = transition(&job, cmd, now).map_err(|e| refused(*key, e))?;
+    update_job(c, &t.job)?;
+    Ok(Applied {
+        value: t.job,
+        events: stamp(t.events, now),
+    })
+}
+
+const OP_COLS: &str =
+    "job_key, kind, epoch, owner, status, result, error, runs, started_at, finished_at";
+
+fn row_to_op(r: &Row<'_>) -> rusqlite::Result<OpRecord> {
+    let kind: String = r.get(1)?;
+    let status: String = r.get(4)?;
+    let result: Option<String> = r.get(5)?;
+    Ok(OpRecord {
+        key: OpKey {
+            job: key_from(&r.get::<_, Vec<u8>>(0)?)?,
+            kind: OpKind::parse(&kind).ok_or_else(|| corrupt("op kind"))?,
+            epoch: Epoch(u64::try_from(r.get::<_, i64>(2)?).map_err(|_| corrupt("op epoch"))?),
+        },
+        owner: WorkerId(r.get(3)?),
+        status: OpStatus::parse(&status).ok_or_else(|| corrupt("op status"))?,
+        result: result
+            .map(|s| serde_json::from_str::<OpResult>(&s))
+            .transpose()
+            .map_err(|_| corrupt("op result"))?,
+        error: r.get(6)?,
+        runs: u32::try_from(r.get::<_, i64>(7)?).map_err(|_| corrupt("op runs"))?,
+        started_at: Timestamp::from_millis(r.get(8)?),
+        finished_at: r.get::<_, Option<i64>>(9)?.map(Timestamp::from_millis),
+    })
+}
+
+fn load_op(c: &Connection, op: &OpKey) -> Result<Option<OpRecord>, StoreError> {
+    let mut st = c
+        .prepare_cached(&format!(
+            "SELECT {OP_COLS} FROM ops WHERE job_key = ?1 AND kind = ?2 AND epoch = ?3"
+        ))
+        .map_err(map_err)?;
+    st.query_row(
+        params![
+            op.job.digest().as_bytes().as_slice(),
+            op.kind.as_str(),
+            i(op.epoch.0)
+        ],
+        row_to_op,
+    )
+    .optional()
+    .map_err(map_err)
+}
+
+fn save_op(c: &Connection, rec: &OpRecord) -> Result<(), StoreError> {
+    let mut st = c
+        .prepare_cached(
+            "INSERT INTO ops (job_key, kind, epoch, owner, status, result, error, runs, started_at, finished_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+             ON CONFLICT (job_key, kind, epoch) DO UPDATE SET owner = excluded.owner, status = excluded.status, \
+             result = excluded.result, error = excluded.error, runs = excluded.runs, \
+             started_at = excluded.started_at, finished_at = excluded.finished_at",
+        )
+        .map_err(map_err)?;
+    let result = rec
+        .result
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| StoreError::Backend(format!("serialising op result: {e}")))?;
+    st.execute(params![
+        rec.key.job.digest().as_bytes().as_slice(),
+        rec.key.kind.as_str(),
+        i(rec.key.epoch.0),
+        rec.owner.as_str(),
+        rec.status.as_str(),
+        result,
+        rec.error,
+        rec.runs,
+        rec.started_at.as_millis(),
+        rec.finished_at.map(Timestamp::as_millis),
+    ])
+    .map(|_| ())
+    .map_err(map_err)
+}
+
+pub(crate) fn begin_op(
+    c: &Connection,
+    op: &OpKey,
+    owner: &WorkerId,
+    now: Timestamp,
+) -> Result<Applied<OpDecision>, StoreError> {
+    let job = must_job(c, &op.job)?;
+    check_op_fence(&job, op)?;
+    let existing = load_op(c, op)?;
+    let decision = ledger::begin_op(existing.as_ref());
+    let ev = match &decision {
+        OpDecision::Run => {
+            save_op(
+                c,
+                &ledger::started(*op, owner.clone(), existing.as_ref(), now),
+            )?;
+            EventKind::OperationStarted {
+                job_key: op.job,
+                op: op.kind,
+                epoch: op.epoch,
+            }
+        }
+        OpDecision::Replay { recorded_at, .. } => EventKind::IdempotencyReplay {
+            job_key: op.job,
+            op: op.kind,
+            epoch: op.epoch,
+            recorded_at: *recorded_at,
+        },
+    };
+    Ok(Applied {
+        value: decision,
+        events: vec![ev.at(now)],
+    })
+}
+
+pub(crate) fn finish_op(
+    c: &Connection,
+    op: &OpKey,
+    outcome: Result<OpResult, JobError>,
+    then: Option<Command>,
+    now: Timestamp,
+) -> Result<Applied<Job>, StoreError> {
+    let job = must_job(c, &op.job)?;
+    check_op_fence(&job, op)?;
+    let rec = match load_op(c, op)? {
+        Some(r) if r.status == OpStatus::Started => r,
+        _ => return Err(StoreError::OpNotStarted(op.to_string())),
+    };
+    let changed = then.is_some();
+    let (next, mut t_events) = match then {
+        Some(cmd) => {
+            let t = transition(&job, cmd, now).map_err(|e| refused(op.job, e))?;
+            (t.job, t.events)
+        }
+        None => (job, Vec::new()),
+    };
+    let (status, result, error) = match outcome {
+        Ok(r) => (OpStatus::Committed, Some(r), None),
+        Err(e) => (OpStatus::Failed, None, Some(e.summary())),
+    };
+    let mut events = vec![EventKind::OperationCompleted {
+        job_key: op.job,
+        op: op.kind,
+        epoch: op.epoch,
+        status,
+        elapsed_ms: now.millis_since(rec.started_at),
+        error: error.clone(),
+    }];
+    events.append(&mut t_events);
+    save_op(
+        c,
+        &OpRecord {
+            status,
+            result,
+            error,
+            finished_at: Some(now),
+            ..rec
+        },
+    )?;
+    if changed {
+        update_job(c, &next)?;
+    }
+    Ok(Applied {
+        value: next,
+        events: stamp(events, now),
+    })
+}
+
+pub(crate) fn load_ops(c: &Connection, key: &JobKey) -> Result<Vec<OpRecord>, StoreError> {
+    let mut st = c
+        .prepare_cached(&format!(
+            "SELECT {OP_COLS} FROM ops WHERE job_key = ?1 ORDER BY id"
+        ))
+        .map_err(map_err)?;
+    let rows = st
+        .query_map([key.digest().as_bytes().as_slice()], row_to_op)
+        .map_err(map_err)?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(map_err)
+}
+
+pub(crate) fn scan(
+    c: &Connection,
+    state: Option<JobState>,
+    after: Option<&JobKey>,
+    limit: usize,
+) -> Result<Vec<Job>, StoreError> {
+    let after = after.map_or_else(Vec::new, |k| k.digest().as_bytes().to_vec());
+    let mut st = c
+        .prepare_cached(&format!(
+            "SELECT {JOB_COLS} FROM jobs WHERE key > ?1 AND (?2 IS NULL OR state = ?2) ORDER BY key LIMIT ?3"
+        ))
+        .map_err(map_err)?;
+    let rows = st
+        .query_map(
+            params![after, state.map(JobState::as_str), i(limit as u64)],
+            row_to_job,
+        )
+        .map_err(map_err)?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(map_err)
+}
+
+pub(crate) fn finalized_by_url(c: &Connection, url: &str) -> Result<Option<Job>, StoreError> {
+    let mut st = c
+        .prepare_cached(&format!(
+            "SELECT {JOB_COLS} FROM jobs WHERE url = ?1 AND state = 'finalized' ORDER BY id LIMIT 1"
+        ))
+        .map_err(map_err)?;
+    st.query_row([url], row_to_job).optional().map_err(map_err)
+}
+
+pub(crate) fn expired_leases(
+    c: &Connection,
+    now: Timestamp,
+    limit: usize,
+) -> Result<Vec<Job>, StoreError> {
+    let mut st = c
+        .prepare_cached(&format!(
+            "SELECT {JOB_COLS} FROM jobs WHERE lease_owner IS NOT NULL AND lease_expires_at <= ?1 ORDER BY id LIMIT ?2"
+        ))
+        .map_err(map_err)?;
+    let rows = st
+        .query_map(params![now.as_millis(), i(limit as u64)], row_to_job)
+        .map_err(map_err)?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(map_err)
+}
+
+pub(crate) fn abandon_dead_ops(c: &Connection, now: Timestamp) -> Result<Applied<u64>, StoreError> {
+    // A started op is dead when its job's live lease (if any) has another epoch.
+    let n = c
+        .execute(
+            "UPDATE ops SET status = 'abandoned', finished_at = ?1 WHERE status = 'started' AND NOT EXISTS ( \
+               SELECT 1 FROM jobs j WHERE j.key = ops.job_key AND j.lease_epoch = ops.epoch AND j.lease_expires_at > ?1)",
+            [now.as_millis()],
+        )
+        .map_err(map_err)? as u64;
+    let events = if n > 0 {
+        vec![EventKind::CrashRecovery {
+            kind: "op_abandoned".into(),
+            job_key: None,
+            count: n,
+        }
+        .at(now)]
+    } else {
+        Vec::new()
+    };
+    Ok(Applied { value: n, events })
+}
+
+pub(crate) fn status(c: &Connection, now: Timestamp) -> Result<StatusCounts, StoreError> {
+    let mut s = StatusCounts::default();
+    for st in JobState::ALL {
+        s.by_state.insert(st, 0);
+    }
+    {
+        let mut q = c
+            .prepare_cached("SELECT state, count(*) FROM jobs GROUP BY state")
+            .map_err(map_err)?;
+        let rows = q
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(map_err)?;
+        for row in rows {
+            let (state, n) = row.map_err(map_err)?;
+            let st = JobState::parse(&state)
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown state {state:?}")))?;
+            let n = u64::try_from(n).unwrap_or(0);
+            s.by_state.insert(st, n);
+            s.total += n;
+        }
+    }
+    let now_ms = now.as_millis();
+    let (live, expired): (i64, i64) = c
+        .query_row(
+            "SELECT coalesce(sum(lease_expires_at > ?1), 0), coalesce(sum(lease_expires_at <= ?1), 0) FROM jobs WHERE lease_owner IS NOT NULL",
+            [now_ms],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(map_err)?;
+    s.live_leases = u64::try_from(live).unwrap_or(0);
+    s.expired_leases = u64::try_from(expired).unwrap_or(0);
+    let (due, oldest): (i64, Option<i64>) = c
+        .query_row(
+            "SELECT count(*), min(due_at) FROM jobs WHERE due_at <= ?1",
+            [now_ms],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(map_err)?;
+    s.due_now = u64::try_from(due).unwrap_or(0);
+    s.oldest_due_age_ms = oldest.map(|t| now.millis_since(Timestamp::from_millis(t)));
+    {
+        let mut q = c
+            .prepare_cached("SELECT last_error FROM jobs WHERE state = 'failed'")
+            .map_err(map_err)?;
+        let rows = q
+            .query_map([], |r| r.get::<_, Option<String>>(0))
+            .map_err(map_err)?;
+        for row in rows {
+            let e = row.map_err(map_err)?;
+            *s.failures_by_reason
+                .entry(failure_reason(e.as_deref()))
+                .or_default() += 1;
+        }
+    }
+    s.fenced_writes = c
+        .query_row(
+            "SELECT value FROM counters WHERE name = 'fenced_writes'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|v| u64::try_from(v).unwrap_or(0))
+        .map_err(map_err)?;
+    Ok(s)
+}
