@@ -245,7 +245,26 @@ impl Store for MemStore {
             )
             .map_err(|e| refused(key, e))?;
             events.extend(t.events);
-            if t.job.lease.is_some() {
+            if let Some(l) = &t.job.lease {
+                // The previous holders' unfinished ops died with their epochs.
+                let mut n = 0;
+                for rec in g.ops.values_mut() {
+                    if rec.key.job == key
+                        && rec.status == OpStatus::Started
+                        && rec.key.epoch < l.epoch
+                    {
+                        rec.status = OpStatus::Abandoned;
+                        rec.finished_at = Some(now);
+                        n += 1;
+                    }
+                }
+                if n > 0 {
+                    events.push(EventKind::CrashRecovery {
+                        kind: "op_abandoned".into(),
+                        job_key: Some(key),
+                        count: n,
+                    });
+                }
                 leased.push(t.job.clone());
             }
             g.jobs.insert(key, t.job);
@@ -337,6 +356,21 @@ impl Store for MemStore {
             .take(limit)
             .cloned()
             .collect())
+    }
+
+    fn lease_owners(&self, now: Timestamp) -> Result<Vec<WorkerId>, StoreError> {
+        let g = self.lock();
+        let set: std::collections::BTreeSet<WorkerId> = g
+            .jobs
+            .values()
+            .filter_map(|j| {
+                j.lease
+                    .as_ref()
+                    .filter(|l| l.is_live(now))
+                    .map(|l| l.owner.clone())
+            })
+            .collect();
+        Ok(set.into_iter().collect())
     }
 
     fn abandon_dead_ops(&self, now: Timestamp) -> Result<Applied<u64>, StoreError> {

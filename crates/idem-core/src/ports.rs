@@ -162,6 +162,10 @@ pub trait Store: Send + Sync {
     /// Jobs whose lease has expired, for the reconciler.
     fn expired_leases(&self, now: Timestamp, limit: usize) -> Result<Vec<Job>, StoreError>;
 
+    /// Distinct owners of live leases: the engine checks which of them are
+    /// dead processes on this host, to take their jobs over early.
+    fn lease_owners(&self, now: Timestamp) -> Result<Vec<WorkerId>, StoreError>;
+
     /// Marks `started` ops whose epoch is no longer live as `abandoned`.
     fn abandon_dead_ops(&self, now: Timestamp) -> Result<Applied<u64>, StoreError>;
 
@@ -247,7 +251,7 @@ pub struct GetResponse<B> {
 
 /// A response body read chunk by chunk.
 pub trait Body: Send {
-    type Chunk: AsRef<[u8]> + Send;
+    type Chunk: AsRef<[u8]> + Send + 'static;
     /// The next chunk, `None` at the end. Errors are retryable per kind.
     fn next_chunk(
         &mut self,

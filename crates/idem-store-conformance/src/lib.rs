@@ -48,6 +48,7 @@ macro_rules! conformance_tests {
             scan_pages_through_every_job,
             finalized_by_url_finds_only_finalized,
             expired_leases_are_listed,
+            live_lease_owners_are_listed,
             operator_retry_restarts_a_failed_job
         );
     };
@@ -415,9 +416,10 @@ pub fn fenced_worker_changes_nothing_and_is_counted(s: &dyn Store) {
         6,
         "every refusal counted"
     );
-    // The w1 op is still merely started, never committed.
+    // The w1 op was abandoned by the takeover, never committed.
     let ops = s.ops(&k).unwrap();
-    assert_eq!(ops[0].status, OpStatus::Started);
+    assert_eq!(ops[0].status, OpStatus::Abandoned);
+    assert!(ops[0].result.is_none());
 }
 
 pub fn started_op_is_not_replayed_as_success(s: &dyn Store) {
@@ -447,6 +449,11 @@ pub fn started_op_is_not_replayed_as_success(s: &dyn Store) {
         "nothing recorded as a result"
     );
     assert_eq!(ops[0].runs, 2);
+    assert_eq!(
+        ops[0].status,
+        OpStatus::Abandoned,
+        "the takeover abandoned the dead epoch's op"
+    );
 }
 
 pub fn failed_op_is_run_again_not_replayed(s: &dyn Store) {
@@ -768,6 +775,18 @@ pub fn expired_leases_are_listed(s: &dyn Store) {
         "an expired `leased` job is planned again"
     );
     assert_eq!(s.expired_leases(t(10), 10).unwrap().len(), 1);
+}
+
+pub fn live_lease_owners_are_listed(s: &dyn Store) {
+    plan_n(s, 4, t(0));
+    lease(s, "b", 2, 10, t(0));
+    lease(s, "a", 1, 30, t(0));
+    assert_eq!(s.lease_owners(t(1)).unwrap(), vec![w("a"), w("b")]);
+    assert_eq!(
+        s.lease_owners(t(15)).unwrap(),
+        vec![w("a")],
+        "expired leases are not live"
+    );
 }
 
 pub fn operator_retry_restarts_a_failed_job(s: &dyn Store) {

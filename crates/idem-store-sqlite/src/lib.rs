@@ -240,6 +240,10 @@ impl Store for SqliteStore {
         self.read(|c| schema::expired_leases(c, now, limit))
     }
 
+    fn lease_owners(&self, now: Timestamp) -> Result<Vec<WorkerId>, StoreError> {
+        self.read(|c| schema::lease_owners(c, now))
+    }
+
     fn abandon_dead_ops(&self, now: Timestamp) -> Result<Applied<u64>, StoreError> {
         let r = self.write(Req::AbandonDeadOps { now })?;
         expect_res!(r, Count)

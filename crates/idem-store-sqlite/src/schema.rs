@@ -489,7 +489,22 @@ pub(crate) fn lease(
         .map_err(|e| refused(job.key, e))?;
         update_job(c, &t.job)?;
         events.extend(t.events);
-        if t.job.lease.is_some() {
+        if let Some(l) = &t.job.lease {
+            // The previous holders' unfinished ops died with their epochs.
+            let n = c
+                .prepare_cached(
+                    "UPDATE ops SET status = 'abandoned', finished_at = ?3 WHERE job_key = ?1 AND status = 'started' AND epoch < ?2",
+                )
+                .map_err(map_err)?
+                .execute(params![t.job.key.digest().as_bytes().as_slice(), i(l.epoch.0), now.as_millis()])
+                .map_err(map_err)? as u64;
+            if n > 0 {
+                events.push(EventKind::CrashRecovery {
+                    kind: "op_abandoned".into(),
+                    job_key: Some(t.job.key),
+                    count: n,
+                });
+            }
             leased.push(t.job);
         }
     }
@@ -734,6 +749,18 @@ pub(crate) fn expired_leases(
         .query_map(params![now.as_millis(), i(limit as u64)], row_to_job)
         .map_err(map_err)?;
     rows.collect::<rusqlite::Result<Vec<_>>>().map_err(map_err)
+}
+
+pub(crate) fn lease_owners(c: &Connection, now: Timestamp) -> Result<Vec<WorkerId>, StoreError> {
+    let mut st = c
+        .prepare_cached(
+            "SELECT DISTINCT lease_owner FROM jobs WHERE lease_owner IS NOT NULL AND lease_expires_at > ?1 ORDER BY 1",
+        )
+        .map_err(map_err)?;
+    let rows = st
+        .query_map([now.as_millis()], |r| r.get::<_, String>(0))
+        .map_err(map_err)?;
+    rows.map(|r| r.map(WorkerId).map_err(map_err)).collect()
 }
 
 pub(crate) fn abandon_dead_ops(c: &Connection, now: Timestamp) -> Result<Applied<u64>, StoreError> {

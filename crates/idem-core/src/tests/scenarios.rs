@@ -124,7 +124,19 @@ fn s02_crash_mid_stream_resumes_from_last_committed_step() {
         JobState::Streaming,
         "resumes from the last committed step"
     );
-    assert_eq!(sim.abandon(), 1, "w1's started STREAM op is abandoned");
+    let stream_op = sim
+        .store
+        .ops(&j)
+        .unwrap()
+        .into_iter()
+        .find(|o| o.key.kind == OpKind::Stream)
+        .unwrap();
+    assert_eq!(
+        stream_op.status,
+        crate::OpStatus::Abandoned,
+        "the takeover abandoned w1's started STREAM op"
+    );
+    assert_eq!(sim.abandon(), 0, "nothing left for the reconciler");
     sim.note("w2 skips HEAD (committed) and resumes the stream");
     run_to_end(&mut sim, "w2", j, Epoch(2), b"body");
     sim.note("w1 wakes up and tries to commit: fenced");

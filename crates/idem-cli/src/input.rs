@@ -1,0 +1,193 @@
+//! Reading plan input: JSON Lines or CSV, from files or stdin, streamed in
+//! constant memory, every bad line named by file and line number.
+
+use idem_core::JobSpec;
+use serde::Deserialize;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+
+/// One input record as written by the user.
+#[derive(Debug, Deserialize)]
+struct Record {
+    work_id: Option<String>,
+    artifact_id: Option<String>,
+    url: Option<String>,
+    #[serde(default)]
+    sha256: Option<String>,
+    #[serde(default)]
+    content_type: Option<String>,
+}
+
+/// A line that could not become a job.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct BadLine {
+    pub(crate) file: String,
+    pub(crate) line: u64,
+    pub(crate) error: String,
+}
+
+impl std::fmt::Display for BadLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}: {}", self.file, self.line, self.error)
+    }
+}
+
+/// An input item: a spec with where it came from, or a bad line.
+pub(crate) enum Item {
+    Spec {
+        spec: JobSpec,
+        file: String,
+        line: u64,
+    },
+    Bad(BadLine),
+}
+
+fn to_spec(r: Record) -> Result<JobSpec, String> {
+    let need = |v: Option<String>, f: &str| v.ok_or_else(|| format!("missing field `{f}`"));
+    let work = need(r.work_id, "work_id")?;
+    let art = need(r.artifact_id, "artifact_id")?;
+    let url = need(r.url, "url")?;
+    JobSpec::new(
+        &work,
+        &art,
+        &url,
+        r.sha256.as_deref(),
+        r.content_type.as_deref(),
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Opens `name` (`-` is stdin).
+fn open(name: &str) -> anyhow::Result<Box<dyn Read>> {
+    if name == "-" {
+        return Ok(Box::new(std::io::stdin()));
+    }
+    let f = std::fs::File::open(name)
+        .map_err(|e| anyhow::anyhow!("cannot read plan file {name}: {e}"))?;
+    Ok(Box::new(f))
+}
+
+fn is_csv(name: &str, first_line: &str) -> bool {
+    Path::new(name)
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
+        || (!first_line.trim_start().starts_with('{') && first_line.contains("url"))
+}
+
+/// Streams the items of one input, calling `f` for each.
+pub(crate) fn read(
+    name: &str,
+    mut f: impl FnMut(Item) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let shown = if name == "-" {
+        "<stdin>".to_owned()
+    } else {
+        name.to_owned()
+    };
+    let mut reader = BufReader::with_capacity(1 << 16, open(name)?);
+    let mut first = String::new();
+    // Peek the first line to pick the format, then chain it back.
+    let n = reader
+        .read_line(&mut first)
+        .map_err(|e| anyhow::anyhow!("reading {shown}: {e}"))?;
+    if n == 0 {
+        return Ok(());
+    }
+    let rest = std::io::Cursor::new(first.clone().into_bytes()).chain(reader);
+    if is_csv(name, &first) {
+        let mut rdr = csv::ReaderBuilder::new()
+            .flexible(true)
+            .trim(csv::Trim::All)
+            .from_reader(rest);
+        let headers = rdr
+            .headers()
+            .map_err(|e| anyhow::anyhow!("{shown}:1: bad CSV header: {e}"))?
+            .clone();
+        if !headers.iter().any(|h| h == "url") {
+            anyhow::bail!("{shown}:1: CSV header must name the columns work_id, artifact_id, url (and optionally sha256, content_type)");
+        }
+        let mut rec = csv::StringRecord::new();
+        loop {
+            match rdr.read_record(&mut rec) {
+                Ok(false) => break,
+                Ok(true) => {
+                    let line = rec.position().map_or(0, csv::Position::line);
+                    let get = |k: &str| {
+                        headers
+                            .iter()
+                            .position(|h| h == k)
+                            .and_then(|i| rec.get(i))
+                            .filter(|v| !v.is_empty())
+                            .map(str::to_owned)
+                    };
+                    let r = Record {
+                        work_id: get("work_id"),
+                        artifact_id: get("artifact_id"),
+                        url: get("url"),
+                        sha256: get("sha256"),
+                        content_type: get("content_type"),
+                    };
+                    f(match to_spec(r) {
+                        Ok(spec) => Item::Spec {
+                            spec,
+                            file: shown.clone(),
+                            line,
+                        },
+                        Err(error) => Item::Bad(BadLine {
+                            file: shown.clone(),
+                            line,
+                            error,
+                        }),
+                    })?;
+                }
+                Err(e) => {
+                    let line = e.position().map_or(0, csv::Position::line);
+                    f(Item::Bad(BadLine {
+                        file: shown.clone(),
+                        line,
+                        error: format!("bad CSV: {e}"),
+                    }))?;
+                }
+            }
+        }
+        return Ok(());
+    }
+    let mut line_no = 0u64;
+    let mut buf = String::new();
+    let mut r = BufReader::new(rest);
+    loop {
+        buf.clear();
+        let n = r
+            .read_line(&mut buf)
+            .map_err(|e| anyhow::anyhow!("reading {shown}: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        line_no += 1;
+        let text = buf.trim();
+        if text.is_empty() || text.starts_with('#') {
+            continue;
+        }
+        let item = match serde_json::from_str::<Record>(text) {
+            Ok(rec) => match to_spec(rec) {
+                Ok(spec) => Item::Spec {
+                    spec,
+                    file: shown.clone(),
+                    line: line_no,
+                },
+                Err(error) => Item::Bad(BadLine {
+                    file: shown.clone(),
+                    line: line_no,
+                    error,
+                }),
+            },
+            Err(e) => Item::Bad(BadLine {
+                file: shown.clone(),
+                line: line_no,
+                error: format!("not a JSON object with work_id, artifact_id, url: {e}"),
+            }),
+        };
+        f(item)?;
+    }
+    Ok(())
+}

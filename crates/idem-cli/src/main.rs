@@ -1,0 +1,245 @@
+//! `idem`: the operator's CLI. Parses raw arguments, validates them into a
+//! config, then builds the store, HTTP client and engine.
+//!
+//! Exit codes: 0 ok; 1 error; 2 usage; 3 finished, but some jobs failed (or
+//! some input lines were rejected); 130 interrupted.
+
+mod commands;
+mod demo;
+mod input;
+mod sink;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit code: finished, but some jobs failed or some input was rejected.
+pub const EXIT_PARTIAL: u8 = 3;
+/// Exit code: stopped by SIGINT or SIGTERM before finishing.
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "idem",
+    version,
+    about = "Idempotent, crash-safe, multi-worker artifact downloading.",
+    long_about = "Idempotent, crash-safe, multi-worker artifact downloading.\n\n\
+        Plan downloads into a ledger, run workers (as many processes as you like, \
+        killed and restarted at will), and every artifact is fetched, verified and \
+        published exactly once into a content-addressed store.\n\n\
+        Typical session:\n  \
+        idem plan urls.jsonl        # record what to fetch (re-planning is a no-op)\n  \
+        idem run --concurrency 16   # fetch until every job is finished\n  \
+        idem status                 # counts by state, leases, failures\n  \
+        idem export > manifest.jsonl\n\n\
+        Exit codes: 0 ok, 1 error, 2 usage, 3 finished but some jobs failed \
+        (or some input lines were rejected), 130 interrupted."
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Global {
+    /// The ledger: a SQLite file (created if absent).
+    #[arg(long, global = true, env = "IDEM_DB", default_value = "idem.db")]
+    db: PathBuf,
+    /// The output directory: blobs/ and tmp/ live here.
+    #[arg(long, global = true, env = "IDEM_OUT", default_value = "artifacts")]
+    out: PathBuf,
+    /// Lower SQLite durability to synchronous=NORMAL: faster, but the last
+    /// commits may roll back after a power loss (never after a crash of idem
+    /// itself); effects are then redone.
+    #[arg(long, global = true)]
+    unsafe_fast_sync: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Record jobs from JSON Lines or CSV files (`-` for stdin).
+    ///
+    /// Each line: {"work_id": ..., "artifact_id": ..., "url": ...} with optional
+    /// "sha256" (expected digest) and "content_type" (expected media type).
+    /// CSV needs a header naming those columns. Re-planning a job is a no-op; the
+    /// same work_id/artifact_id with another URL is a conflict, reported and not
+    /// applied. Bad lines are reported with file and line, and skipped.
+    Plan(PlanArgs),
+    /// Download every due job until all are finished.
+    ///
+    /// Waits out retry delays and dead workers' leases, then takes their jobs
+    /// over. Run several at once (on one host or, with a shared ledger, several):
+    /// each job is worked by one holder at a time.
+    Run(RunArgs),
+    /// Counts by state, leases, due jobs and failures.
+    Status(JsonFlag),
+    /// One job: its spec, state, lease, attempts and operation ledger.
+    Show(ShowArgs),
+    /// Repair what crashes left: expired leases, dead ops, orphaned part
+    /// files, blobs published but not committed, finished jobs whose blob is gone.
+    Reconcile(ReconcileArgs),
+    /// Try failed jobs again, as a new attempt series.
+    Retry(RetryArgs),
+    /// Write the manifest of every job (stdout).
+    Export(ExportArgs),
+    /// See idem work in under a minute: a local origin, faults, a killed
+    /// worker, recovery, exactly-once. Needs no network.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+struct JsonFlag {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct PlanArgs {
+    /// Input files (`.jsonl` or `.csv`), or `-` for stdin.
+    #[arg(required = true)]
+    files: Vec<String>,
+    /// Apply nothing if any line is malformed.
+    #[arg(long)]
+    strict: bool,
+    /// Attempts allowed per job before it fails for good.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    max_attempts: u32,
+    /// Jobs per transaction.
+    #[arg(long, default_value_t = 10_000, hide = true)]
+    batch: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Jobs worked at once by this process.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    concurrency: u32,
+    /// Requests in flight per host.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    per_host: u32,
+    /// Most requests started per second per host (default: unlimited).
+    #[arg(long)]
+    per_host_rate: Option<f64>,
+    /// Refuse bodies larger than this many bytes.
+    #[arg(long)]
+    max_bytes: Option<u64>,
+    /// Lease time-to-live; leases are renewed every third of it while working.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    lease_ttl: u64,
+    /// Allow private, loopback and link-local addresses (refused by default).
+    #[arg(long)]
+    allow_private: bool,
+    /// Allow loopback addresses only (local origins, tests).
+    #[arg(long)]
+    allow_loopback: bool,
+    /// Write every event as JSON Lines to this file (appends).
+    #[arg(long)]
+    events: Option<PathBuf>,
+    /// Keep polling for new jobs instead of stopping when all are finished.
+    #[arg(long)]
+    follow: bool,
+    /// First retry delay ceiling in milliseconds (full jitter, doubling).
+    #[arg(long, default_value_t = 1000)]
+    backoff_base_ms: u64,
+    /// Longest retry delay in milliseconds.
+    #[arg(long, default_value_t = 300_000)]
+    backoff_cap_ms: u64,
+    /// Idle timeout of a body read, in seconds.
+    #[arg(long, default_value_t = 30)]
+    read_timeout: u64,
+    /// Print the summary as JSON (and no progress bar).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct ShowArgs {
+    /// A job key (64 hex digits) or `work_id/artifact_id`.
+    job: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct ReconcileArgs {
+    /// Report what would be repaired; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct RetryArgs {
+    /// Retry every failed job.
+    #[arg(long, conflicts_with = "jobs")]
+    failed: bool,
+    /// Job keys or `work_id/artifact_id`.
+    #[arg(required_unless_present = "failed")]
+    jobs: Vec<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum ExportFormat {
+    Jsonl,
+    Csv,
+}
+
+#[derive(Args, Debug)]
+struct ExportArgs {
+    #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+    format: ExportFormat,
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Where the demo's ledger and artifacts go (created; reused if present).
+    #[arg(long, default_value = "idem-demo")]
+    dir: PathBuf,
+    /// Artifacts to serve.
+    #[arg(long, default_value_t = 300)]
+    artifacts: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                _ => 2,
+            });
+        }
+    };
+    match dispatch(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("idem: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<u8> {
+    let g = cli.global;
+    match cli.command {
+        Cmd::Plan(a) => commands::plan(&g, &a),
+        Cmd::Run(a) => commands::run(&g, &a),
+        Cmd::Status(a) => commands::status(&g, a.json),
+        Cmd::Show(a) => commands::show(&g, &a),
+        Cmd::Reconcile(a) => commands::reconcile(&g, &a),
+        Cmd::Retry(a) => commands::retry(&g, &a),
+        Cmd::Export(a) => commands::export(&g, &a),
+        Cmd::Demo(a) => demo::run(&g, &a),
+    }
+}

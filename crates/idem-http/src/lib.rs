@@ -1,0 +1,565 @@
+//! idem-http: the reqwest adapter behind idem-core's [`Http`] port.
+//!
+//! It owns the fetch policy, safe by default:
+//!
+//! - only `http` and `https`; TLS is always verified;
+//! - redirects are followed by hand, at most [`Policy::max_redirects`], and
+//!   every hop is re-checked (scheme, https→http downgrade, address);
+//! - private, loopback and link-local addresses are refused unless allowed,
+//!   both for IP literals and for names (checked on the resolved addresses,
+//!   so DNS cannot smuggle a private target in);
+//! - a size cap enforced against `Content-Length` and again while streaming;
+//! - `Accept-Encoding: identity`, so bytes on disk are the bytes served and
+//!   Range offsets mean what they say;
+//! - a per-read timeout and a connect timeout, never a total one, so a large
+//!   body can take as long as it needs while a stalled one is cut off.
+//!
+//! Errors are mapped into [`FetchError`] with a kind the retry policy can
+//! classify; no reqwest type leaves this crate.
+
+use bytes::Bytes;
+use idem_core::ports::{Body, FetchError, FetchErrorKind, GetResponse, Http, Resume};
+use idem_core::HeadInfo;
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use reqwest::StatusCode;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What the client may fetch, and how patiently.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// Allow private (RFC 1918, ULA), loopback and link-local targets.
+    pub allow_private: bool,
+    /// Allow loopback targets only (127.0.0.0/8, ::1): for local origins and
+    /// tests, without opening the rest of the private ranges.
+    pub allow_loopback: bool,
+    pub max_redirects: usize,
+    /// Largest body accepted, in bytes.
+    pub max_bytes: Option<u64>,
+    pub connect_timeout: Duration,
+    /// Longest silence between two reads of a body.
+    pub read_timeout: Duration,
+    pub user_agent: String,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            allow_private: false,
+            allow_loopback: false,
+            max_redirects: 10,
+            max_bytes: None,
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(30),
+            user_agent: concat!("idem/", env!("CARGO_PKG_VERSION")).to_owned(),
+        }
+    }
+}
+
+/// Why an address is refused, if it is.
+pub fn address_refusal(ip: IpAddr, policy: &Policy) -> Option<&'static str> {
+    if policy.allow_private {
+        return None;
+    }
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    let loopback = ip.is_loopback();
+    if loopback {
+        return (!policy.allow_loopback).then_some("loopback");
+    }
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            if v4.is_private() {
+                Some("private")
+            } else if v4.is_link_local() {
+                Some("link-local")
+            } else if v4.is_unspecified() || v4.is_broadcast() || o[0] == 0 {
+                Some("unspecified")
+            } else if o[0] == 100 && (64..128).contains(&o[1]) {
+                Some("shared (CGNAT)")
+            } else if v4.is_multicast() {
+                Some("multicast")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            if v6.is_unspecified() {
+                Some("unspecified")
+            } else if (s[0] & 0xfe00) == 0xfc00 {
+                Some("private (ULA)")
+            } else if (s[0] & 0xffc0) == 0xfe80 {
+                Some("link-local")
+            } else if v6.is_multicast() {
+                Some("multicast")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// Raised by the resolver when a name resolves only to refused addresses;
+/// found again in the error chain to classify it as a policy refusal.
+#[derive(Debug)]
+struct RefusedAddress(String);
+
+impl std::fmt::Display for RefusedAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RefusedAddress {}
+
+/// Resolves with the system resolver, then drops refused addresses.
+struct GuardedResolver {
+    policy: Arc<Policy>,
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = Arc::clone(&self.policy);
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let mut refused = None;
+            let ok: Vec<SocketAddr> = addrs
+                .into_iter()
+                .filter(|a| match address_refusal(a.ip(), &policy) {
+                    Some(why) => {
+                        refused = Some(format!(
+                            "{host} resolves to {} ({why} address refused; see --allow-private)",
+                            a.ip()
+                        ));
+                        false
+                    }
+                    None => true,
+                })
+                .collect();
+            if ok.is_empty() {
+                let msg = refused.unwrap_or_else(|| format!("{host} resolves to no address"));
+                return Err(
+                    Box::new(RefusedAddress(msg)) as Box<dyn std::error::Error + Send + Sync>
+                );
+            }
+            Ok(Box::new(ok.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// The HTTP adapter. Cheap to clone; share one per process (it pools
+/// connections).
+#[derive(Clone)]
+pub struct HttpClient {
+    client: reqwest::Client,
+    policy: Arc<Policy>,
+}
+
+impl std::fmt::Debug for HttpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpClient")
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+/// The client could not be built (TLS roots, resolver).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the HTTP client: {0}")]
+pub struct BuildError(String);
+
+impl HttpClient {
+    pub fn new(policy: Policy) -> Result<Self, BuildError> {
+        let policy = Arc::new(policy);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .retry(reqwest::retry::never())
+            .no_proxy()
+            .default_headers(headers)
+            .user_agent(policy.user_agent.clone())
+            .connect_timeout(policy.connect_timeout)
+            .read_timeout(policy.read_timeout)
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(32)
+            .dns_resolver(GuardedResolver {
+                policy: Arc::clone(&policy),
+            })
+            .build()
+            .map_err(|e| BuildError(e.to_string()))?;
+        Ok(Self { client, policy })
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Checks a URL before any connection: scheme and IP-literal host.
+    fn check_url(&self, url: &reqwest::Url) -> Result<(), FetchError> {
+        match url.scheme() {
+            "http" | "https" => {}
+            other => {
+                return Err(FetchError::new(
+                    FetchErrorKind::Policy,
+                    format!("{url}: scheme `{other}` refused (only http and https)"),
+                ))
+            }
+        }
+        let ip = match url.host() {
+            Some(url::Host::Ipv4(v4)) => Some(IpAddr::V4(v4)),
+            Some(url::Host::Ipv6(v6)) => Some(IpAddr::V6(v6)),
+            Some(url::Host::Domain(d)) => {
+                if d.eq_ignore_ascii_case("localhost")
+                    || d.to_ascii_lowercase().ends_with(".localhost")
+                {
+                    Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+                } else {
+                    None
+                }
+            }
+            None => {
+                return Err(FetchError::new(
+                    FetchErrorKind::Policy,
+                    format!("{url}: no host"),
+                ))
+            }
+        };
+        if let Some(ip) = ip {
+            if let Some(why) = address_refusal(ip, &self.policy) {
+                return Err(FetchError::new(
+                    FetchErrorKind::Policy,
+                    format!("{url}: {why} address {ip} refused (use --allow-private to fetch from private networks)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a request, following redirects by hand so each hop is checked.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        extra: &HeaderMap,
+    ) -> Result<(reqwest::Response, reqwest::Url), FetchError> {
+        let mut current = reqwest::Url::parse(url)
+            .map_err(|e| FetchError::new(FetchErrorKind::Policy, format!("{url}: bad url: {e}")))?;
+        let mut seen = vec![current.clone()];
+        for _ in 0..=self.policy.max_redirects {
+            self.check_url(&current)?;
+            let resp = self
+                .client
+                .request(method.clone(), current.clone())
+                .headers(extra.clone())
+                .send()
+                .await
+                .map_err(|e| map_reqwest(&e, current.as_str()))?;
+            if !resp.status().is_redirection() || resp.status() == StatusCode::NOT_MODIFIED {
+                return Ok((resp, current));
+            }
+            let loc = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| {
+                    FetchError::new(
+                        FetchErrorKind::Status(resp.status().as_u16()),
+                        format!("{current}: redirect without a Location"),
+                    )
+                })?;
+            let next = current.join(loc).map_err(|e| {
+                FetchError::new(
+                    FetchErrorKind::Policy,
+                    format!("{current}: bad redirect target {loc:?}: {e}"),
+                )
+            })?;
+            if current.scheme() == "https" && next.scheme() == "http" {
+                return Err(FetchError::new(
+                    FetchErrorKind::Policy,
+                    format!("{current}: redirect downgrades https to http ({next}); refused"),
+                ));
+            }
+            if seen.contains(&next) {
+                return Err(FetchError::new(
+                    FetchErrorKind::TooManyRedirects,
+                    format!("{url}: redirect loop at {next}"),
+                ));
+            }
+            seen.push(next.clone());
+            current = next;
+        }
+        Err(FetchError::new(
+            FetchErrorKind::TooManyRedirects,
+            format!("{url}: more than {} redirects", self.policy.max_redirects),
+        ))
+    }
+
+    fn check_size(&self, url: &str, len: Option<u64>) -> Result<(), FetchError> {
+        match (len, self.policy.max_bytes) {
+            (Some(n), Some(max)) if n > max => Err(FetchError::new(
+                FetchErrorKind::TooLarge,
+                format!("{url}: Content-Length {n} is over the {max}-byte cap"),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<String> {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+fn head_info(resp: &reqwest::Response) -> HeadInfo {
+    let h = resp.headers();
+    HeadInfo {
+        status: resp.status().as_u16(),
+        etag: header_str(h, header::ETAG),
+        last_modified: header_str(h, header::LAST_MODIFIED),
+        content_length: header_str(h, header::CONTENT_LENGTH).and_then(|v| v.parse().ok()),
+        content_type: header_str(h, header::CONTENT_TYPE),
+        accept_ranges: header_str(h, header::ACCEPT_RANGES).is_some_and(|v| v.contains("bytes")),
+    }
+}
+
+/// A non-success status as an error, with `Retry-After` when given.
+fn status_error(resp: &reqwest::Response, url: &str) -> FetchError {
+    let status = resp.status();
+    let mut e = FetchError::new(
+        FetchErrorKind::Status(status.as_u16()),
+        format!("{url}: HTTP {status}"),
+    );
+    if let Some(ra) = header_str(resp.headers(), header::RETRY_AFTER) {
+        e.retry_after_ms = idem_core::retry::parse_retry_after_secs(&ra).or_else(|| {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            idem_core::retry::retry_after_from_date(&ra, idem_core::Timestamp::from_millis(now_ms))
+        });
+    }
+    e
+}
+
+fn map_reqwest(e: &reqwest::Error, url: &str) -> FetchError {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut io_kind = None;
+    while let Some(s) = src {
+        if let Some(r) = s.downcast_ref::<RefusedAddress>() {
+            return FetchError::new(FetchErrorKind::Policy, format!("{url}: {r}"));
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            io_kind.get_or_insert(io.kind());
+        }
+        src = s.source();
+    }
+    let detail = format!("{url}: {}", error_chain(e));
+    let kind = if e.is_timeout() || io_kind == Some(std::io::ErrorKind::TimedOut) {
+        FetchErrorKind::Timeout
+    } else if e.is_connect() {
+        FetchErrorKind::Connect
+    } else if matches!(
+        io_kind,
+        Some(
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::ConnectionAborted
+        )
+    ) {
+        FetchErrorKind::Reset
+    } else if e.is_body() || e.is_decode() || io_kind == Some(std::io::ErrorKind::UnexpectedEof) {
+        FetchErrorKind::Truncated
+    } else {
+        FetchErrorKind::Other
+    };
+    FetchError::new(kind, detail)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !parts.iter().any(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+        src = s.source();
+    }
+    parts.join(": ")
+}
+
+/// A response body, with the size cap enforced as bytes arrive.
+pub struct ResponseBody {
+    resp: reqwest::Response,
+    url: String,
+    seen: u64,
+    /// Total allowed for this body (cap minus the resume offset).
+    cap: Option<u64>,
+}
+
+impl Body for ResponseBody {
+    type Chunk = Bytes;
+
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, FetchError> {
+        let chunk = self
+            .resp
+            .chunk()
+            .await
+            .map_err(|e| map_reqwest(&e, &self.url))?;
+        if let Some(c) = &chunk {
+            self.seen += c.len() as u64;
+            if let Some(cap) = self.cap {
+                if self.seen > cap {
+                    return Err(FetchError::new(
+                        FetchErrorKind::TooLarge,
+                        format!(
+                            "{}: body passed the size cap ({cap} bytes) while streaming",
+                            self.url
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(chunk)
+    }
+}
+
+impl Http for HttpClient {
+    type Body = ResponseBody;
+
+    async fn head(&self, url: &str) -> Result<HeadInfo, FetchError> {
+        let (resp, final_url) = self
+            .send(reqwest::Method::HEAD, url, &HeaderMap::new())
+            .await?;
+        let status = resp.status();
+        // Servers that refuse HEAD: take the headers of a GET instead, and
+        // drop its body unread.
+        let resp = if matches!(
+            status,
+            StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED
+        ) {
+            self.send(reqwest::Method::GET, final_url.as_str(), &HeaderMap::new())
+                .await?
+                .0
+        } else {
+            resp
+        };
+        if !resp.status().is_success() {
+            return Err(status_error(&resp, url));
+        }
+        let info = head_info(&resp);
+        self.check_size(url, info.content_length)?;
+        Ok(info)
+    }
+
+    async fn get(
+        &self,
+        url: &str,
+        resume: Option<&Resume>,
+    ) -> Result<GetResponse<ResponseBody>, FetchError> {
+        let mut extra = HeaderMap::new();
+        if let Some(r) = resume.filter(|r| r.offset > 0) {
+            let range = format!("bytes={}-", r.offset);
+            extra.insert(
+                header::RANGE,
+                HeaderValue::from_str(&range)
+                    .map_err(|e| FetchError::new(FetchErrorKind::Other, e.to_string()))?,
+            );
+            if let Some(v) = r
+                .if_range
+                .as_deref()
+                .and_then(|v| HeaderValue::from_str(v).ok())
+            {
+                extra.insert(header::IF_RANGE, v);
+            }
+        }
+        let (resp, _) = self.send(reqwest::Method::GET, url, &extra).await?;
+        let status = resp.status();
+        let head = head_info(&resp);
+        let offset = match (status, resume) {
+            (StatusCode::PARTIAL_CONTENT, Some(r)) => {
+                let cr = header_str(resp.headers(), header::CONTENT_RANGE).unwrap_or_default();
+                let want = format!("bytes {}-", r.offset);
+                if !cr.starts_with(&want) {
+                    return Err(FetchError::new(
+                        FetchErrorKind::Other,
+                        format!(
+                            "{url}: asked for bytes from {} but got Content-Range {cr:?}",
+                            r.offset
+                        ),
+                    ));
+                }
+                r.offset
+            }
+            (s, _) if s.is_success() && s != StatusCode::PARTIAL_CONTENT => 0,
+            _ => return Err(status_error(&resp, url)),
+        };
+        let total = head.content_length.map(|n| n + offset);
+        self.check_size(url, total)?;
+        let cap = self.policy.max_bytes.map(|m| m.saturating_sub(offset));
+        Ok(GetResponse {
+            head,
+            offset,
+            body: ResponseBody {
+                resp,
+                url: url.to_owned(),
+                seen: 0,
+                cap,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_refused_by_default() {
+        let p = Policy::default();
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "192.168.0.1",
+            "172.16.5.4",
+            "169.254.169.254",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "0.0.0.0",
+            "::ffff:127.0.0.1",
+            "100.64.0.1",
+        ] {
+            assert!(address_refusal(ip.parse().unwrap(), &p).is_some(), "{ip}");
+        }
+        for ip in ["93.184.216.34", "2606:2800:220:1::1"] {
+            assert!(address_refusal(ip.parse().unwrap(), &p).is_none(), "{ip}");
+        }
+        let lo = Policy {
+            allow_loopback: true,
+            ..Policy::default()
+        };
+        assert!(address_refusal("127.0.0.1".parse().unwrap(), &lo).is_none());
+        assert!(
+            address_refusal("10.0.0.1".parse().unwrap(), &lo).is_some(),
+            "loopback only"
+        );
+        let all = Policy {
+            allow_private: true,
+            ..Policy::default()
+        };
+        assert!(address_refusal("10.0.0.1".parse().unwrap(), &all).is_none());
+    }
+}

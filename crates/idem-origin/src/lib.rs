@@ -1,0 +1,392 @@
+//! idem-origin: a small, deliberately hostile HTTP/1.1 origin on 127.0.0.1,
+//! for idem's tests, benchmarks and `idem demo`.
+//!
+//! Hand-written on std threads rather than hyper so every fault is exact to
+//! the byte: a body cut at a chosen offset, a trickle, a reset, a lie in
+//! `Content-Length`. Behaviour is chosen by the path's first segment:
+//!
+//! | path | behaviour |
+//! | --- | --- |
+//! | `/f/NAME` | normal: HEAD, GET, `Range` with `If-Range`, `ETag`, `Last-Modified` |
+//! | `/slow/NAME` | trickles the body (1 KiB every `?ms=` milliseconds, default 20) |
+//! | `/reset/NAME` | sends half the body, then drops the connection |
+//! | `/trunc/NAME` | declares the full `Content-Length`, sends half, closes |
+//! | `/status/CODE/NAME` | answers `CODE` (with `Retry-After: ?retry_after=`, default 1) |
+//! | `/redirect/N/NAME` | a chain of N redirects ending at `/f/NAME` |
+//! | `/loop/NAME` | redirects forever between two URLs |
+//! | `/private/NAME` | redirects to a private address (10.255.255.1) |
+//! | `/nohead/NAME` | HEAD answers 405; GET works |
+//! | `/type/NAME` | serves the body as `text/html` |
+//! | `/changing/NAME` | content and `ETag` change on every request |
+//! | `/norange/NAME` | ignores `Range`, always 200 with the full body |
+//!
+//! Faulty modes misbehave for the first `?fail=K` requests to that exact
+//! URL (default: always), then serve normally, so recovery can be tested.
+//! Every request is counted per path-and-query.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A running origin. Stops when dropped.
+pub struct Origin {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    files: Mutex<HashMap<String, Arc<Vec<u8>>>>,
+    counts: Mutex<HashMap<String, u64>>,
+    total: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Origin {
+    /// Starts serving `files` (name → content) on an ephemeral loopback port.
+    pub fn start(files: impl IntoIterator<Item = (String, Vec<u8>)>) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            files: Mutex::new(files.into_iter().map(|(k, v)| (k, Arc::new(v))).collect()),
+            counts: Mutex::new(HashMap::new()),
+            total: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        });
+        let s = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("idem-origin".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if s.stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    let s = Arc::clone(&s);
+                    let _ = std::thread::Builder::new()
+                        .name("idem-origin-conn".into())
+                        .spawn(move || serve(conn, &s));
+                }
+            })?;
+        Ok(Self { addr, shared })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Adds or replaces a file.
+    pub fn put(&self, name: &str, content: Vec<u8>) {
+        lock(&self.shared.files).insert(name.to_owned(), Arc::new(content));
+    }
+
+    /// Requests seen for `path_and_query` (exactly as requested).
+    pub fn count(&self, path_and_query: &str) -> u64 {
+        lock(&self.shared.counts)
+            .get(path_and_query)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Requests seen in all.
+    pub fn total(&self) -> u64 {
+        self.shared.total.load(Ordering::SeqCst)
+    }
+
+    /// Requests per path, for reports.
+    pub fn counts(&self) -> HashMap<String, u64> {
+        lock(&self.shared.counts).clone()
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Deterministic pseudo-random content: `n` bytes from `seed`.
+pub fn content(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
+struct Request {
+    method: String,
+    target: String,
+    headers: HashMap<String, String>,
+}
+
+fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
+    let mut line = String::new();
+    if r.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_owned();
+    let target = parts.next()?.to_owned();
+    let mut headers = HashMap::new();
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).ok()? == 0 {
+            return None;
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+        }
+    }
+    Some(Request {
+        method,
+        target,
+        headers,
+    })
+}
+
+fn serve(conn: TcpStream, s: &Shared) {
+    let _ = conn.set_nodelay(true);
+    let Ok(write_half) = conn.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(conn);
+    let mut w = write_half;
+    while let Some(req) = read_request(&mut reader) {
+        if s.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let n = {
+            let mut c = lock(&s.counts);
+            let e = c.entry(req.target.clone()).or_default();
+            *e += 1;
+            *e
+        };
+        s.total.fetch_add(1, Ordering::SeqCst);
+        match respond(&req, n, s, &mut w) {
+            Ok(true) => {}
+            _ => return,
+        }
+    }
+}
+
+fn query_param(q: &str, name: &str) -> Option<u64> {
+    q.split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+fn etag_of(body: &[u8]) -> String {
+    // A cheap stable digest is enough to tell versions apart.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in body.iter().step_by(body.len() / 4096 + 1) {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+    }
+    format!("\"{h:016x}-{}\"", body.len())
+}
+
+const LAST_MODIFIED: &str = "Sun, 06 Nov 1994 08:49:37 GMT";
+
+/// Writes one response. Returns whether the connection may be reused.
+fn respond(req: &Request, n: u64, s: &Shared, w: &mut TcpStream) -> std::io::Result<bool> {
+    let (path, query) = req.target.split_once('?').unwrap_or((&req.target, ""));
+    let segs: Vec<&str> = path.trim_start_matches('/').splitn(3, '/').collect();
+    let fail = query_param(query, "fail").unwrap_or(u64::MAX);
+    let faulty = n <= fail;
+    let (mode, rest) = match segs.as_slice() {
+        [mode, rest @ ..] => (*mode, rest.join("/")),
+        _ => return simple(w, 404, "not found"),
+    };
+    let (name, arg) = match mode {
+        "status" | "redirect" => match rest.split_once('/') {
+            Some((a, n)) => (n.to_owned(), a.parse::<u64>().unwrap_or(0)),
+            None => return simple(w, 404, "not found"),
+        },
+        _ => (rest, 0),
+    };
+    let Some(body) = lock(&s.files).get(&name).cloned() else {
+        return simple(w, 404, "no such file");
+    };
+    let is_head = req.method == "HEAD";
+    match mode {
+        "status" if faulty => {
+            let ra = query_param(query, "retry_after").unwrap_or(1);
+            let head = format!(
+                "HTTP/1.1 {arg} Fault\r\nRetry-After: {ra}\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\n"
+            );
+            w.write_all(head.as_bytes())?;
+            if !is_head {
+                w.write_all(b"fault")?;
+            }
+            return Ok(true);
+        }
+        "redirect" if arg > 0 => {
+            let next = if arg == 1 {
+                format!("/f/{name}")
+            } else {
+                format!("/redirect/{}/{name}", arg - 1)
+            };
+            return redirect(w, &next);
+        }
+        "loop" => {
+            let next = if query.contains("b=1") {
+                format!("/loop/{name}")
+            } else {
+                format!("/loop/{name}?b=1")
+            };
+            return redirect(w, &next);
+        }
+        "private" if faulty => return redirect(w, &format!("http://10.255.255.1/f/{name}")),
+        "nohead" if is_head => return simple(w, 405, ""),
+        _ => {}
+    }
+    let mut body: Arc<Vec<u8>> = body;
+    if mode == "changing" {
+        let mut b = (*body).clone();
+        b.extend_from_slice(format!("version {n}").as_bytes());
+        body = Arc::new(b);
+    }
+    let etag = etag_of(&body);
+    let ctype = if mode == "type" {
+        "text/html"
+    } else if name.ends_with(".pdf") {
+        "application/pdf"
+    } else {
+        "application/octet-stream"
+    };
+    // Range handling (bytes=N- or bytes=N-M), honouring If-Range.
+    let mut start = 0usize;
+    let mut end = body.len();
+    let mut partial = false;
+    if mode != "norange" {
+        if let Some(r) = req
+            .headers
+            .get("range")
+            .and_then(|r| r.strip_prefix("bytes="))
+        {
+            let if_range_ok = req
+                .headers
+                .get("if-range")
+                .is_none_or(|v| *v == etag || v == LAST_MODIFIED);
+            if let Some((a, b)) = r.split_once('-') {
+                if let Ok(a) = a.parse::<usize>() {
+                    if if_range_ok {
+                        if a >= body.len() {
+                            let head = format!(
+                                "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{}\r\nContent-Length: 0\r\n\r\n",
+                                body.len()
+                            );
+                            w.write_all(head.as_bytes())?;
+                            return Ok(true);
+                        }
+                        start = a;
+                        end = b
+                            .parse::<usize>()
+                            .map_or(body.len(), |b| (b + 1).min(body.len()));
+                        partial = true;
+                    }
+                }
+            }
+        }
+    }
+    let len = end - start;
+    let status = if partial {
+        "206 Partial Content"
+    } else {
+        "200 OK"
+    };
+    let mut head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len}\r\nETag: {etag}\r\nLast-Modified: {LAST_MODIFIED}\r\nConnection: keep-alive\r\n"
+    );
+    if mode != "norange" {
+        head.push_str("Accept-Ranges: bytes\r\n");
+    }
+    if partial {
+        head.push_str(&format!(
+            "Content-Range: bytes {start}-{}/{}\r\n",
+            end - 1,
+            body.len()
+        ));
+    }
+    head.push_str("\r\n");
+    w.write_all(head.as_bytes())?;
+    if is_head {
+        return Ok(true);
+    }
+    let slice = &body[start..end];
+    match mode {
+        "slow" => {
+            let ms = query_param(query, "ms").unwrap_or(20);
+            for c in slice.chunks(1024) {
+                w.write_all(c)?;
+                w.flush()?;
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+            Ok(true)
+        }
+        "reset" | "trunc" if faulty => {
+            w.write_all(&slice[..slice.len() / 2])?;
+            w.flush()?;
+            if mode == "reset" {
+                // Drop the connection without an orderly close of the body.
+                let _ = w.shutdown(std::net::Shutdown::Both);
+            }
+            Ok(false)
+        }
+        _ => {
+            w.write_all(slice)?;
+            Ok(true)
+        }
+    }
+}
+
+fn simple(w: &mut TcpStream, code: u16, msg: &str) -> std::io::Result<bool> {
+    let head = format!(
+        "HTTP/1.1 {code} X\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{msg}",
+        msg.len()
+    );
+    w.write_all(head.as_bytes())?;
+    Ok(true)
+}
+
+fn redirect(w: &mut TcpStream, to: &str) -> std::io::Result<bool> {
+    let head = format!("HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\n\r\n");
+    w.write_all(head.as_bytes())?;
+    Ok(true)
+}
+
+/// Reads a whole response (for the origin's own tests).
+pub fn raw_get(addr: SocketAddr, target: &str) -> std::io::Result<String> {
+    let mut c = TcpStream::connect(addr)?;
+    write!(
+        c,
+        "GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}

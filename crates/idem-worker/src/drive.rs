@@ -1,0 +1,622 @@
+//! One leased job, driven from its last committed step to a terminal state
+//! (or back to `planned` with a retry scheduled).
+//!
+//! Every effect is bracketed by the op ledger: `begin_op` before, and
+//! `finish_op` (op result plus state transition, atomically) after. A
+//! heartbeat renews the lease meanwhile; if a renewal is refused, the job
+//! stops at the next chunk and publishes nothing.
+
+use crate::files::{self, OutDir, Published, Sidecar};
+use crate::Engine;
+use idem_core::ports::{Body, FetchError, FetchErrorKind, GetResponse, Resume, Store, StoreError};
+use idem_core::{
+    spec::media_type_matches, Command, Epoch, EventKind, HeadInfo, Http, Job, JobError, JobState,
+    OpDecision, OpKey, OpKind, OpResult, OpStatus, SplitMix64, StreamInfo,
+};
+use sha2::{Digest as _, Sha256};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why a job's driving stopped before a terminal state.
+pub(crate) enum Abort {
+    /// The lease was taken over: stop, publish nothing.
+    Fenced,
+    /// The run is stopping: release the lease.
+    Stopped,
+    Store(StoreError),
+}
+
+impl From<StoreError> for Abort {
+    fn from(e: StoreError) -> Self {
+        if e.is_fenced() {
+            Self::Fenced
+        } else {
+            Self::Store(e)
+        }
+    }
+}
+
+enum StreamErr {
+    Fetch(FetchError),
+    Io(std::io::Error),
+    Abort(Abort),
+}
+
+impl<S: Store + 'static, H: Http> Engine<S, H> {
+    pub(crate) async fn run_job(self: Arc<Self>, job: Job) {
+        let Some(epoch) = job.lease.as_ref().map(|l| l.epoch) else {
+            return;
+        };
+        let key = job.key;
+        self.progress.in_flight.fetch_add(1, Ordering::SeqCst);
+        let fenced = Arc::new(AtomicBool::new(false));
+        let hb = tokio::spawn(Arc::clone(&self).heartbeat(key, epoch, Arc::clone(&fenced)));
+        let r = self.drive(job, epoch, &fenced).await;
+        hb.abort();
+        match r {
+            Ok(state) => self.count_outcome(state),
+            Err(Abort::Fenced) => {
+                self.progress.fenced.fetch_add(1, Ordering::SeqCst);
+                self.emit(&[EventKind::WriteFenced {
+                    job_key: key,
+                    presented: epoch,
+                    command: "drive".into(),
+                }
+                .at(self.now())]);
+            }
+            Err(Abort::Stopped) => {
+                let owner = self.owner.clone();
+                let now = self.now();
+                if let Ok(a) = self
+                    .store_call(move |s| s.apply(&key, Command::Release { owner, epoch }, now))
+                    .await
+                {
+                    self.emit(&a.events);
+                }
+            }
+            Err(Abort::Store(e)) => {
+                eprintln!("idem: job {key}: ledger error, leaving it for its lease to expire: {e}");
+            }
+        }
+        self.progress.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    async fn heartbeat(
+        self: Arc<Self>,
+        key: idem_core::JobKey,
+        epoch: Epoch,
+        fenced: Arc<AtomicBool>,
+    ) {
+        let every = Duration::from_millis((self.cfg.lease_ttl_ms / 3).max(50));
+        loop {
+            tokio::time::sleep(every).await;
+            let owner = self.owner.clone();
+            let ttl_ms = self.cfg.lease_ttl_ms;
+            let now = self.now();
+            match self
+                .store_call(move |s| {
+                    s.apply(
+                        &key,
+                        Command::Renew {
+                            owner,
+                            epoch,
+                            ttl_ms,
+                        },
+                        now,
+                    )
+                })
+                .await
+            {
+                Ok(a) => self.emit(&a.events),
+                Err(e) if e.is_transient() => {}
+                Err(_) => {
+                    // Fenced, or the job moved on without us: stop at once.
+                    fenced.store(true, Ordering::SeqCst);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn check(&self, fenced: &AtomicBool) -> Result<(), Abort> {
+        if fenced.load(Ordering::SeqCst) {
+            Err(Abort::Fenced)
+        } else if self.stopping() {
+            Err(Abort::Stopped)
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn apply(&self, key: idem_core::JobKey, cmd: Command) -> Result<Job, Abort> {
+        let now = self.now();
+        let a = self.store_call(move |s| s.apply(&key, cmd, now)).await?;
+        self.emit(&a.events);
+        Ok(a.value)
+    }
+
+    async fn begin(&self, op: OpKey) -> Result<OpDecision, Abort> {
+        let owner = self.owner.clone();
+        let now = self.now();
+        let a = self
+            .store_call(move |s| s.begin_op(&op, &owner, now))
+            .await?;
+        self.emit(&a.events);
+        Ok(a.value)
+    }
+
+    async fn finish(
+        &self,
+        op: OpKey,
+        outcome: Result<OpResult, JobError>,
+        then: Option<Command>,
+    ) -> Result<Job, Abort> {
+        let now = self.now();
+        let a = self
+            .store_call(move |s| s.finish_op(&op, outcome, then, now))
+            .await?;
+        self.emit(&a.events);
+        Ok(a.value)
+    }
+
+    /// Ends the attempt with `error`: retry later, or fail for good.
+    async fn fail(
+        &self,
+        job: &Job,
+        epoch: Epoch,
+        op: Option<OpKey>,
+        error: JobError,
+    ) -> Result<Job, Abort> {
+        let now = self.now();
+        let mut rng = SplitMix64::new(self.next_seed() ^ u64::from(job.attempts));
+        let retry_at =
+            self.cfg
+                .retry
+                .decide(job.attempts.min(job.max_attempts), &error, &mut rng, now);
+        let cmd = Command::Fail {
+            epoch,
+            error: error.clone(),
+            retry_at,
+        };
+        match op {
+            Some(op) => self.finish(op, Err(error), Some(cmd)).await,
+            None => self.apply(job.key, cmd).await,
+        }
+    }
+
+    pub(crate) async fn drive(
+        &self,
+        mut job: Job,
+        epoch: Epoch,
+        fenced: &AtomicBool,
+    ) -> Result<JobState, Abort> {
+        loop {
+            self.check(fenced)?;
+            job = match job.state {
+                JobState::Leased => self.step_head(&job, epoch).await?,
+                JobState::HeadDone => {
+                    self.apply(job.key, Command::StreamStarted { epoch })
+                        .await?
+                }
+                JobState::Streaming => self.step_body(&job, epoch, fenced).await?,
+                done => return Ok(done),
+            };
+        }
+    }
+
+    async fn step_head(&self, job: &Job, epoch: Epoch) -> Result<Job, Abort> {
+        let url = job.spec.url.to_string();
+        // Content we already hold under this URL: no request at all.
+        let u = url.clone();
+        if let Some(prev) = self.store_call(move |s| s.finalized_by_url(&u)).await? {
+            if let Some(blob) = prev.blob.filter(|b| self.out.root().join(&b.path).exists()) {
+                if prev.key != job.key {
+                    return self
+                        .apply(
+                            job.key,
+                            Command::Duplicate {
+                                epoch,
+                                blob,
+                                of: Some(prev.key),
+                            },
+                        )
+                        .await;
+                }
+            }
+        }
+        let op = OpKey {
+            job: job.key,
+            kind: OpKind::Head,
+            epoch,
+        };
+        match self.begin(op).await? {
+            OpDecision::Replay {
+                result: OpResult::Head(head),
+                ..
+            } => self.apply(job.key, Command::HeadDone { epoch, head }).await,
+            OpDecision::Replay { .. } | OpDecision::Run => {
+                let res = {
+                    let _permit = self.host_permit(&job.spec.url.host()).await;
+                    self.http.head(&url).await
+                };
+                match res.and_then(|h| self.check_head(job, h)) {
+                    Ok(head) => {
+                        self.finish(
+                            op,
+                            Ok(OpResult::Head(head.clone())),
+                            Some(Command::HeadDone { epoch, head }),
+                        )
+                        .await
+                    }
+                    Err(e) => self.fail(job, epoch, Some(op), e.to_job_error()).await,
+                }
+            }
+        }
+    }
+
+    fn check_head(&self, job: &Job, head: HeadInfo) -> Result<HeadInfo, FetchError> {
+        if let (Some(want), Some(got)) = (
+            job.spec.content_type.as_deref(),
+            head.content_type.as_deref(),
+        ) {
+            if !media_type_matches(want, got) {
+                return Err(FetchError::new(
+                    FetchErrorKind::Policy,
+                    format!("{}: content type {got:?}, expected {want:?}", job.spec.url),
+                ));
+            }
+        }
+        if let (Some(len), Some(max)) = (head.content_length, self.cfg.max_bytes) {
+            if len > max {
+                return Err(FetchError::new(
+                    FetchErrorKind::TooLarge,
+                    format!(
+                        "{}: Content-Length {len} is over the {max}-byte cap",
+                        job.spec.url
+                    ),
+                ));
+            }
+        }
+        Ok(head)
+    }
+
+    /// STREAM then FINALIZE, reusing what earlier holders committed.
+    async fn step_body(&self, job: &Job, epoch: Epoch, fenced: &AtomicBool) -> Result<Job, Abort> {
+        let key = job.key;
+        let ops = self.store_call(move |s| s.ops(&key)).await?;
+        let earlier = ops.iter().rev().find_map(|o| match (&o.status, &o.result) {
+            (OpStatus::Committed, Some(OpResult::Stream(si))) => Some(si.clone()),
+            _ => None,
+        });
+        // A holder published the blob and died before committing: verify it
+        // and commit, without fetching again.
+        if let Some(si) = earlier {
+            let path = self.out.blob_path(&si.sha256);
+            if path.exists() {
+                let p = path.clone();
+                let ok = tokio::task::spawn_blocking(move || files::hash_file(&p))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .is_some_and(|(sha, size)| sha == si.sha256 && size == si.size);
+                if ok {
+                    let blob = idem_core::BlobInfo::new(si.sha256, si.size);
+                    let fop = OpKey {
+                        job: key,
+                        kind: OpKind::Finalize,
+                        epoch,
+                    };
+                    self.begin(fop).await?;
+                    self.emit(&[EventKind::CrashRecovery {
+                        kind: "blob_healed".into(),
+                        job_key: Some(key),
+                        count: 1,
+                    }
+                    .at(self.now())]);
+                    return self
+                        .finish(
+                            fop,
+                            Ok(OpResult::Finalize(blob.clone())),
+                            Some(Command::Finalize { epoch, blob }),
+                        )
+                        .await;
+                }
+            }
+        }
+        let sop = OpKey {
+            job: key,
+            kind: OpKind::Stream,
+            epoch,
+        };
+        let part = self.out.part_path(&key, epoch.0);
+        let si = match self.begin(sop).await? {
+            OpDecision::Replay {
+                result: OpResult::Stream(si),
+                ..
+            } if part.exists() => si,
+            _ => match self.stream(job, epoch, &part, fenced).await {
+                Ok(si) => {
+                    self.finish(sop, Ok(OpResult::Stream(si.clone())), None)
+                        .await?;
+                    si
+                }
+                Err(StreamErr::Abort(a)) => return Err(a),
+                Err(StreamErr::Fetch(e)) => {
+                    return self.fail(job, epoch, Some(sop), e.to_job_error()).await
+                }
+                Err(StreamErr::Io(e)) => {
+                    let err = JobError::retryable("io", format!("writing {}: {e}", part.display()));
+                    return self.fail(job, epoch, Some(sop), err).await;
+                }
+            },
+        };
+        self.finalize(job, epoch, &part, si, fenced).await
+    }
+
+    async fn finalize(
+        &self,
+        job: &Job,
+        epoch: Epoch,
+        part: &Path,
+        si: StreamInfo,
+        fenced: &AtomicBool,
+    ) -> Result<Job, Abort> {
+        let key = job.key;
+        let fop = OpKey {
+            job: key,
+            kind: OpKind::Finalize,
+            epoch,
+        };
+        if let OpDecision::Replay {
+            result: OpResult::Finalize(blob),
+            ..
+        } = self.begin(fop).await?
+        {
+            return self.apply(key, Command::Finalize { epoch, blob }).await;
+        }
+        if let Some(want) = job.spec.sha256 {
+            if want != si.sha256 {
+                files::remove_part(part);
+                let err = JobError::retryable(
+                    "digest_mismatch",
+                    format!(
+                        "{}: got sha256 {}, expected {want}",
+                        job.spec.url, si.sha256
+                    ),
+                );
+                return self.fail(job, epoch, Some(fop), err).await;
+            }
+        }
+        // Last fence check before publishing: renewing proves we still hold
+        // the lease, and extends it past the rename.
+        self.check(fenced)?;
+        let owner = self.owner.clone();
+        self.apply(
+            key,
+            Command::Renew {
+                owner,
+                epoch,
+                ttl_ms: self.cfg.lease_ttl_ms,
+            },
+        )
+        .await?;
+        let out = self.out.clone();
+        let p = part.to_path_buf();
+        let published =
+            tokio::task::spawn_blocking(move || files::publish(&out, &p, si.sha256, si.size))
+                .await
+                .map_err(|e| Abort::Store(StoreError::Backend(e.to_string())))?;
+        match published {
+            Ok(Published::New(blob)) => {
+                self.finish(
+                    fop,
+                    Ok(OpResult::Finalize(blob.clone())),
+                    Some(Command::Finalize { epoch, blob }),
+                )
+                .await
+            }
+            Ok(Published::AlreadyStored(blob)) => {
+                self.finish(
+                    fop,
+                    Ok(OpResult::Finalize(blob.clone())),
+                    Some(Command::Duplicate {
+                        epoch,
+                        blob,
+                        of: None,
+                    }),
+                )
+                .await
+            }
+            Err(e) => {
+                let err = JobError::retryable("io", format!("publishing {}: {e}", part.display()));
+                self.fail(job, epoch, Some(fop), err).await
+            }
+        }
+    }
+
+    /// Streams the body into `part`, resuming an earlier holder's part when
+    /// it can be locked and its validators still match.
+    async fn stream(
+        &self,
+        job: &Job,
+        epoch: Epoch,
+        part: &Path,
+        fenced: &AtomicBool,
+    ) -> Result<StreamInfo, StreamErr> {
+        let url = job.spec.url.to_string();
+        let head = job.head.clone().unwrap_or_default();
+        let (file, mut offset, mut sidecar, mut hasher) = {
+            let out = self.out.clone();
+            let key = job.key;
+            let part = part.to_path_buf();
+            let url = url.clone();
+            let head = head.clone();
+            tokio::task::spawn_blocking(move || prepare_part(&out, key, &part, &url, &head))
+                .await
+                .map_err(|e| StreamErr::Io(std::io::Error::other(e)))?
+                .map_err(StreamErr::Io)?
+        };
+        let _ = epoch;
+        if offset > 0 && sidecar.length == Some(offset) {
+            // A complete body from an earlier holder: nothing to fetch.
+            return Ok(StreamInfo {
+                sha256: idem_core::Digest32::from_bytes(hasher.finalize().into()),
+                size: offset,
+                resumed_from: offset,
+            });
+        }
+        let resume = sidecar.if_range().filter(|_| offset > 0).map(|v| Resume {
+            offset,
+            if_range: Some(v),
+        });
+        if resume.is_none() && offset > 0 {
+            offset = 0;
+            hasher = Sha256::new();
+            file.set_len(0).map_err(StreamErr::Io)?;
+        }
+        self.check(fenced).map_err(StreamErr::Abort)?;
+        let _permit = self.host_permit(&job.spec.url.host()).await;
+        let GetResponse {
+            head: got,
+            offset: start,
+            mut body,
+        } = self
+            .http
+            .get(&url, resume.as_ref())
+            .await
+            .map_err(StreamErr::Fetch)?;
+        if start == 0 && offset > 0 {
+            // The server ignored the range (or the entity changed): restart.
+            offset = 0;
+            hasher = Sha256::new();
+            file.set_len(0).map_err(StreamErr::Io)?;
+        }
+        let total = got.content_length.map(|n| n + offset);
+        if let (Some(want), Some(ct)) = (
+            job.spec.content_type.as_deref(),
+            got.content_type.as_deref(),
+        ) {
+            if !media_type_matches(want, ct) {
+                return Err(StreamErr::Fetch(FetchError::new(
+                    FetchErrorKind::Policy,
+                    format!("{url}: content type {ct:?}, expected {want:?}"),
+                )));
+            }
+        }
+        sidecar = Sidecar {
+            url: url.clone(),
+            etag: got.etag.clone().or(sidecar.etag),
+            last_modified: got.last_modified.clone().or(sidecar.last_modified),
+            length: total,
+            durable_bytes: offset,
+        };
+        files::write_sidecar(part, &sidecar).map_err(StreamErr::Io)?;
+        let mut writer =
+            files::PartWriter::start(file, part.to_path_buf(), offset, hasher, sidecar);
+        let mut received = 0u64;
+        loop {
+            if let Err(a) = self.check(fenced) {
+                drop(writer);
+                return Err(StreamErr::Abort(a));
+            }
+            match body.next_chunk().await {
+                Ok(Some(c)) => {
+                    let n = c.as_ref().len() as u64;
+                    received += n;
+                    self.progress.bytes.fetch_add(n, Ordering::Relaxed);
+                    if !writer.write(Box::new(c)).await {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    // Keep what arrived (fsynced, recorded) for the next attempt.
+                    let _ = writer.finish().await;
+                    return Err(StreamErr::Fetch(e));
+                }
+            }
+        }
+        let (sha256, size) = writer.finish().await.map_err(StreamErr::Io)?;
+        if let Some(total) = total {
+            if size != total {
+                return Err(StreamErr::Fetch(FetchError::new(
+                    FetchErrorKind::Truncated,
+                    format!("{url}: body ended at {size} of {total} bytes"),
+                )));
+            }
+        }
+        let _ = received;
+        Ok(StreamInfo {
+            sha256,
+            size,
+            resumed_from: offset,
+        })
+    }
+}
+
+/// Opens this epoch's part, adopting the best earlier part of the same job
+/// that nobody holds and whose validators match. Returns the locked file,
+/// the resume offset, the sidecar and the hash of the prefix.
+fn prepare_part(
+    out: &OutDir,
+    key: idem_core::JobKey,
+    part: &std::path::Path,
+    url: &str,
+    head: &HeadInfo,
+) -> std::io::Result<(std::fs::File, u64, Sidecar, Sha256)> {
+    let fresh = Sidecar {
+        url: url.to_owned(),
+        etag: head.etag.clone(),
+        last_modified: head.last_modified.clone(),
+        length: head.content_length,
+        durable_bytes: 0,
+    };
+    let same_entity = |sc: &Sidecar| {
+        sc.url == url
+            && match (&head.etag, &head.last_modified) {
+                (Some(e), _) => sc.etag.as_ref() == Some(e),
+                (None, Some(lm)) => sc.last_modified.as_ref() == Some(lm),
+                (None, None) => false,
+            }
+    };
+    let mut best: Option<(std::path::PathBuf, Sidecar, std::fs::File)> = None;
+    for (p, _) in out.parts_of(&key, part)? {
+        // A part still locked belongs to a live (perhaps paused) writer.
+        let Ok(Some(f)) = files::open_locked(&p, false) else {
+            continue;
+        };
+        match files::read_sidecar(&p) {
+            Some(sc)
+                if same_entity(&sc)
+                    && best
+                        .as_ref()
+                        .is_none_or(|b| sc.durable_bytes > b.1.durable_bytes) =>
+            {
+                if let Some((old, _, _)) = best.replace((p, sc, f)) {
+                    files::remove_part(&old);
+                }
+            }
+            _ => files::remove_part(&p),
+        }
+    }
+    let mut hasher = Sha256::new();
+    if let Some((old, sc, mut f)) = best {
+        std::fs::rename(&old, part)?;
+        let _ = std::fs::rename(OutDir::sidecar_path(&old), OutDir::sidecar_path(part));
+        let len = f.metadata()?.len();
+        let offset = len.min(sc.durable_bytes);
+        f.set_len(offset)?;
+        if files::hash_prefix(&mut f, offset, &mut hasher).is_err() {
+            f.set_len(0)?;
+            return Ok((f, 0, fresh, Sha256::new()));
+        }
+        return Ok((f, offset, sc, hasher));
+    }
+    let f = files::open_locked(part, true)?.ok_or_else(|| {
+        std::io::Error::other(format!("{} is locked by another process", part.display()))
+    })?;
+    f.set_len(0)?;
+    Ok((f, 0, fresh, hasher))
+}

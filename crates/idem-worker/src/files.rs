@@ -1,0 +1,379 @@
+//! The output tree: `.part` files with their sidecars, and the
+//! content-addressed blob store they are published into.
+//!
+//! ```text
+//! <out>/tmp/<job-key>.e<epoch>.part        body being written, locked (flock) by its writer
+//! <out>/tmp/<job-key>.e<epoch>.part.json   sidecar: URL, validators, bytes known durable
+//! <out>/blobs/sha256/<aa>/<bb>/<hex>       published content, read-only
+//! ```
+//!
+//! A part file is named by the lease epoch that writes it and locked while
+//! written, so a paused (fenced) writer and the holder that took over never
+//! share a file: the new holder adopts an old part only if it can take its
+//! lock, which a live (even stopped) process still holds.
+//!
+//! Publishing is: fsync the part, rename it to its content address (same
+//! filesystem, so atomic), fsync the directory. If the address is taken, the
+//! content is already stored and the part is dropped.
+
+use idem_core::{BlobInfo, Digest32, JobKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+/// The layout of an output directory.
+#[derive(Clone, Debug)]
+pub struct OutDir {
+    root: PathBuf,
+}
+
+/// What the sidecar of a part file records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sidecar {
+    pub url: String,
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+    /// The full length of the entity, if declared.
+    pub length: Option<u64>,
+    /// Bytes of the part known to be on disk (fsynced).
+    pub durable_bytes: u64,
+}
+
+impl Sidecar {
+    /// A validator usable in `If-Range`: a strong ETag, else Last-Modified.
+    pub fn if_range(&self) -> Option<String> {
+        self.etag
+            .clone()
+            .filter(|e| !e.starts_with("W/"))
+            .or_else(|| self.last_modified.clone())
+    }
+}
+
+/// A part file parsed from its name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartName {
+    pub job: String,
+    pub epoch: u64,
+}
+
+impl OutDir {
+    /// Creates `<out>/tmp` and `<out>/blobs/sha256` and checks they are on
+    /// one filesystem (a rename between them must be atomic).
+    pub fn prepare(root: impl Into<PathBuf>) -> io::Result<Self> {
+        let root = root.into();
+        let me = Self { root };
+        fs::create_dir_all(me.tmp_dir())?;
+        fs::create_dir_all(me.blob_root())?;
+        me.check_same_filesystem()?;
+        Ok(me)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    fn blob_root(&self) -> PathBuf {
+        self.root.join("blobs").join("sha256")
+    }
+
+    #[cfg(unix)]
+    fn check_same_filesystem(&self) -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let a = fs::metadata(self.tmp_dir())?.dev();
+        let b = fs::metadata(self.blob_root())?.dev();
+        if a == b {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
+                "{} and {} are on different filesystems; publishing needs an atomic rename between them",
+                self.tmp_dir().display(),
+                self.blob_root().display()
+            )))
+        }
+    }
+
+    #[cfg(not(unix))]
+    fn check_same_filesystem(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    pub fn part_path(&self, job: &JobKey, epoch: u64) -> PathBuf {
+        self.tmp_dir()
+            .join(format!("{}.e{epoch}.part", job.to_hex()))
+    }
+
+    pub fn sidecar_path(part: &Path) -> PathBuf {
+        let mut s = part.as_os_str().to_owned();
+        s.push(".json");
+        PathBuf::from(s)
+    }
+
+    pub fn blob_path(&self, sha: &Digest32) -> PathBuf {
+        self.root.join(BlobInfo::path_for(sha))
+    }
+
+    /// Every part file in `tmp/`, with its parsed name.
+    pub fn parts(&self) -> io::Result<Vec<(PathBuf, PartName)>> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(self.tmp_dir())? {
+            let p = e?.path();
+            if let Some(n) = parse_part_name(&p) {
+                out.push((p, n));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// Sidecars whose part file is gone.
+    pub fn orphan_sidecars(&self) -> io::Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(self.tmp_dir())? {
+            let p = e?.path();
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if let Some(part) = name.strip_suffix(".json") {
+                if part.ends_with(".part") && !p.with_file_name(part).exists() {
+                    out.push(p);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The parts of one job, other than `except`.
+    pub fn parts_of(&self, job: &JobKey, except: &Path) -> io::Result<Vec<(PathBuf, PartName)>> {
+        let hex = job.to_hex();
+        Ok(self
+            .parts()?
+            .into_iter()
+            .filter(|(p, n)| n.job == hex && p != except)
+            .collect())
+    }
+}
+
+pub fn parse_part_name(p: &Path) -> Option<PartName> {
+    let name = p.file_name()?.to_str()?;
+    let stem = name.strip_suffix(".part")?;
+    let (job, epoch) = stem.split_once(".e")?;
+    if job.len() != 64 || !job.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some(PartName {
+        job: job.to_owned(),
+        epoch: epoch.parse().ok()?,
+    })
+}
+
+pub fn read_sidecar(part: &Path) -> Option<Sidecar> {
+    let text = fs::read(OutDir::sidecar_path(part)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// Writes the sidecar atomically (temp file + rename). Not fsynced: a lost
+/// update leaves an older, smaller `durable_bytes`, which is safe.
+pub fn write_sidecar(part: &Path, sc: &Sidecar) -> io::Result<()> {
+    let path = OutDir::sidecar_path(part);
+    let tmp = path.with_extension("json.tmp");
+    fs::write(&tmp, serde_json::to_vec(sc).map_err(io::Error::other)?)?;
+    fs::rename(&tmp, &path)
+}
+
+pub fn remove_part(part: &Path) {
+    let _ = fs::remove_file(part);
+    let _ = fs::remove_file(OutDir::sidecar_path(part));
+}
+
+/// Opens a part file for writing and takes its exclusive lock, or `None`
+/// when another process holds it.
+pub fn open_locked(part: &Path, create: bool) -> io::Result<Option<File>> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(part)?;
+    match f.try_lock() {
+        Ok(()) => Ok(Some(f)),
+        Err(fs::TryLockError::WouldBlock) => Ok(None),
+        Err(fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// SHA-256 of the first `len` bytes of `f` (from its start).
+pub fn hash_prefix(f: &mut File, len: u64, hasher: &mut Sha256) -> io::Result<()> {
+    use std::io::Seek;
+    f.seek(io::SeekFrom::Start(0))?;
+    let mut left = len;
+    let mut buf = vec![0u8; 1 << 20];
+    while left > 0 {
+        let want = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+        let n = f.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "part file shorter than recorded",
+            ));
+        }
+        hasher.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// SHA-256 and size of a whole file.
+pub fn hash_file(path: &Path) -> io::Result<(Digest32, u64)> {
+    let mut f = File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n_total = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        n_total += n as u64;
+    }
+    Ok((Digest32::from_bytes(h.finalize().into()), n_total))
+}
+
+/// fsyncs a directory, so a rename into (or out of) it is durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Whether publishing stored new content or found it already there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Published {
+    New(BlobInfo),
+    AlreadyStored(BlobInfo),
+}
+
+/// Publishes a fully written, fsynced part under its content address.
+pub fn publish(out: &OutDir, part: &Path, sha: Digest32, size: u64) -> io::Result<Published> {
+    let dest = out.blob_path(&sha);
+    let info = BlobInfo::new(sha, size);
+    if dest.exists() {
+        remove_part(part);
+        return Ok(Published::AlreadyStored(info));
+    }
+    let dir = dest
+        .parent()
+        .ok_or_else(|| io::Error::other("blob path has no parent"))?;
+    fs::create_dir_all(dir)?;
+    set_read_only(part);
+    fs::rename(part, &dest)?;
+    sync_dir(dir)?;
+    let _ = fs::remove_file(OutDir::sidecar_path(part));
+    Ok(Published::New(info))
+}
+
+#[cfg(unix)]
+fn set_read_only(p: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = fs::set_permissions(p, fs::Permissions::from_mode(0o444));
+}
+
+#[cfg(not(unix))]
+fn set_read_only(_: &Path) {}
+
+/// Writes chunks to a part file and hashes them, on its own thread, so
+/// hashing and disk writes overlap with the network.
+/// A chunk of body, whatever buffer type the HTTP adapter hands out.
+pub type Chunk = Box<dyn AsRef<[u8]> + Send>;
+
+pub struct PartWriter {
+    tx: Option<std::sync::mpsc::SyncSender<Chunk>>,
+    handle: Option<std::thread::JoinHandle<io::Result<(Digest32, u64)>>>,
+}
+
+/// Bytes between fsyncs of a part (and sidecar updates) while streaming.
+const SYNC_EVERY: u64 = 16 << 20;
+
+impl PartWriter {
+    /// Starts writing `file` (already truncated to `offset`, with `hasher`
+    /// holding the hash of that prefix).
+    pub fn start(
+        mut file: File,
+        part: PathBuf,
+        offset: u64,
+        mut hasher: Sha256,
+        mut sidecar: Sidecar,
+    ) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(64);
+        let handle = std::thread::spawn(move || -> io::Result<(Digest32, u64)> {
+            use std::io::Seek;
+            file.seek(io::SeekFrom::Start(offset))?;
+            let mut written = offset;
+            let mut since_sync = 0u64;
+            for chunk in rx {
+                let chunk = (*chunk).as_ref();
+                file.write_all(chunk)?;
+                hasher.update(chunk);
+                written += chunk.len() as u64;
+                since_sync += chunk.len() as u64;
+                if since_sync >= SYNC_EVERY {
+                    file.sync_data()?;
+                    sidecar.durable_bytes = written;
+                    write_sidecar(&part, &sidecar)?;
+                    since_sync = 0;
+                }
+            }
+            file.sync_all()?;
+            sidecar.durable_bytes = written;
+            write_sidecar(&part, &sidecar)?;
+            Ok((Digest32::from_bytes(hasher.finalize().into()), written))
+        });
+        Self {
+            tx: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// Queues a chunk. Returns false when the writer has failed (its error
+    /// comes from [`PartWriter::finish`]).
+    pub async fn write(&mut self, chunk: Chunk) -> bool {
+        let Some(tx) = self.tx.clone() else {
+            return false;
+        };
+        // The channel is bounded; a full one means the disk is behind, so
+        // wait on a blocking thread rather than stall the runtime.
+        match tx.try_send(chunk) {
+            Ok(()) => true,
+            Err(std::sync::mpsc::TrySendError::Full(c)) => {
+                tokio::task::spawn_blocking(move || tx.send(c).is_ok())
+                    .await
+                    .unwrap_or(false)
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    /// Flushes, fsyncs and returns the digest and size of the whole part.
+    pub async fn finish(mut self) -> io::Result<(Digest32, u64)> {
+        drop(self.tx.take());
+        let h = self
+            .handle
+            .take()
+            .ok_or_else(|| io::Error::other("writer already finished"))?;
+        tokio::task::spawn_blocking(move || h.join())
+            .await
+            .map_err(io::Error::other)?
+            .map_err(|_| io::Error::other("part writer thread panicked"))?
+    }
+}
+
+impl Drop for PartWriter {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

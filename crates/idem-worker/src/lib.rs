@@ -1,0 +1,390 @@
+//! idem-worker: the engine. A tokio driver that leases jobs from a store,
+//! runs HEAD, stream and finalize through the ports, renews leases while it
+//! works, and reconciles what crashes leave behind.
+//!
+//! The driver loop, written once:
+//!
+//! 1. reconcile (expired leases, dead ops, orphaned parts, lost commits);
+//! 2. lease up to `concurrency − in_flight` due jobs (taking over the jobs
+//!    of dead local processes at once);
+//! 3. run each leased job on its own task, from its last committed step;
+//! 4. when nothing is leasable and nothing is in flight: stop if every job
+//!    is terminal (unless following), else wait for the next due job.
+//!
+//! Store calls are blocking (SQLite); they run on tokio's blocking pool and
+//! are never held across network or disk I/O.
+
+mod drive;
+pub mod files;
+pub mod owner;
+pub mod reconcile;
+
+use idem_core::ports::{LeaseRequest, Store, StoreError};
+use idem_core::{Clock, Event, Http, JobState, RetryPolicy, WorkerId};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+pub use files::OutDir;
+pub use owner::SystemClock;
+pub use reconcile::{ReconcileOptions, ReconcileReport};
+
+/// Receives every event the engine's transitions produce.
+pub trait EventSink: Send + Sync {
+    fn emit(&self, events: &[Event]);
+}
+
+/// A sink that drops events.
+#[derive(Debug, Default)]
+pub struct NullSink;
+
+impl EventSink for NullSink {
+    fn emit(&self, _: &[Event]) {}
+}
+
+/// How the engine runs.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub out_dir: PathBuf,
+    /// Jobs in flight in this process.
+    pub concurrency: usize,
+    /// Requests in flight per host.
+    pub per_host: usize,
+    /// Most requests started per second per host, if limited.
+    pub per_host_rate: Option<f64>,
+    pub lease_ttl_ms: u64,
+    pub retry: RetryPolicy,
+    /// Keep polling for new jobs instead of stopping when all are terminal.
+    pub follow: bool,
+    /// How often to look for due jobs when idle.
+    pub poll_ms: u64,
+    /// Seed of the backoff jitter.
+    pub seed: u64,
+    /// Largest body accepted (also enforced by the HTTP adapter).
+    pub max_bytes: Option<u64>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            out_dir: PathBuf::from("artifacts"),
+            concurrency: 8,
+            per_host: 2,
+            per_host_rate: None,
+            lease_ttl_ms: 60_000,
+            retry: RetryPolicy::default(),
+            follow: false,
+            poll_ms: 200,
+            seed: 0x1de3,
+            max_bytes: None,
+        }
+    }
+}
+
+/// Live counters of a run, for progress bars and summaries.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub finalized: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub failed: AtomicU64,
+    pub retried: AtomicU64,
+    pub fenced: AtomicU64,
+    pub bytes: AtomicU64,
+    pub requests: AtomicU64,
+    pub in_flight: AtomicU64,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RunSummary {
+    pub finalized: u64,
+    pub skipped_duplicate: u64,
+    pub failed: u64,
+    pub retries_scheduled: u64,
+    pub fenced: u64,
+    pub bytes_downloaded: u64,
+    pub requests: u64,
+    pub reconcile: ReconcileReport,
+    /// Whether the run stopped early on a signal.
+    pub interrupted: bool,
+}
+
+/// Why the engine could not run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("output directory {path}: {source}")]
+    OutDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The engine. Generic over the store and HTTP adapters it drives.
+pub struct Engine<S: Store + 'static, H: Http> {
+    pub(crate) store: Arc<S>,
+    pub(crate) http: Arc<H>,
+    pub(crate) cfg: Arc<EngineConfig>,
+    pub(crate) out: OutDir,
+    pub(crate) sink: Arc<dyn EventSink>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) owner: WorkerId,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) stop_notify: Arc<tokio::sync::Notify>,
+    pub(crate) progress: Arc<Progress>,
+    hosts: Mutex<HashMap<String, HostGate>>,
+    rng_seq: AtomicU64,
+}
+
+#[derive(Clone)]
+struct HostGate {
+    permits: Arc<Semaphore>,
+    next_start: Arc<tokio::sync::Mutex<tokio::time::Instant>>,
+}
+
+impl<S: Store + 'static, H: Http> Engine<S, H> {
+    pub fn new(
+        store: Arc<S>,
+        http: Arc<H>,
+        cfg: EngineConfig,
+        sink: Arc<dyn EventSink>,
+    ) -> Result<Self, EngineError> {
+        let out = OutDir::prepare(&cfg.out_dir).map_err(|source| EngineError::OutDir {
+            path: cfg.out_dir.clone(),
+            source,
+        })?;
+        Ok(Self {
+            store,
+            http,
+            out,
+            sink,
+            clock: Arc::new(SystemClock),
+            owner: owner::this_worker(),
+            stop: Arc::new(AtomicBool::new(false)),
+            stop_notify: Arc::new(tokio::sync::Notify::new()),
+            progress: Arc::new(Progress::default()),
+            hosts: Mutex::new(HashMap::new()),
+            rng_seq: AtomicU64::new(cfg.seed),
+            cfg: Arc::new(cfg),
+        })
+    }
+
+    /// Replaces the clock (tests).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    pub fn progress(&self) -> Arc<Progress> {
+        Arc::clone(&self.progress)
+    }
+
+    /// A handle that stops the run gracefully: no new leases; in-flight jobs
+    /// release their leases at the next safe point.
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            flag: Arc::clone(&self.stop),
+            notify: Arc::clone(&self.stop_notify),
+        }
+    }
+
+    pub fn owner(&self) -> &WorkerId {
+        &self.owner
+    }
+
+    pub(crate) fn now(&self) -> idem_core::Timestamp {
+        self.clock.now()
+    }
+
+    pub(crate) fn emit(&self, events: &[Event]) {
+        if !events.is_empty() {
+            self.sink.emit(events);
+        }
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Runs a blocking store call off the async threads.
+    pub(crate) async fn store_call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&S) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
+    }
+
+    pub(crate) fn next_seed(&self) -> u64 {
+        self.rng_seq
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+    }
+
+    /// Waits for a request slot to `host` (concurrency cap and rate).
+    pub(crate) async fn host_permit(&self, host: &str) -> tokio::sync::OwnedSemaphorePermit {
+        let gate = {
+            let mut hosts = self
+                .hosts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            hosts
+                .entry(host.to_owned())
+                .or_insert_with(|| HostGate {
+                    permits: Arc::new(Semaphore::new(self.cfg.per_host.max(1))),
+                    next_start: Arc::new(tokio::sync::Mutex::new(tokio::time::Instant::now())),
+                })
+                .clone()
+        };
+        let permit = gate
+            .permits
+            .acquire_owned()
+            .await
+            .expect("host semaphores are never closed");
+        if let Some(rate) = self.cfg.per_host_rate.filter(|r| *r > 0.0) {
+            let interval = Duration::from_secs_f64(1.0 / rate);
+            let mut next = gate.next_start.lock().await;
+            let now = tokio::time::Instant::now();
+            if *next > now {
+                tokio::time::sleep_until(*next).await;
+            }
+            *next = (*next).max(now) + interval;
+        }
+        self.progress.requests.fetch_add(1, Ordering::Relaxed);
+        permit
+    }
+
+    /// Owners of live leases that are dead processes on this host.
+    async fn dead_owners(&self) -> Vec<WorkerId> {
+        let now = self.now();
+        let owners = self
+            .store_call(move |s| s.lease_owners(now))
+            .await
+            .unwrap_or_default();
+        let host = owner::hostname();
+        owners
+            .into_iter()
+            .filter(|o| *o != self.owner && owner::is_dead_local(o, &host))
+            .collect()
+    }
+
+    /// Runs until every job is terminal (or, following, until stopped).
+    pub async fn run(self: &Arc<Self>) -> Result<RunSummary, EngineError> {
+        let reconcile = self.reconcile(&ReconcileOptions::default()).await?;
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut dead_check = tokio::time::Instant::now();
+        let mut dead: Vec<WorkerId> = self.dead_owners().await;
+        let poll = Duration::from_millis(self.cfg.poll_ms.max(10));
+        loop {
+            while let Some(r) = tasks.try_join_next() {
+                if let Err(e) = r {
+                    eprintln!("idem: a job task failed: {e}");
+                }
+            }
+            if self.stopping() {
+                break;
+            }
+            let room = self.cfg.concurrency.saturating_sub(tasks.len());
+            let mut leased_any = false;
+            if room > 0 {
+                if dead_check.elapsed() > Duration::from_secs(2) {
+                    dead = self.dead_owners().await;
+                    dead_check = tokio::time::Instant::now();
+                }
+                let req = LeaseRequest {
+                    owner: self.owner.clone(),
+                    limit: room,
+                    ttl_ms: self.cfg.lease_ttl_ms,
+                    dead_owners: dead.clone(),
+                };
+                let now = self.now();
+                match self.store_call(move |s| s.lease(&req, now)).await {
+                    Ok(applied) => {
+                        self.emit(&applied.events);
+                        for job in applied.value {
+                            leased_any = true;
+                            let me = Arc::clone(self);
+                            tasks.spawn(async move { me.run_job(job).await });
+                        }
+                    }
+                    Err(e) if e.is_transient() => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if leased_any {
+                continue;
+            }
+            if tasks.is_empty() && !self.cfg.follow {
+                let now = self.now();
+                let st = self.store_call(move |s| s.status(now)).await?;
+                let live: u64 = st
+                    .by_state
+                    .iter()
+                    .filter(|(s, _)| !s.is_terminal())
+                    .map(|(_, n)| n)
+                    .sum();
+                if live == 0 {
+                    break;
+                }
+            }
+            // Wait for a task to finish, a stop, or the next poll.
+            tokio::select! {
+                _ = tokio::time::sleep(poll) => {}
+                _ = self.stop_notify.notified() => {}
+                Some(r) = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Err(e) = r {
+                        eprintln!("idem: a job task failed: {e}");
+                    }
+                }
+            }
+        }
+        while let Some(r) = tasks.join_next().await {
+            if let Err(e) = r {
+                eprintln!("idem: a job task failed: {e}");
+            }
+        }
+        let p = &self.progress;
+        Ok(RunSummary {
+            finalized: p.finalized.load(Ordering::SeqCst),
+            skipped_duplicate: p.duplicates.load(Ordering::SeqCst),
+            failed: p.failed.load(Ordering::SeqCst),
+            retries_scheduled: p.retried.load(Ordering::SeqCst),
+            fenced: p.fenced.load(Ordering::SeqCst),
+            bytes_downloaded: p.bytes.load(Ordering::SeqCst),
+            requests: p.requests.load(Ordering::SeqCst),
+            reconcile,
+            interrupted: self.stopping(),
+        })
+    }
+
+    /// Counts a job's terminal outcome.
+    pub(crate) fn count_outcome(&self, state: JobState) {
+        let c = match state {
+            JobState::Finalized => &self.progress.finalized,
+            JobState::SkippedDuplicate => &self.progress.duplicates,
+            JobState::Failed => &self.progress.failed,
+            JobState::Planned => &self.progress.retried,
+            _ => return,
+        };
+        c.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Stops a running engine gracefully.
+#[derive(Clone)]
+pub struct Stopper {
+    flag: Arc<AtomicBool>,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl Stopper {
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+}
