@@ -1,2 +1,12 @@
-//! The one integration-test binary: end-to-end checks across crates, with
-//! real processes, files and sockets.
+//! The one integration-test binary: end-to-end checks that drive the real
+//! `idem` executable against a local hostile origin, with real processes,
+//! files and signals.
+//!
+//! Slow suites (many kill -9 trials) run when `CI` or `IDEM_SLOW_TESTS` is
+//! set; the default suite runs a few trials of each.
+
+mod cli;
+mod crash;
+mod e2e;
+mod ledger;
+mod support;

@@ -4,8 +4,8 @@
 use crate::input::{self, BadLine, Item};
 use crate::sink::{EventsFile, Fanout};
 use crate::{
-    ExportArgs, ExportFormat, Global, PlanArgs, ReconcileArgs, RetryArgs, RunArgs, ShowArgs,
-    EXIT_INTERRUPTED, EXIT_PARTIAL,
+    DrillArgs, ExportArgs, ExportFormat, Global, PlanArgs, ReconcileArgs, RetryArgs, RunArgs,
+    ShowArgs, EXIT_INTERRUPTED, EXIT_PARTIAL,
 };
 use anyhow::{bail, Context};
 use idem_core::ports::Store;
@@ -604,5 +604,97 @@ pub(crate) fn export(g: &Global, a: &ExportArgs) -> anyhow::Result<u8> {
         out.write_all(&w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
     }
     out.flush()?;
+    Ok(0)
+}
+
+/// Leases and completes jobs with a null effect: lease, HEAD/STREAM/FINALIZE
+/// ops begun and committed, job finalized. Exercises exactly the ledger
+/// writes of a real download, with no network or files.
+pub(crate) fn ledger_drill(g: &Global, a: &DrillArgs) -> anyhow::Result<u8> {
+    use idem_core::{
+        BlobInfo, Digest32, HeadInfo, LeaseRequest, OpKey, OpKind, OpResult, StreamInfo, WorkerId,
+    };
+    let store = open_store(g)?;
+    let started = std::time::Instant::now();
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let me = idem_worker::owner::this_worker();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let mut handles = Vec::new();
+        for t in 0..a.threads.max(1) {
+            let store = &store;
+            let done = &done;
+            let owner = WorkerId::new(format!("{me}#{t}"));
+            handles.push(scope.spawn(move || -> anyhow::Result<()> {
+                let out = std::io::stdout();
+                loop {
+                    let req = LeaseRequest {
+                        owner: owner.clone(),
+                        limit: a.batch.max(1),
+                        ttl_ms: 60_000,
+                        dead_owners: vec![],
+                    };
+                    let jobs = store.lease(&req, now())?.value;
+                    if jobs.is_empty() {
+                        return Ok(());
+                    }
+                    for j in jobs {
+                        let e = j.lease.as_ref().map(|l| l.epoch).unwrap_or_default();
+                        let head = HeadInfo {
+                            status: 200,
+                            ..HeadInfo::default()
+                        };
+                        let op = |kind| OpKey {
+                            job: j.key,
+                            kind,
+                            epoch: e,
+                        };
+                        store.begin_op(&op(OpKind::Head), &owner, now())?;
+                        store.finish_op(
+                            &op(OpKind::Head),
+                            Ok(OpResult::Head(head.clone())),
+                            Some(Command::HeadDone { epoch: e, head }),
+                            now(),
+                        )?;
+                        store.apply(&j.key, Command::StreamStarted { epoch: e }, now())?;
+                        let blob = BlobInfo::new(Digest32::of(j.key.digest().as_bytes()), 32);
+                        store.begin_op(&op(OpKind::Stream), &owner, now())?;
+                        let si = StreamInfo {
+                            sha256: blob.sha256,
+                            size: 32,
+                            resumed_from: 0,
+                        };
+                        store.finish_op(
+                            &op(OpKind::Stream),
+                            Ok(OpResult::Stream(si)),
+                            None,
+                            now(),
+                        )?;
+                        store.begin_op(&op(OpKind::Finalize), &owner, now())?;
+                        store.finish_op(
+                            &op(OpKind::Finalize),
+                            Ok(OpResult::Finalize(blob.clone())),
+                            Some(Command::Finalize { epoch: e, blob }),
+                            now(),
+                        )?;
+                        done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if a.print_keys {
+                            writeln!(out.lock(), "{}", j.key)?;
+                        }
+                    }
+                }
+            }));
+        }
+        for h in handles {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("drill thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    let n = done.into_inner();
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "ledger-drill: {n} jobs in {secs:.3}s ({:.0} jobs/s)",
+        n as f64 / secs.max(1e-9)
+    );
     Ok(0)
 }

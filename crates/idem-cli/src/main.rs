@@ -22,6 +22,7 @@ pub const EXIT_INTERRUPTED: u8 = 130;
 #[command(
     name = "idem",
     version,
+    args_override_self = true,
     about = "Idempotent, crash-safe, multi-worker artifact downloading.",
     long_about = "Idempotent, crash-safe, multi-worker artifact downloading.\n\n\
         Plan downloads into a ledger, run workers (as many processes as you like, \
@@ -87,6 +88,23 @@ enum Cmd {
     /// See idem work in under a minute: a local origin, faults, a killed
     /// worker, recovery, exactly-once. Needs no network.
     Demo(DemoArgs),
+    /// Internal: lease and complete jobs with a null effect (no network):
+    /// the ledger path alone, for the multi-process test and benchmarks.
+    #[command(hide = true)]
+    LedgerDrill(DrillArgs),
+}
+
+#[derive(Args, Debug)]
+struct DrillArgs {
+    /// Jobs leased per call.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Worker threads in this process.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Print each completed job key on stdout.
+    #[arg(long)]
+    print_keys: bool,
 }
 
 #[derive(Args, Debug)]
@@ -241,5 +259,6 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Retry(a) => commands::retry(&g, &a),
         Cmd::Export(a) => commands::export(&g, &a),
         Cmd::Demo(a) => demo::run(&g, &a),
+        Cmd::LedgerDrill(a) => commands::ledger_drill(&g, &a),
     }
 }

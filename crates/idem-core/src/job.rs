@@ -402,6 +402,17 @@ pub struct Transition {
 /// events it produced out.
 pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition, TransitionError> {
     let name = cmd.name();
+    // The fence comes first: a stale holder writing to a job that has
+    // since finished is a stale-epoch write, and is counted as one.
+    if let Some(presented) = cmd.epoch() {
+        let current = job.lease.as_ref().map(|l| l.epoch);
+        if current != Some(presented) {
+            return Err(TransitionError::Fenced {
+                presented,
+                current: current.map_or_else(|| "none".to_owned(), |e| e.to_string()),
+            });
+        }
+    }
     if job.state.is_terminal() {
         let operator_ok = matches!(cmd, Command::OperatorRetry) && job.state == JobState::Failed;
         let requeue_ok = matches!(cmd, Command::Requeue { .. }) && job.state.is_success();
@@ -409,15 +420,6 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
             return Err(TransitionError::Terminal {
                 state: job.state,
                 command: name,
-            });
-        }
-    }
-    if let Some(presented) = cmd.epoch() {
-        let current = job.lease.as_ref().map(|l| l.epoch);
-        if current != Some(presented) {
-            return Err(TransitionError::Fenced {
-                presented,
-                current: current.map_or_else(|| "none".to_owned(), |e| e.to_string()),
             });
         }
     }

@@ -21,7 +21,8 @@
 //! | `/norange/NAME` | ignores `Range`, always 200 with the full body |
 //!
 //! Faulty modes misbehave for the first `?fail=K` requests to that exact
-//! URL (default: always), then serve normally, so recovery can be tested.
+//! URL (default: always), then serve normally, so recovery can be tested;
+//! body faults (`reset`, `trunc`) count GETs only.
 //! Every request is counted per path-and-query.
 
 use std::collections::HashMap;
@@ -40,6 +41,7 @@ pub struct Origin {
 struct Shared {
     files: Mutex<HashMap<String, Arc<Vec<u8>>>>,
     counts: Mutex<HashMap<String, u64>>,
+    gets: Mutex<HashMap<String, u64>>,
     total: AtomicU64,
     stop: AtomicBool,
 }
@@ -52,6 +54,7 @@ impl Origin {
         let shared = Arc::new(Shared {
             files: Mutex::new(files.into_iter().map(|(k, v)| (k, Arc::new(v))).collect()),
             counts: Mutex::new(HashMap::new()),
+            gets: Mutex::new(HashMap::new()),
             total: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         });
@@ -98,6 +101,14 @@ impl Origin {
     /// Requests seen in all.
     pub fn total(&self) -> u64 {
         self.shared.total.load(Ordering::SeqCst)
+    }
+
+    /// GET requests seen for `path_and_query`.
+    pub fn gets(&self, path_and_query: &str) -> u64 {
+        lock(&self.shared.gets)
+            .get(path_and_query)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Requests per path, for reports.
@@ -184,8 +195,16 @@ fn serve(conn: TcpStream, s: &Shared) {
             *e += 1;
             *e
         };
+        let n_get = if req.method == "GET" {
+            let mut c = lock(&s.gets);
+            let e = c.entry(req.target.clone()).or_default();
+            *e += 1;
+            *e
+        } else {
+            0
+        };
         s.total.fetch_add(1, Ordering::SeqCst);
-        match respond(&req, n, s, &mut w) {
+        match respond(&req, n, n_get, s, &mut w) {
             Ok(true) => {}
             _ => return,
         }
@@ -211,7 +230,13 @@ fn etag_of(body: &[u8]) -> String {
 const LAST_MODIFIED: &str = "Sun, 06 Nov 1994 08:49:37 GMT";
 
 /// Writes one response. Returns whether the connection may be reused.
-fn respond(req: &Request, n: u64, s: &Shared, w: &mut TcpStream) -> std::io::Result<bool> {
+fn respond(
+    req: &Request,
+    n: u64,
+    n_get: u64,
+    s: &Shared,
+    w: &mut TcpStream,
+) -> std::io::Result<bool> {
     let (path, query) = req.target.split_once('?').unwrap_or((&req.target, ""));
     let segs: Vec<&str> = path.trim_start_matches('/').splitn(3, '/').collect();
     let fail = query_param(query, "fail").unwrap_or(u64::MAX);
@@ -347,7 +372,7 @@ fn respond(req: &Request, n: u64, s: &Shared, w: &mut TcpStream) -> std::io::Res
             }
             Ok(true)
         }
-        "reset" | "trunc" if faulty => {
+        "reset" | "trunc" if n_get <= fail => {
             w.write_all(&slice[..slice.len() / 2])?;
             w.flush()?;
             if mode == "reset" {

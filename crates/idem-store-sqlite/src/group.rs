@@ -9,6 +9,11 @@
 //! caller's reply slot. A caller whose request was run by another leader
 //! finds its reply waiting when it gets the lock. No caller is acknowledged
 //! before the commit that holds its write.
+//!
+//! Between processes, writers take a blocking `flock` on a lock file beside
+//! the ledger before `BEGIN IMMEDIATE`. SQLite's own busy handler polls with
+//! sleeps, so a process committing back to back starves the others; a
+//! blocked `flock` is woken by the kernel the moment the lock is released.
 
 use crate::schema;
 use idem_core::ports::{Applied, LeaseRequest, StoreError};
@@ -67,6 +72,8 @@ struct Pending {
 
 pub(crate) struct Group {
     writer: Mutex<Connection>,
+    /// Cross-process writer lock (flock), taken around each transaction.
+    lock_file: std::fs::File,
     reader: Mutex<Connection>,
     queue: Mutex<Vec<Pending>>,
     max_batch: usize,
@@ -79,9 +86,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Group {
-    pub(crate) fn new(conns: (Connection, Connection), max_batch: usize) -> Self {
+    pub(crate) fn new(conns: (Connection, Connection, std::fs::File), max_batch: usize) -> Self {
         Self {
             writer: Mutex::new(conns.0),
+            lock_file: conns.2,
             reader: Mutex::new(conns.1),
             queue: Mutex::new(Vec::new()),
             max_batch: max_batch.max(1),
@@ -105,7 +113,13 @@ impl Group {
                 q.drain(..n).collect()
             };
             if !batch.is_empty() {
+                let locked = self.lock_file.lock();
                 run_batch(&conn, batch);
+                if locked.is_ok() {
+                    let _ = self.lock_file.unlock();
+                    // Let a woken waiter in another process take its turn.
+                    std::thread::yield_now();
+                }
             }
             drop(conn);
             if let Some(r) = lock(&slot).take() {

@@ -96,7 +96,10 @@ pub(crate) fn map_err(e: rusqlite::Error) -> StoreError {
 
 /// Opens the writer and reader connections, after checking that the file is
 /// an idem ledger (or absent/empty) and migrating it.
-pub(crate) fn open(path: &Path, opts: &Options) -> Result<(Connection, Connection), StoreError> {
+pub(crate) fn open(
+    path: &Path,
+    opts: &Options,
+) -> Result<(Connection, Connection, std::fs::File), StoreError> {
     let shown = path.display();
     if let Ok(mut f) = std::fs::File::open(path) {
         let mut magic = [0u8; 16];
@@ -143,7 +146,20 @@ pub(crate) fn open(path: &Path, opts: &Options) -> Result<(Connection, Connectio
     reader
         .execute_batch("PRAGMA query_only = ON;")
         .map_err(map_err)?;
-    Ok((conn, reader))
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock_path(path))
+        .map_err(|e| StoreError::Backend(format!("{}: {e}", lock_path(path).display())))?;
+    Ok((conn, reader, lock))
+}
+
+/// The writers' lock file beside the ledger (see `group.rs`).
+pub(crate) fn lock_path(db: &Path) -> std::path::PathBuf {
+    let mut s = db.as_os_str().to_owned();
+    s.push("-writer.lock");
+    std::path::PathBuf::from(s)
 }
 
 fn with_path(e: StoreError, path: &Path) -> StoreError {
@@ -179,6 +195,14 @@ fn configure(conn: &Connection, opts: &Options, path: &Path) -> Result<(), Store
 }
 
 fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    // Opening an up-to-date ledger must not queue behind other processes'
+    // writers: check without a lock first.
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(map_err)?;
+    if version == LATEST {
+        return Ok(());
+    }
     let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)
         .map_err(|e| with_path(map_err(e), path))?;
     // Re-read under the write lock: another process may have migrated.

@@ -347,6 +347,10 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                     return self.fail(job, epoch, Some(sop), e.to_job_error()).await
                 }
                 Err(StreamErr::Io(e)) => {
+                    // A part that failed to write (a full disk, an I/O
+                    // error) is not worth resuming and may be holding the
+                    // space other jobs need.
+                    files::remove_part(&part);
                     let err = JobError::retryable("io", format!("writing {}: {e}", part.display()));
                     return self.fail(job, epoch, Some(sop), err).await;
                 }
@@ -511,6 +515,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             last_modified: got.last_modified.clone().or(sidecar.last_modified),
             length: total,
             durable_bytes: offset,
+            boot_id: files::boot_id(),
         };
         files::write_sidecar(part, &sidecar).map_err(StreamErr::Io)?;
         let mut writer =
@@ -572,6 +577,7 @@ fn prepare_part(
         last_modified: head.last_modified.clone(),
         length: head.content_length,
         durable_bytes: 0,
+        boot_id: files::boot_id(),
     };
     let same_entity = |sc: &Sidecar| {
         sc.url == url
@@ -606,7 +612,14 @@ fn prepare_part(
         std::fs::rename(&old, part)?;
         let _ = std::fs::rename(OutDir::sidecar_path(&old), OutDir::sidecar_path(part));
         let len = f.metadata()?.len();
-        let offset = len.min(sc.durable_bytes);
+        // Same boot: the page cache kept every written byte through the
+        // crash. Another boot: only what was fsynced is trustworthy.
+        let same_boot = sc.boot_id.is_some() && sc.boot_id == files::boot_id();
+        let offset = if same_boot {
+            len
+        } else {
+            len.min(sc.durable_bytes)
+        };
         f.set_len(offset)?;
         if files::hash_prefix(&mut f, offset, &mut hasher).is_err() {
             f.set_len(0)?;

@@ -39,6 +39,19 @@ pub struct Sidecar {
     pub length: Option<u64>,
     /// Bytes of the part known to be on disk (fsynced).
     pub durable_bytes: u64,
+    /// The kernel boot the part was written in. Within the same boot the
+    /// page cache survived any process crash, so the whole file length is
+    /// trustworthy; after a reboot only `durable_bytes` is.
+    #[serde(default)]
+    pub boot_id: Option<String>,
+}
+
+/// This boot's id (Linux), to tell a process crash from a machine crash.
+pub fn boot_id() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
 }
 
 impl Sidecar {

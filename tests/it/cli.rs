@@ -1,0 +1,253 @@
+//! The CLI's contract: help that teaches, JSON shapes, exit codes, and bad
+//! input refused with a message that names the line or the file.
+
+use crate::support::{job, json_of, text, Env, IDEM};
+use std::process::Command;
+
+#[test]
+fn help_is_stable() {
+    for args in [
+        vec!["--help"],
+        vec!["plan", "--help"],
+        vec!["run", "--help"],
+        vec!["status", "--help"],
+    ] {
+        let out = Command::new(IDEM).args(&args).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let name = format!("help_{}", args.join("_").replace("--", ""));
+        insta::assert_snapshot!(name, String::from_utf8_lossy(&out.stdout));
+    }
+}
+
+#[test]
+fn unknown_flag_is_a_usage_error() {
+    let out = Command::new(IDEM)
+        .args(["run", "--concurency", "3"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--concurency"));
+    let out = Command::new(IDEM)
+        .args(["run", "--concurrency", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
+
+#[test]
+fn malformed_lines_are_named_and_skipped() {
+    let env = Env::new();
+    let p = env.path("mixed.jsonl");
+    std::fs::write(
+        &p,
+        concat!(
+            "{\"work_id\":\"w\",\"artifact_id\":\"ok1\",\"url\":\"https://example.org/1\"}\n",
+            "this is not json\n",
+            "{\"work_id\":\"w\",\"artifact_id\":\"noturl\",\"url\":\"ftp://example.org/x\"}\n",
+            "{\"work_id\":\"w\",\"url\":\"https://example.org/3\"}\n",
+            "\n",
+            "{\"work_id\":\"w\",\"artifact_id\":\"ok2\",\"url\":\"https://example.org/2\",\"sha256\":\"xyz\"}\n",
+            "{\"work_id\":\"w\",\"artifact_id\":\"ok3\",\"url\":\"https://example.org/3\"}\n",
+        ),
+    )
+    .unwrap();
+    let out = env
+        .idem()
+        .args(["plan", "--json"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let r = json_of(&out);
+    assert_eq!(r["planned"], 2);
+    assert_eq!(r["rejected"], 4);
+    let lines: Vec<u64> = r["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lines, [2, 3, 4, 6]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("mixed.jsonl:2:"), "{stderr}");
+    assert!(
+        stderr.contains("mixed.jsonl:3:") && stderr.contains("ftp"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("mixed.jsonl:4:") && stderr.contains("artifact_id"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("mixed.jsonl:6:") && stderr.contains("sha256"),
+        "{stderr}"
+    );
+    // --strict applies nothing.
+    let env2 = Env::new();
+    let out = env2
+        .idem()
+        .args(["plan", "--strict"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(!env2.db.exists(), "strict mode created no ledger");
+}
+
+#[test]
+fn csv_input_and_stdin() {
+    let env = Env::new();
+    let p = env.path("jobs.csv");
+    std::fs::write(&p, "work_id,artifact_id,url,sha256\nw,a1,https://example.org/1,\nw,a2,https://example.org/2,\nw,,https://example.org/3,\n").unwrap();
+    let out = env
+        .idem()
+        .args(["plan", "--json"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    let r = json_of(&out);
+    assert_eq!(r["planned"], 2, "{}", text(&out));
+    assert_eq!(r["errors"][0]["line"], 4);
+    let mut child = env
+        .idem()
+        .args(["plan", "--json", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            b"{\"work_id\":\"w\",\"artifact_id\":\"a3\",\"url\":\"https://example.org/3\"}\n",
+        )
+        .unwrap();
+    let r = json_of(&child.wait_with_output().unwrap());
+    assert_eq!(r["planned"], 1);
+}
+
+#[test]
+fn key_conflict_is_reported_with_both_urls_and_not_applied() {
+    let env = Env::new();
+    env.plan(&[job("w", "a", "https://example.org/one.pdf")]);
+    let p = env.write_plan(&[job("w", "a", "https://example.org/two.pdf")]);
+    let out = env
+        .idem()
+        .args(["plan", "--json"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let r = json_of(&out);
+    assert_eq!(r["conflicts"], 1);
+    assert_eq!(
+        r["conflict_details"][0]["existing_url"],
+        "https://example.org/one.pdf"
+    );
+    assert_eq!(
+        r["conflict_details"][0]["proposed_url"],
+        "https://example.org/two.pdf"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("one.pdf") && stderr.contains("two.pdf"),
+        "{stderr}"
+    );
+    assert_eq!(env.show("w/a")["url"], "https://example.org/one.pdf");
+}
+
+#[test]
+fn missing_files_and_foreign_ledgers_are_refused() {
+    let env = Env::new();
+    let out = env
+        .idem()
+        .args(["plan", "/no/such/file.jsonl"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/no/such/file.jsonl"),
+        "{}",
+        text(&out)
+    );
+    let notes = env.path("notes.txt");
+    std::fs::write(&notes, "my notes\n").unwrap();
+    let out = Command::new(IDEM)
+        .arg("--db")
+        .arg(&notes)
+        .args(["status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("notes.txt") && stderr.contains("not an idem ledger"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&notes).unwrap(),
+        "my notes\n",
+        "left untouched"
+    );
+    let out = env.idem().args(["show", "nope"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn status_json_shape() {
+    let env = Env::new();
+    env.plan(&[
+        job("w", "a", "https://example.org/1"),
+        job("w", "b", "https://example.org/2"),
+    ]);
+    let st = env.status();
+    let mut keys: Vec<&String> = st.as_object().unwrap().keys().collect();
+    keys.sort();
+    insta::assert_snapshot!(format!(
+        "{keys:?}\n{}",
+        serde_json::to_string_pretty(&st["by_state"]).unwrap()
+    ));
+    assert_eq!(st["total"], 2);
+    assert_eq!(st["due_now"], 2);
+}
+
+#[test]
+fn export_manifest_shapes() {
+    let env = Env::new();
+    env.plan(&[job("w", "a", "https://example.org/1")]);
+    let out = env.idem().args(["export"]).output().unwrap();
+    let line: serde_json::Value =
+        serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    let mut keys: Vec<&String> = line.as_object().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "artifact_id",
+            "attempts",
+            "job_key",
+            "last_error",
+            "path",
+            "sha256",
+            "size",
+            "state",
+            "url",
+            "work_id"
+        ]
+    );
+    let out = env
+        .idem()
+        .args(["export", "--format", "csv"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(
+            "work_id,artifact_id,url,job_key,state,sha256,size,path,attempts,last_error\n"
+        ),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), 2);
+}

@@ -1,0 +1,288 @@
+//! Crash is a normal event: kill -9 a worker at random instants, pause one
+//! past its lease, fill its disk; afterwards the ledger and the store must be
+//! exactly as if nothing had happened.
+
+use crate::support::{
+    check_blobs, count, job, json_of, leftovers, slow_tests, terminal, text, Env,
+};
+use idem_core::SplitMix64;
+use idem_origin::{content, Origin};
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+/// A mixed catalogue: plain, slow, faulty once, and identical content.
+fn catalogue(o: &Origin, n: usize) -> (Vec<serde_json::Value>, usize) {
+    let mut lines = Vec::new();
+    let mut distinct = BTreeSet::new();
+    for i in 0..n {
+        let name = format!("d{i}.pdf");
+        let seed = if i % 9 == 8 { 1 } else { i as u64 + 1 };
+        let size = if i % 9 == 8 {
+            20_000
+        } else {
+            20_000 + (i * 37_717) % 380_000
+        };
+        let body = content(seed, size);
+        distinct.insert(body.clone());
+        o.put(&name, body);
+        let path = match i % 6 {
+            0 => format!("/slow/{name}?ms=2"),
+            1 => format!("/trunc/{name}?fail=1"),
+            2 => format!("/status/503/{name}?fail=1&retry_after=0"),
+            _ => format!("/f/{name}"),
+        };
+        lines.push(job("w", &format!("a{i}"), &o.url(&path)));
+    }
+    (lines, distinct.len())
+}
+
+fn check_converged(env: &Env, o: &Origin, jobs: usize, distinct: usize) {
+    let st = env.status();
+    assert_eq!(st["total"], jobs as u64);
+    assert_eq!(terminal(&st), jobs as u64, "every job terminal: {st}");
+    assert_eq!(count(&st, "failed"), 0, "no job fails: {st}");
+    assert_eq!(
+        check_blobs(&env.out),
+        distinct,
+        "each distinct content stored once"
+    );
+    // Each job's FINALIZE committed exactly once (duplicates by URL never
+    // reach it; this catalogue has none).
+    for i in 0..jobs {
+        let j = env.show(&format!("w/a{i}"));
+        let commits = j["ops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|o| o["kind"] == "finalize" && o["status"] == "committed")
+            .count();
+        assert_eq!(commits, 1, "job a{i} finalized {commits} times: {j}");
+    }
+    let r = env.idem().args(["reconcile", "--json"]).output().unwrap();
+    assert!(r.status.success(), "{}", text(&r));
+    assert!(
+        leftovers(&env.out).is_empty(),
+        "parts left: {:?}",
+        leftovers(&env.out)
+    );
+    let before = o.total();
+    let again = env.run_cmd().output().unwrap();
+    assert!(again.status.success(), "{}", text(&again));
+    assert_eq!(o.total(), before, "a further run sends no request");
+}
+
+fn crash_trials(trials: u64) {
+    for trial in 0..trials {
+        let env = Env::new();
+        let o = Origin::start([]).unwrap();
+        let (lines, distinct) = catalogue(&o, 24);
+        env.plan(&lines);
+        let mut rng = SplitMix64::new(0xC4A5 + trial);
+        let kills = 1 + rng.below_inclusive(1);
+        for _ in 0..kills {
+            let mut child = env
+                .run_cmd()
+                .args(["--concurrency", "6"])
+                .arg("--events")
+                .arg(env.path("events.jsonl"))
+                .spawn()
+                .unwrap();
+            let delay = 30 + rng.below_inclusive(1200);
+            std::thread::sleep(Duration::from_millis(delay));
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+        let out = env
+            .run_cmd()
+            .args(["--concurrency", "6"])
+            .arg("--events")
+            .arg(env.path("events.jsonl"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "trial {trial}: {}", text(&out));
+        check_converged(&env, &o, lines.len(), distinct);
+    }
+}
+
+#[test]
+fn kill_nine_at_random_instants() {
+    crash_trials(if slow_tests() { 20 } else { 3 });
+}
+
+#[test]
+fn resume_after_kill_fetches_only_the_rest() {
+    let env = Env::new();
+    let body = content(42, 600 * 1024);
+    let o = Origin::start([("big.pdf".to_owned(), body.clone())]).unwrap();
+    // 600 chunks at 5 ms: about 3 s.
+    env.plan(&[job("w", "big", &o.url("/slow/big.pdf?ms=5"))]);
+    let mut child = env.run_cmd().spawn().unwrap();
+    // Kill once a good share of the body is on disk.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let size: u64 = std::fs::read_dir(env.out.join("tmp"))
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
+                    .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+                    .sum()
+            })
+            .unwrap_or(0);
+        if size > 200 * 1024 || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = env.run_cmd().output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let run = json_of(&out);
+    let fetched = run["run"]["bytes_downloaded"].as_u64().unwrap();
+    assert!(
+        fetched < body.len() as u64 - 100 * 1024,
+        "resumed: fetched {fetched} of {}",
+        body.len()
+    );
+    let j = env.show("w/big");
+    assert_eq!(j["state"], "finalized");
+    assert_eq!(j["sha256"], idem_core::Digest32::of(&body).to_hex());
+    let stream = j["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|o| o["kind"] == "stream")
+        .unwrap()
+        .clone();
+    assert!(
+        stream["result"]["resumed_from"].as_u64().unwrap() > 0,
+        "{stream}"
+    );
+    assert_eq!(check_blobs(&env.out), 1);
+}
+
+fn signal(pid: u32, sig: &str) {
+    let s = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(s.success());
+}
+
+#[test]
+fn paused_worker_is_fenced_and_publishes_nothing() {
+    let env = Env::new();
+    let body = content(77, 300 * 1024);
+    let o = Origin::start([("slow.pdf".to_owned(), body.clone())]).unwrap();
+    env.plan(&[job("w", "slow", &o.url("/slow/slow.pdf?ms=8"))]);
+    let a = env
+        .run_cmd()
+        .args(["--lease-ttl", "1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while leftovers(&env.out).iter().all(|f| !f.ends_with(".part")) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    signal(a.id(), "-STOP");
+    std::thread::sleep(Duration::from_millis(1500));
+    // B takes over once A's lease has expired; A is alive (stopped), so its
+    // locked part is left alone and B starts its own.
+    let b = env.run_cmd().args(["--lease-ttl", "5"]).output().unwrap();
+    assert!(b.status.success(), "{}", text(&b));
+    assert_eq!(env.show("w/slow")["state"], "finalized");
+    signal(a.id(), "-CONT");
+    let a_out = a.wait_with_output().unwrap();
+    let a_json = json_of(&a_out);
+    assert_eq!(
+        a_json["run"]["fenced"],
+        1,
+        "A noticed it was fenced: {}",
+        text(&a_out)
+    );
+    assert_eq!(a_json["run"]["finalized"], 0, "A published nothing");
+    let j = env.show("w/slow");
+    assert_eq!(j["epoch"], 2);
+    assert_eq!(j["sha256"], idem_core::Digest32::of(&body).to_hex());
+    let commits = j["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["kind"] == "finalize" && o["status"] == "committed")
+        .count();
+    assert_eq!(commits, 1);
+    assert!(env.status()["fenced_writes"].as_u64().unwrap() >= 1);
+    assert_eq!(check_blobs(&env.out), 1);
+    let r = env.idem().args(["reconcile"]).output().unwrap();
+    assert!(r.status.success());
+    assert!(leftovers(&env.out).is_empty(), "{:?}", leftovers(&env.out));
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn disk_full_is_a_clear_retryable_error_and_the_ledger_survives() {
+    if !is_root() {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let env = Env::new();
+    std::fs::create_dir_all(&env.out).unwrap();
+    let out = env.out.to_str().unwrap().to_owned();
+    let m = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs", &out])
+        .status();
+    if !m.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: cannot mount a tmpfs here");
+        return;
+    }
+    struct Unmount(String);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(out);
+    let o = Origin::start([
+        ("big.pdf".to_owned(), content(5, 600 * 1024)),
+        ("small.pdf".to_owned(), content(6, 10_000)),
+    ])
+    .unwrap();
+    let p = env.write_plan(&[
+        job("w", "big", &o.url("/f/big.pdf")),
+        job("w", "small", &o.url("/f/small.pdf")),
+    ]);
+    assert!(env
+        .idem()
+        .args(["plan", "--max-attempts", "2"])
+        .arg(&p)
+        .status()
+        .unwrap()
+        .success());
+    // One at a time, big first: its failure must not take the small one down.
+    let r = env.run_cmd().args(["--concurrency", "1"]).output().unwrap();
+    assert_eq!(r.status.code(), Some(3), "{}", text(&r));
+    let big = env.show("w/big");
+    assert_eq!(big["state"], "failed");
+    let err = big["last_error"].as_str().unwrap();
+    assert!(
+        err.starts_with("io:") && err.contains("No space left"),
+        "{err}"
+    );
+    assert_eq!(
+        env.show("w/small")["state"],
+        "finalized",
+        "other jobs go on"
+    );
+    assert_eq!(env.status()["total"], 2, "ledger intact");
+}

@@ -1,0 +1,269 @@
+//! The progress report's scenarios for real (plan → run → status against a
+//! local origin), and every fault mode of the hostile origin.
+
+use crate::support::{check_blobs, count, job, json_of, leftovers, text, Env};
+use idem_origin::{content, Origin};
+use serde_json::json;
+
+fn origin(n: usize, size: usize) -> Origin {
+    Origin::start((0..n).map(|i| (format!("doc-{i}.pdf"), content(i as u64 + 1, size + i * 97))))
+        .unwrap()
+}
+
+#[test]
+fn full_lifecycle_replay_and_ordering() {
+    let env = Env::new();
+    let o = origin(12, 20_000);
+    let lines: Vec<_> = (0..12)
+        .map(|i| job("w", &format!("a{i}"), &o.url(&format!("/f/doc-{i}.pdf"))))
+        .collect();
+    env.plan(&lines);
+    let out = env.run_cmd().output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let run = json_of(&out);
+    assert_eq!(run["run"]["finalized"], 12);
+    let st = env.status();
+    assert_eq!(st["total"], 12);
+    assert_eq!(count(&st, "finalized"), 12);
+    assert_eq!(check_blobs(&env.out), 12);
+    assert!(leftovers(&env.out).is_empty(), "{:?}", leftovers(&env.out));
+    // Each artifact: one HEAD and one GET.
+    for i in 0..12 {
+        assert_eq!(o.count(&format!("/f/doc-{i}.pdf")), 2, "doc-{i}");
+    }
+    // Operation ledger in order, each committed once under epoch 1.
+    let shown = env.show("w/a3");
+    assert_eq!(shown["state"], "finalized");
+    let kinds: Vec<_> = shown["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| (o["kind"].clone(), o["status"].clone(), o["epoch"].clone()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (json!("head"), json!("committed"), json!(1)),
+            (json!("stream"), json!("committed"), json!(1)),
+            (json!("finalize"), json!("committed"), json!(1))
+        ]
+    );
+    let path = shown["path"].as_str().unwrap();
+    assert!(env.out.join(path).exists());
+    // Replay: a second run over finished jobs sends no request at all.
+    let before = o.total();
+    let out = env.run_cmd().output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(o.total(), before, "a finished ledger makes no requests");
+    // Re-planning is a no-op.
+    let p = env.write_plan(&lines);
+    let r = json_of(
+        &env.idem()
+            .args(["plan", "--json"])
+            .arg(&p)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(
+        (r["planned"].as_u64(), r["existing"].as_u64()),
+        (Some(0), Some(12))
+    );
+}
+
+#[test]
+fn two_workers_share_a_ledger_and_fetch_each_artifact_once() {
+    let env = Env::new();
+    let o = origin(40, 30_000);
+    let lines: Vec<_> = (0..40)
+        .map(|i| job("w", &format!("a{i}"), &o.url(&format!("/f/doc-{i}.pdf"))))
+        .collect();
+    env.plan(&lines);
+    let a = env.run_cmd().args(["--concurrency", "4"]).spawn().unwrap();
+    let b = env.run_cmd().args(["--concurrency", "4"]).spawn().unwrap();
+    for c in [a, b] {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    assert_eq!(count(&env.status(), "finalized"), 40);
+    for i in 0..40 {
+        assert_eq!(
+            o.count(&format!("/f/doc-{i}.pdf")),
+            2,
+            "doc-{i} fetched more than once"
+        );
+    }
+    assert_eq!(check_blobs(&env.out), 40);
+}
+
+#[test]
+fn duplicates_are_stored_once() {
+    let env = Env::new();
+    let body = content(7, 50_000);
+    let o = Origin::start([
+        ("a.pdf".to_owned(), body.clone()),
+        ("mirror.pdf".to_owned(), body),
+    ])
+    .unwrap();
+    env.plan(&[
+        job("w", "first", &o.url("/f/a.pdf")),
+        job("w", "same-content", &o.url("/f/mirror.pdf")),
+    ]);
+    let out = env.run_cmd().args(["--concurrency", "1"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    // Same URL as a finalized job: skipped without any request.
+    env.plan(&[job("w", "same-url", &o.url("/f/a.pdf"))]);
+    let before = o.total();
+    let out = env.run_cmd().output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(o.total(), before, "URL duplicate made a request");
+    let st = env.status();
+    assert_eq!(count(&st, "finalized"), 1);
+    assert_eq!(count(&st, "skipped_duplicate"), 2);
+    assert_eq!(check_blobs(&env.out), 1, "identical content is stored once");
+    let a = env.show("w/first");
+    for other in ["w/same-content", "w/same-url"] {
+        assert_eq!(
+            env.show(other)["path"],
+            a["path"],
+            "{other} points at the stored blob"
+        );
+    }
+}
+
+#[test]
+fn lease_is_renewed_through_a_long_download() {
+    let env = Env::new();
+    let o = Origin::start([("long.pdf".to_owned(), content(3, 160 * 1024))]).unwrap();
+    // 160 chunks at 25 ms: about 4 s, well past a 1 s lease.
+    env.plan(&[job("w", "long", &o.url("/slow/long.pdf?ms=25"))]);
+    let out = env.run_cmd().args(["--lease-ttl", "1"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let j = env.show("w/long");
+    assert_eq!(j["state"], "finalized");
+    assert_eq!(j["attempts"], 1, "the lease never lapsed");
+    assert_eq!(j["epoch"], 1);
+}
+
+#[test]
+fn failed_job_is_retried_by_the_operator() {
+    let env = Env::new();
+    let o = Origin::start([("here.pdf".to_owned(), content(1, 1000))]).unwrap();
+    env.plan(&[job("w", "late", &o.url("/f/late.pdf"))]);
+    let out = env.run_cmd().output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "finished with a failed job: {}",
+        text(&out)
+    );
+    let j = env.show("w/late");
+    assert_eq!(j["state"], "failed");
+    assert!(
+        j["last_error"].as_str().unwrap().starts_with("http_404"),
+        "{j}"
+    );
+    assert_eq!(env.status()["failures_by_reason"]["http_404"], 1);
+    o.put("late.pdf", content(9, 4000));
+    let r = env.idem().args(["retry", "--failed"]).output().unwrap();
+    assert!(r.status.success(), "{}", text(&r));
+    let out = env.run_cmd().output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(env.show("w/late")["state"], "finalized");
+}
+
+/// One job per fault mode; each ends where it must.
+#[test]
+fn every_fault_mode_ends_correctly() {
+    let env = Env::new();
+    let names = [
+        "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n",
+    ];
+    let o = Origin::start(
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (format!("{n}.pdf"), content(i as u64 + 100, 40_000 + i))),
+    )
+    .unwrap();
+    o.put("big.pdf", content(5, 300_000));
+    let cases: Vec<(&str, String, &str, Option<&str>)> = vec![
+        ("trunc", "/trunc/a.pdf?fail=1".into(), "finalized", None),
+        ("reset", "/reset/b.pdf?fail=2".into(), "finalized", None),
+        (
+            "503",
+            "/status/503/c.pdf?fail=1&retry_after=1".into(),
+            "finalized",
+            None,
+        ),
+        (
+            "429",
+            "/status/429/d.pdf?fail=2&retry_after=0".into(),
+            "finalized",
+            None,
+        ),
+        ("redirects", "/redirect/3/e.pdf".into(), "finalized", None),
+        ("loop", "/loop/f.pdf".into(), "failed", Some("redirects")),
+        ("private", "/private/g.pdf".into(), "failed", Some("policy")),
+        ("nohead", "/nohead/h.pdf".into(), "finalized", None),
+        ("norange", "/norange/i.pdf".into(), "finalized", None),
+        ("slow", "/slow/j.pdf?ms=2".into(), "finalized", None),
+        (
+            "always-503",
+            "/status/503/k.pdf?retry_after=0".into(),
+            "failed",
+            Some("http_503"),
+        ),
+        ("gone", "/f/nothing.pdf".into(), "failed", Some("http_404")),
+        ("too-big", "/f/big.pdf".into(), "failed", Some("too_large")),
+        ("changing", "/changing/l.pdf".into(), "finalized", None),
+    ];
+    let mut lines: Vec<_> = cases
+        .iter()
+        .map(|(id, path, _, _)| job("w", id, &o.url(path)))
+        .collect();
+    lines.push(json!({"work_id": "w", "artifact_id": "wrong-type", "url": o.url("/type/m.pdf"), "content_type": "application/pdf"}));
+    lines.push(json!({"work_id": "w", "artifact_id": "bad-digest", "url": o.url("/f/n.pdf"), "sha256": "00".repeat(32)}));
+    let p = env.write_plan(&lines);
+    let plan = env
+        .idem()
+        .args(["plan", "--max-attempts", "3"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(plan.status.success(), "{}", text(&plan));
+    let out = env
+        .run_cmd()
+        .args(["--max-bytes", "200000", "--concurrency", "8"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "some jobs fail by design: {}",
+        text(&out)
+    );
+    let mut expect: Vec<(&str, &str, Option<&str>)> =
+        cases.iter().map(|(id, _, st, r)| (*id, *st, *r)).collect();
+    expect.push(("wrong-type", "failed", Some("policy")));
+    expect.push(("bad-digest", "failed", Some("digest_mismatch")));
+    for (id, state, reason) in expect {
+        let j = env.show(&format!("w/{id}"));
+        assert_eq!(j["state"], state, "{id}: {j}");
+        if let Some(r) = reason {
+            let e = j["last_error"].as_str().unwrap_or("");
+            assert!(
+                e.starts_with(r),
+                "{id}: last_error {e:?} should start with {r}"
+            );
+        }
+    }
+    // The private redirect was refused before any connection: the origin saw
+    // only the redirect requests themselves.
+    assert!(o.count("/private/g.pdf") >= 1);
+    // Permanent failures are not retried: one HEAD each.
+    assert_eq!(o.count("/f/nothing.pdf"), 1);
+    assert_eq!(check_blobs(&env.out), 9);
+    let r = env.idem().args(["reconcile", "--json"]).output().unwrap();
+    assert!(r.status.success(), "{}", text(&r));
+    assert!(leftovers(&env.out).is_empty(), "{:?}", leftovers(&env.out));
+}

@@ -1,1 +1,0 @@
-//! Support crate for the integration test binary (`tests/it`).
