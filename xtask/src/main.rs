@@ -1,14 +1,33 @@
 //! xtask: the project's automation (tidy checks, benchmarks, SLO tooling),
 //! written in Rust so CI and developers run the same thing.
 
+mod bench;
 mod tidy;
+
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_path_buf()
+}
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
     match args.first().map(String::as_str) {
         Some("tidy") => tidy::run(),
+        Some("probe") => bench::probe(),
+        Some("bench") => {
+            let what = args.get(1).map_or("all", String::as_str);
+            if matches!(what, "store" | "all" | "--quick") {
+                bench::store(&root(), quick)?;
+            }
+            Ok(())
+        }
         _ => {
-            eprintln!("usage: cargo xtask <tidy>");
+            eprintln!("usage: cargo xtask <tidy | bench [store|download|all] [--quick]>");
             std::process::exit(2);
         }
     }

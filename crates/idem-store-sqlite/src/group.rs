@@ -22,7 +22,7 @@ use idem_core::{
     WorkerId,
 };
 use rusqlite::{Connection, TransactionBehavior};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 pub(crate) enum Req {
     Plan {
@@ -75,8 +75,17 @@ pub(crate) struct Group {
     /// Cross-process writer lock (flock), taken around each transaction.
     lock_file: std::fs::File,
     reader: Mutex<Connection>,
-    queue: Mutex<Vec<Pending>>,
+    queue: Mutex<Queue>,
+    /// Signalled when a batch is done: its callers find their replies, and
+    /// one caller with a queued request becomes the next leader.
+    done: Condvar,
     max_batch: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    pending: Vec<Pending>,
+    leader: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -91,40 +100,46 @@ impl Group {
             writer: Mutex::new(conns.0),
             lock_file: conns.2,
             reader: Mutex::new(conns.1),
-            queue: Mutex::new(Vec::new()),
+            queue: Mutex::new(Queue::default()),
+            done: Condvar::new(),
             max_batch: max_batch.max(1),
         }
     }
 
     pub(crate) fn submit(&self, req: Req) -> Result<Res, StoreError> {
         let slot: Slot = Arc::new(Mutex::new(None));
-        lock(&self.queue).push(Pending {
+        let mut q = lock(&self.queue);
+        q.pending.push(Pending {
             req,
             slot: Arc::clone(&slot),
         });
         loop {
-            let conn = lock(&self.writer);
             if let Some(r) = lock(&slot).take() {
                 return r;
             }
-            let batch: Vec<Pending> = {
-                let mut q = lock(&self.queue);
-                let n = q.len().min(self.max_batch);
-                q.drain(..n).collect()
-            };
-            if !batch.is_empty() {
+            if q.leader {
+                q = self.done.wait(q).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            // Lead: take everything queued so far and commit it as one.
+            q.leader = true;
+            let n = q.pending.len().min(self.max_batch);
+            let batch: Vec<Pending> = q.pending.drain(..n).collect();
+            drop(q);
+            if std::env::var_os("IDEM_DEBUG_BATCH").is_some() {
+                eprintln!("batch {}", batch.len());
+            }
+            {
+                let conn = lock(&self.writer);
                 let locked = self.lock_file.lock();
                 run_batch(&conn, batch);
                 if locked.is_ok() {
                     let _ = self.lock_file.unlock();
-                    // Let a woken waiter in another process take its turn.
-                    std::thread::yield_now();
                 }
             }
-            drop(conn);
-            if let Some(r) = lock(&slot).take() {
-                return r;
-            }
+            q = lock(&self.queue);
+            q.leader = false;
+            self.done.notify_all();
         }
     }
 
@@ -156,13 +171,13 @@ fn run_in_tx(
     let tx = begin_immediate(conn)?;
     let mut results = Vec::with_capacity(batch.len());
     for p in batch {
-        tx.execute_batch("SAVEPOINT req").map_err(schema::map_err)?;
+        sql(&tx, "SAVEPOINT req")?;
         let r = exec(&tx, &p.req);
         match &r {
-            Ok(_) => tx.execute_batch("RELEASE req").map_err(schema::map_err)?,
+            Ok(_) => sql(&tx, "RELEASE req")?,
             Err(e) => {
-                tx.execute_batch("ROLLBACK TO req; RELEASE req")
-                    .map_err(schema::map_err)?;
+                sql(&tx, "ROLLBACK TO req")?;
+                sql(&tx, "RELEASE req")?;
                 if e.is_fenced() {
                     schema::bump_counter(&tx, "fenced_writes")?;
                 }
@@ -172,6 +187,13 @@ fn run_in_tx(
     }
     tx.commit().map_err(schema::map_err)?;
     Ok(results)
+}
+
+fn sql(c: &Connection, text: &str) -> Result<(), StoreError> {
+    c.prepare_cached(text)
+        .and_then(|mut st| st.execute([]))
+        .map(|_| ())
+        .map_err(schema::map_err)
 }
 
 /// `BEGIN IMMEDIATE`, waiting out other processes' writers. The busy

@@ -448,6 +448,23 @@ pub(crate) fn plan(
             out.push(o);
             continue;
         }
+        // Re-plans are mostly no-ops: compare fingerprints before loading
+        // the whole row (needed only to report a conflict).
+        let same: bool = c
+            .prepare_cached("SELECT fingerprint = ?2 FROM jobs WHERE key = ?1")
+            .map_err(map_err)?
+            .query_row(
+                params![
+                    fresh.key.digest().as_bytes().as_slice(),
+                    fresh.fingerprint.digest().as_bytes().as_slice()
+                ],
+                |r| r.get(0),
+            )
+            .map_err(map_err)?;
+        if same {
+            out.push(PlanOutcome::Existing { job_key: fresh.key });
+            continue;
+        }
         let existing = must_job(c, &fresh.key)?;
         let (o, _, ev) = plan::decide(Some(&existing), spec, max_attempts, now);
         events.extend(ev);
