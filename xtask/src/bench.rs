@@ -368,3 +368,180 @@ pub(crate) fn probe() -> Result<()> {
     println!("16 workers: {r:.0} jobs/s");
     Ok(())
 }
+
+/// One tool's run: wall seconds, CPU seconds, peak RSS in KiB.
+struct Timed {
+    wall: f64,
+    cpu: f64,
+    rss_kib: u64,
+}
+
+/// Runs `cmd` under GNU time for CPU and peak RSS.
+fn timed(cmd: &mut Proc, scratch: &Path) -> Result<Timed> {
+    let tfile = scratch.join("time.txt");
+    let prog = cmd.get_program().to_owned();
+    let args: Vec<_> = cmd.get_args().map(ToOwned::to_owned).collect();
+    let t = Instant::now();
+    let out = Proc::new("/usr/bin/time")
+        .arg("-f")
+        .arg("%U %S %M")
+        .arg("-o")
+        .arg(&tfile)
+        .arg(&prog)
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .with_context(|| format!("running {prog:?} under /usr/bin/time"))?;
+    let wall = t.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!("{prog:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = std::fs::read_to_string(&tfile)?;
+    let f: Vec<f64> = text
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    Ok(Timed {
+        wall,
+        cpu: f.first().unwrap_or(&0.0) + f.get(1).unwrap_or(&0.0),
+        rss_kib: f.get(2).copied().unwrap_or(0.0) as u64,
+    })
+}
+
+fn have(tool: &str) -> bool {
+    Proc::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn report(case: &str, tool: &str, t: &Timed, files: usize, bytes: u64) {
+    println!(
+        "{case:<28} {tool:<10} {:>8.1} MB/s {:>9.1} files/s  cpu {:>6.2} s  rss {:>6.1} MiB  wall {:>6.2} s",
+        bytes as f64 / 1e6 / t.wall,
+        files as f64 / t.wall,
+        t.cpu,
+        t.rss_kib as f64 / 1024.0,
+        t.wall
+    );
+}
+
+pub(crate) fn download(root: &Path, quick: bool) -> Result<()> {
+    let idem = release_idem(root)?;
+    if !have("aria2c") {
+        // Best effort: the bench installs its baselines where it can.
+        let _ = Proc::new("sh")
+            .args(["-c", "apt-get install -y -qq aria2 >/dev/null 2>&1"])
+            .status();
+    }
+    let big = if quick { 256 << 20 } else { 1 << 30 };
+    let cases: Vec<(String, usize, usize)> = vec![
+        (format!("(a) 1 x {} MiB", big >> 20), 1, big),
+        ("(b) 200 x 1 MiB".to_owned(), 200, 1 << 20),
+        ("(c) 1000 x 1 KiB".to_owned(), 1000, 1 << 10),
+    ];
+    println!("== download (local origin on 127.0.0.1; idem hashes, fsyncs, renames, commits; the others only write) ==");
+    for (case, n, size) in cases {
+        let origin = idem_origin::Origin::start((0..n).map(|i| {
+            (
+                format!("f{i}.bin"),
+                idem_origin::content(i as u64 + 1, size),
+            )
+        }))?;
+        let urls: Vec<String> = (0..n)
+            .map(|i| origin.url(&format!("/f/f{i}.bin")))
+            .collect();
+        let bytes = (n * size) as u64;
+        let scratch = tempfile::tempdir()?;
+        let s = scratch.path();
+        std::fs::write(s.join("urls.txt"), urls.join("\n") + "\n")?;
+        // curl: one process, sequential, connection reused.
+        let cfg: String = urls
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                format!(
+                    "url = \"{u}\"\noutput = \"{}\"\n",
+                    s.join(format!("curl/{i}")).display()
+                )
+            })
+            .collect();
+        std::fs::create_dir_all(s.join("curl"))?;
+        std::fs::write(s.join("curl.cfg"), cfg)?;
+        let t = timed(
+            Proc::new("curl").args(["-s", "-K"]).arg(s.join("curl.cfg")),
+            s,
+        )?;
+        report(&case, "curl", &t, n, bytes);
+        let t = timed(
+            Proc::new("wget")
+                .args(["-q", "-i"])
+                .arg(s.join("urls.txt"))
+                .arg("-P")
+                .arg(s.join("wget")),
+            s,
+        )?;
+        report(&case, "wget", &t, n, bytes);
+        if have("aria2c") {
+            let t = timed(
+                Proc::new("aria2c")
+                    .args([
+                        "-q",
+                        "-j",
+                        "16",
+                        "--allow-overwrite=true",
+                        "--auto-file-renaming=false",
+                        "--file-allocation=none",
+                        "-i",
+                    ])
+                    .arg(s.join("urls.txt"))
+                    .arg("-d")
+                    .arg(s.join("aria")),
+                s,
+            )?;
+            report(&case, "aria2c -j16", &t, n, bytes);
+        } else {
+            println!("{case:<28} aria2c     (not installed; skipped)");
+        }
+        let plan: String = urls
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                format!("{{\"work_id\":\"b\",\"artifact_id\":\"{i}\",\"url\":\"{u}\"}}\n")
+            })
+            .collect();
+        std::fs::write(s.join("plan.jsonl"), plan)?;
+        let db = s.join("idem.db");
+        let out = s.join("idem-out");
+        let p = Proc::new(&idem)
+            .arg("--db")
+            .arg(&db)
+            .arg("plan")
+            .arg(s.join("plan.jsonl"))
+            .output()?;
+        if !p.status.success() {
+            bail!("idem plan failed");
+        }
+        let conc = if n == 1 { "1" } else { "16" };
+        let t = timed(
+            Proc::new(&idem)
+                .arg("--db")
+                .arg(&db)
+                .arg("--out")
+                .arg(&out)
+                .args([
+                    "run",
+                    "--allow-loopback",
+                    "--json",
+                    "--concurrency",
+                    conc,
+                    "--per-host",
+                    "16",
+                ]),
+            s,
+        )?;
+        report(&case, &format!("idem -c{conc}"), &t, n, bytes);
+    }
+    Ok(())
+}

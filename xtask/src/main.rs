@@ -24,6 +24,9 @@ fn main() -> anyhow::Result<()> {
             if matches!(what, "store" | "all" | "--quick") {
                 bench::store(&root(), quick)?;
             }
+            if matches!(what, "download" | "all" | "--quick") {
+                bench::download(&root(), quick)?;
+            }
             Ok(())
         }
         _ => {

@@ -517,7 +517,14 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             durable_bytes: offset,
             boot_id: files::boot_id(),
         };
-        files::write_sidecar(part, &sidecar).map_err(StreamErr::Io)?;
+        // Small bodies restart from zero after a crash; larger ones record
+        // their validators first so a new holder can resume them.
+        let sidecar = total
+            .is_none_or(|t| t >= files::SIDECAR_MIN)
+            .then_some(sidecar);
+        if let Some(sc) = &sidecar {
+            files::write_sidecar(part, sc).map_err(StreamErr::Io)?;
+        }
         let mut writer =
             files::PartWriter::start(file, part.to_path_buf(), offset, hasher, sidecar);
         let mut received = 0u64;

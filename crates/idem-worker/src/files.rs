@@ -306,23 +306,81 @@ pub struct PartWriter {
     handle: Option<std::thread::JoinHandle<io::Result<(Digest32, u64)>>>,
 }
 
-/// Bytes between fsyncs of a part (and sidecar updates) while streaming.
-const SYNC_EVERY: u64 = 16 << 20;
+/// Bodies shorter than this get no sidecar: restarting them costs less than
+/// the two file writes a sidecar needs.
+pub const SIDECAR_MIN: u64 = 256 << 10;
+
+/// Bytes between early writebacks of a part (and sidecar updates).
+const SYNC_EVERY: u64 = 8 << 20;
+
+/// Background fsyncs of a part being written. A request made while one is
+/// running is coalesced into the next.
+struct Syncer {
+    tx: Option<std::sync::mpsc::SyncSender<u64>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Syncer {
+    fn start(file: File, part: PathBuf, mut sidecar: Option<Sidecar>) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<u64>(1);
+        let handle = std::thread::spawn(move || {
+            while let Ok(mut upto) = rx.recv() {
+                while let Ok(more) = rx.try_recv() {
+                    upto = upto.max(more);
+                }
+                if file.sync_data().is_err() {
+                    return;
+                }
+                if let Some(sc) = sidecar.as_mut() {
+                    sc.durable_bytes = upto;
+                    let _ = write_sidecar(&part, sc);
+                }
+            }
+        });
+        Self {
+            tx: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// Asks for the bytes written so far (`upto`) to be made durable.
+    fn request(&self, upto: u64) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.try_send(upto);
+        }
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
 
 impl PartWriter {
     /// Starts writing `file` (already truncated to `offset`, with `hasher`
     /// holding the hash of that prefix).
+    /// Without a sidecar (`None`: small bodies, not worth resuming), nothing
+    /// but the part itself is written.
     pub fn start(
         mut file: File,
         part: PathBuf,
         offset: u64,
         mut hasher: Sha256,
-        mut sidecar: Sidecar,
+        sidecar: Option<Sidecar>,
     ) -> Self {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(64);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(48);
         let handle = std::thread::spawn(move || -> io::Result<(Digest32, u64)> {
             use std::io::Seek;
             file.seek(io::SeekFrom::Start(offset))?;
+            // Early writeback runs on its own thread, so the disk flushes
+            // while the network keeps streaming; the final fsync then has
+            // little left to do. It reports how far it got for the sidecar.
+            let syncer = Syncer::start(file.try_clone()?, part.clone(), sidecar.clone());
+            let mut sidecar = sidecar;
             let mut written = offset;
             let mut since_sync = 0u64;
             for chunk in rx {
@@ -332,15 +390,16 @@ impl PartWriter {
                 written += chunk.len() as u64;
                 since_sync += chunk.len() as u64;
                 if since_sync >= SYNC_EVERY {
-                    file.sync_data()?;
-                    sidecar.durable_bytes = written;
-                    write_sidecar(&part, &sidecar)?;
+                    syncer.request(written);
                     since_sync = 0;
                 }
             }
+            drop(syncer);
             file.sync_all()?;
-            sidecar.durable_bytes = written;
-            write_sidecar(&part, &sidecar)?;
+            if let Some(sc) = sidecar.as_mut() {
+                sc.durable_bytes = written;
+                write_sidecar(&part, sc)?;
+            }
             Ok((Digest32::from_bytes(hasher.finalize().into()), written))
         });
         Self {
