@@ -9,4 +9,5 @@ mod cli;
 mod crash;
 mod e2e;
 mod ledger;
+mod metrics;
 mod support;

@@ -239,7 +239,7 @@ fn idem_job_loop(
     Ok(jobs as f64 / t.elapsed().as_secs_f64())
 }
 
-fn release_idem(root: &Path) -> Result<PathBuf> {
+pub(crate) fn release_idem(root: &Path) -> Result<PathBuf> {
     let st = Proc::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(root)
         .args(["build", "--release", "--quiet", "-p", "idem-cli"])

@@ -2,6 +2,7 @@
 //! written in Rust so CI and developers run the same thing.
 
 mod bench;
+mod slo;
 mod tidy;
 
 use std::path::{Path, PathBuf};
@@ -19,6 +20,8 @@ fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("tidy") => tidy::run(),
         Some("probe") => bench::probe(),
+        Some("slo-check") => slo::release_check(&root()),
+        Some("slo-gen") => slo::run(&root(), args.iter().any(|a| a == "--check")),
         Some("bench") => {
             let what = args.get(1).map_or("all", String::as_str);
             if matches!(what, "store" | "all" | "--quick") {
@@ -30,7 +33,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         _ => {
-            eprintln!("usage: cargo xtask <tidy | bench [store|download|all] [--quick]>");
+            eprintln!("usage: cargo xtask <tidy | slo-gen [--check] | slo-check | bench [store|download|all] [--quick]>");
             std::process::exit(2);
         }
     }

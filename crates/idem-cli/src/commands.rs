@@ -2,7 +2,7 @@
 //! one thing, and reports it as text or JSON.
 
 use crate::input::{self, BadLine, Item};
-use crate::sink::{EventsFile, Fanout};
+use crate::sink::{EventsFile, Fanout, Metrics};
 use crate::{
     DrillArgs, ExportArgs, ExportFormat, Global, PlanArgs, ReconcileArgs, RetryArgs, RunArgs,
     ShowArgs, EXIT_INTERRUPTED, EXIT_PARTIAL,
@@ -65,6 +65,7 @@ pub(crate) fn plan(g: &Global, a: &PlanArgs) -> anyhow::Result<u8> {
         }
     }
     let store = open_store(g)?;
+    let events = a.events.as_deref().map(EventsFile::open).transpose()?;
     let mut counts = PlanCounts::default();
     let mut bad: Vec<BadLine> = Vec::new();
     let mut conflicts: Vec<serde_json::Value> = Vec::new();
@@ -78,6 +79,9 @@ pub(crate) fn plan(g: &Global, a: &PlanArgs) -> anyhow::Result<u8> {
         }
         let specs: Vec<JobSpec> = batch.iter().map(|(s, _, _)| s.clone()).collect();
         let r = store.plan(&specs, a.max_attempts, now())?;
+        if let Some(ev) = &events {
+            ev.emit(&r.events);
+        }
         for (o, (_, file, line)) in r.value.iter().zip(batch.iter()) {
             counts.add(o);
             if let PlanOutcome::Conflict(c) = o {
@@ -174,6 +178,12 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
     if let Some(p) = &a.events {
         sinks.push(Arc::new(EventsFile::open(p)?));
     }
+    if let Some(addr) = a.metrics_addr {
+        if !addr.ip().is_loopback() && !a.metrics_allow_remote {
+            bail!("--metrics-addr {addr} is not a loopback address; add --metrics-allow-remote to expose metrics beyond this host");
+        }
+        sinks.push(Arc::new(Metrics));
+    }
     let sink: Arc<dyn EventSink> = Arc::new(Fanout(sinks));
     let cfg = EngineConfig {
         out_dir: g.out.clone(),
@@ -199,6 +209,19 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
     let total_before = store.status(now())?;
     let show_bar = !a.json && std::io::stderr().is_terminal();
     let summary = rt.block_on(async {
+        if let Some(addr) = a.metrics_addr {
+            crate::sink::install_exporter(addr)?;
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                loop {
+                    let s = Arc::clone(&store);
+                    if let Ok(Ok(st)) = tokio::task::spawn_blocking(move || s.status(now())).await {
+                        idem_telemetry::record_status(&st);
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                }
+            });
+        }
         let http = Arc::new(idem_http::HttpClient::new(policy)?);
         let engine = Arc::new(idem_worker::Engine::new(Arc::clone(&store), http, cfg, sink)?);
         let stopper = engine.stopper();

@@ -2,12 +2,13 @@
 //! config, then builds the store, HTTP client and engine.
 //!
 //! Exit codes: 0 ok; 1 error; 2 usage; 3 finished, but some jobs failed (or
-//! some input lines were rejected); 130 interrupted.
+//! some input lines were rejected); 4 an SLO is breached; 130 interrupted.
 
 mod commands;
 mod demo;
 mod input;
 mod sink;
+mod slo;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -34,7 +35,8 @@ pub const EXIT_INTERRUPTED: u8 = 130;
         idem status                 # counts by state, leases, failures\n  \
         idem export > manifest.jsonl\n\n\
         Exit codes: 0 ok, 1 error, 2 usage, 3 finished but some jobs failed \
-        (or some input lines were rejected), 130 interrupted."
+        (or some input lines were rejected), 4 an SLO is breached (idem slo check), \
+        130 interrupted."
 )]
 struct Cli {
     #[command(flatten)]
@@ -88,10 +90,32 @@ enum Cmd {
     /// See idem work in under a minute: a local origin, faults, a killed
     /// worker, recovery, exactly-once. Needs no network.
     Demo(DemoArgs),
+    /// Service level objectives.
+    #[command(subcommand)]
+    Slo(SloCmd),
     /// Internal: lease and complete jobs with a null effect (no network):
     /// the ledger path alone, for the multi-process test and benchmarks.
     #[command(hide = true)]
     LedgerDrill(DrillArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum SloCmd {
+    /// Compute each SLI from the ledger over a window and compare it with its
+    /// objective (better than the objective passes). Exits 4 on a breach.
+    Check(SloCheckArgs),
+}
+
+#[derive(Args, Debug)]
+struct SloCheckArgs {
+    /// The SLO spec (default: the one built in, slo/idem.yaml).
+    #[arg(long)]
+    spec: Option<PathBuf>,
+    /// How far back to look: 30m, 6h, 1d, 7d…
+    #[arg(long, default_value = "1d")]
+    window: String,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -128,6 +152,9 @@ struct PlanArgs {
     /// Jobs per transaction.
     #[arg(long, default_value_t = 10_000, hide = true)]
     batch: usize,
+    /// Write job_planned and key_conflict events as JSON Lines to this file (appends).
+    #[arg(long)]
+    events: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -158,6 +185,14 @@ struct RunArgs {
     /// Write every event as JSON Lines to this file (appends).
     #[arg(long)]
     events: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics while running
+    /// (for example 127.0.0.1:9464). Loopback only unless
+    /// --metrics-allow-remote is given.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Allow --metrics-addr on a non-loopback address.
+    #[arg(long)]
+    metrics_allow_remote: bool,
     /// Keep polling for new jobs instead of stopping when all are finished.
     #[arg(long)]
     follow: bool,
@@ -259,6 +294,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Retry(a) => commands::retry(&g, &a),
         Cmd::Export(a) => commands::export(&g, &a),
         Cmd::Demo(a) => demo::run(&g, &a),
+        Cmd::Slo(SloCmd::Check(a)) => slo::check(&g, &a),
         Cmd::LedgerDrill(a) => commands::ledger_drill(&g, &a),
     }
 }

@@ -45,3 +45,33 @@ impl EventSink for Fanout {
         }
     }
 }
+
+/// Feeds every event to the metrics mapping (`idem-telemetry`).
+pub(crate) struct Metrics;
+
+impl EventSink for Metrics {
+    fn emit(&self, events: &[Event]) {
+        for e in events {
+            idem_telemetry::record(e);
+        }
+    }
+}
+
+/// Installs the Prometheus exporter serving `/metrics` on `addr` for the
+/// life of the process. Must run inside the tokio runtime.
+pub(crate) fn install_exporter(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let mut b = metrics_exporter_prometheus::PrometheusBuilder::new().with_http_listener(addr);
+    for (name, buckets) in idem_telemetry::histogram_buckets() {
+        b = b
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(name.to_owned()),
+                buckets,
+            )
+            .map_err(|e| anyhow::anyhow!("metrics buckets: {e}"))?;
+    }
+    b.install()
+        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+    idem_telemetry::describe();
+    idem_telemetry::preregister();
+    Ok(())
+}

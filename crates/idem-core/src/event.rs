@@ -45,6 +45,9 @@ pub enum EventKind {
         from: JobState,
         to: JobState,
         reason: String,
+        /// On a move into a terminal state: time since the job was planned.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since_planned_ms: Option<u64>,
     },
     LeaseRenewed {
         job_key: JobKey,
@@ -70,6 +73,9 @@ pub enum EventKind {
         elapsed_ms: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
+        /// For a committed STREAM: bytes fetched over the network by it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bytes: Option<u64>,
     },
     /// The reconciler (or a takeover) repaired what a crash left behind.
     #[serde(rename = "crash_recovery_event")]
@@ -127,6 +133,13 @@ pub enum EventKind {
         error: String,
         attempts: u32,
     },
+    /// One lease call of the engine: how many jobs it got and how long the
+    /// call took (including waiting for the ledger's writer).
+    LeaseCall {
+        owner: WorkerId,
+        jobs: u64,
+        elapsed_ms: u64,
+    },
 }
 
 impl EventKind {
@@ -148,6 +161,7 @@ impl EventKind {
             Self::DuplicateDetected { .. } => "duplicate_detected",
             Self::RetryScheduled { .. } => "retry_scheduled",
             Self::JobFailed { .. } => "job_failed",
+            Self::LeaseCall { .. } => "lease_call",
         }
     }
 
@@ -160,7 +174,7 @@ impl EventKind {
 }
 
 /// Every event name, for catalogues and docs checks.
-pub const EVENT_NAMES: [&str; 15] = [
+pub const EVENT_NAMES: [&str; 16] = [
     "job_planned",
     "job_leased",
     "job_state_changed",
@@ -176,4 +190,5 @@ pub const EVENT_NAMES: [&str; 15] = [
     "duplicate_detected",
     "retry_scheduled",
     "job_failed",
+    "lease_call",
 ];

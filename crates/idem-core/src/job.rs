@@ -472,6 +472,7 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
                     error,
                     attempts: job.attempts,
                 });
+                stamp_age(&mut events, job, now);
                 return Ok(Transition { job: next, events });
             }
             let epoch = Epoch(job.epoch.0 + 1);
@@ -735,6 +736,7 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
             ));
         }
     }
+    stamp_age(&mut events, job, now);
     Ok(Transition { job: next, events })
 }
 
@@ -753,5 +755,22 @@ fn state_changed(job_key: JobKey, from: JobState, to: JobState, reason: &str) ->
         from,
         to,
         reason: reason.to_owned(),
+        since_planned_ms: None,
+    }
+}
+
+/// Stamps terminal state changes with the job's age, for latency SLOs.
+fn stamp_age(events: &mut [EventKind], job: &Job, now: Timestamp) {
+    for e in events {
+        if let EventKind::JobStateChanged {
+            to,
+            since_planned_ms,
+            ..
+        } = e
+        {
+            if to.is_terminal() {
+                *since_planned_ms = Some(now.millis_since(job.created_at));
+            }
+        }
     }
 }

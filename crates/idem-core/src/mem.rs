@@ -22,6 +22,7 @@ struct Inner {
     /// Start order of ops, for `ops()`.
     op_seq: Vec<OpKey>,
     fenced: u64,
+    replays: u64,
 }
 
 /// An in-memory store. See the module docs.
@@ -114,12 +115,15 @@ impl MemStore {
                     epoch: op.epoch,
                 }
             }
-            OpDecision::Replay { recorded_at, .. } => EventKind::IdempotencyReplay {
-                job_key: op.job,
-                op: op.kind,
-                epoch: op.epoch,
-                recorded_at: *recorded_at,
-            },
+            OpDecision::Replay { recorded_at, .. } => {
+                g.replays += 1;
+                EventKind::IdempotencyReplay {
+                    job_key: op.job,
+                    op: op.kind,
+                    epoch: op.epoch,
+                    recorded_at: *recorded_at,
+                }
+            }
         };
         Ok(Applied {
             value: decision,
@@ -154,6 +158,10 @@ impl MemStore {
                 events: vec![],
             },
         };
+        let stream_bytes = match &outcome {
+            Ok(OpResult::Stream(si)) => Some(si.size.saturating_sub(si.resumed_from)),
+            _ => None,
+        };
         let (status, result, error) = match outcome {
             Ok(r) => (OpStatus::Committed, Some(r), None),
             Err(e) => (OpStatus::Failed, None, Some(e.summary())),
@@ -165,6 +173,7 @@ impl MemStore {
             status,
             elapsed_ms: now.millis_since(rec.started_at),
             error: error.clone(),
+            bytes: stream_bytes,
         }];
         events.extend(t.events);
         g.ops.insert(
@@ -410,6 +419,8 @@ impl Store for MemStore {
         let g = self.lock();
         let mut c = StatusCounts {
             fenced_writes: g.fenced,
+            replays: g.replays,
+            ops_started: g.ops.values().map(|o| u64::from(o.runs)).sum(),
             ..StatusCounts::default()
         };
         for s in JobState::ALL {

@@ -92,6 +92,10 @@ pub struct StatusCounts {
     pub failures_by_reason: BTreeMap<String, u64>,
     /// Stale-epoch writes refused so far.
     pub fenced_writes: u64,
+    /// Operations run (every start, restarts included).
+    pub ops_started: u64,
+    /// Committed operations answered from the ledger instead of run.
+    pub replays: u64,
 }
 
 /// How to lease.

@@ -510,6 +510,12 @@ pub fn committed_op_replays_its_exact_result(s: &dyn Store) {
     );
     assert_eq!(r.events.len(), 1);
     assert_eq!(r.events[0].kind.name(), "idempotency_replay");
+    let st = s.status(t(3)).unwrap();
+    assert_eq!(
+        (st.replays, st.ops_started),
+        (1, 1),
+        "replays and runs are counted"
+    );
 }
 
 pub fn results_round_trip_exactly_whatever_their_size(s: &dyn Store) {

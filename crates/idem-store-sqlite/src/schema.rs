@@ -78,7 +78,7 @@ CREATE TABLE counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 ) STRICT;
-INSERT INTO counters (name, value) VALUES ('fenced_writes', 0);
+INSERT INTO counters (name, value) VALUES ('fenced_writes', 0), ('replays', 0);
 "];
 
 pub(crate) fn map_err(e: rusqlite::Error) -> StoreError {
@@ -668,12 +668,15 @@ pub(crate) fn begin_op(
                 epoch: op.epoch,
             }
         }
-        OpDecision::Replay { recorded_at, .. } => EventKind::IdempotencyReplay {
-            job_key: op.job,
-            op: op.kind,
-            epoch: op.epoch,
-            recorded_at: *recorded_at,
-        },
+        OpDecision::Replay { recorded_at, .. } => {
+            bump_counter(c, "replays")?;
+            EventKind::IdempotencyReplay {
+                job_key: op.job,
+                op: op.kind,
+                epoch: op.epoch,
+                recorded_at: *recorded_at,
+            }
+        }
     };
     Ok(Applied {
         value: decision,
@@ -702,6 +705,10 @@ pub(crate) fn finish_op(
         }
         None => (job, Vec::new()),
     };
+    let stream_bytes = match &outcome {
+        Ok(OpResult::Stream(si)) => Some(si.size.saturating_sub(si.resumed_from)),
+        _ => None,
+    };
     let (status, result, error) = match outcome {
         Ok(r) => (OpStatus::Committed, Some(r), None),
         Err(e) => (OpStatus::Failed, None, Some(e.summary())),
@@ -713,6 +720,7 @@ pub(crate) fn finish_op(
         status,
         elapsed_ms: now.millis_since(rec.started_at),
         error: error.clone(),
+        bytes: stream_bytes,
     }];
     events.append(&mut t_events);
     save_op(
@@ -880,6 +888,21 @@ pub(crate) fn status(c: &Connection, now: Timestamp) -> Result<StatusCounts, Sto
                 .or_default() += 1;
         }
     }
+    s.replays = c
+        .query_row(
+            "SELECT value FROM counters WHERE name = 'replays'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()
+        .map_err(map_err)?
+        .map_or(0, |v| u64::try_from(v).unwrap_or(0));
+    s.ops_started = c
+        .query_row("SELECT coalesce(sum(runs), 0) FROM ops", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .map(|v| u64::try_from(v).unwrap_or(0))
+        .map_err(map_err)?;
     s.fenced_writes = c
         .query_row(
             "SELECT value FROM counters WHERE name = 'fenced_writes'",

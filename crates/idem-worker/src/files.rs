@@ -12,9 +12,10 @@
 //! share a file: the new holder adopts an old part only if it can take its
 //! lock, which a live (even stopped) process still holds.
 //!
-//! Publishing is: fsync the part, rename it to its content address (same
-//! filesystem, so atomic), fsync the directory. If the address is taken, the
-//! content is already stored and the part is dropped.
+//! Publishing is: fsync the part, link it to its content address (same
+//! filesystem; a link never overwrites, so exactly one of two identical
+//! publishers wins), fsync the directory, drop the part's name. If the
+//! address is taken, the content is already stored and the part is dropped.
 
 use idem_core::{BlobInfo, Digest32, JobKey};
 use serde::{Deserialize, Serialize};
@@ -269,21 +270,29 @@ pub enum Published {
 }
 
 /// Publishes a fully written, fsynced part under its content address.
+///
+/// The part is hard-linked to its address, which fails if the address is
+/// taken: of two jobs with the same content publishing at once, exactly one
+/// stores it and the other learns it is a duplicate (a rename would let both
+/// "win"). The part's name is then removed and the directory fsynced.
 pub fn publish(out: &OutDir, part: &Path, sha: Digest32, size: u64) -> io::Result<Published> {
     let dest = out.blob_path(&sha);
     let info = BlobInfo::new(sha, size);
-    if dest.exists() {
-        remove_part(part);
-        return Ok(Published::AlreadyStored(info));
-    }
     let dir = dest
         .parent()
         .ok_or_else(|| io::Error::other("blob path has no parent"))?;
     fs::create_dir_all(dir)?;
     set_read_only(part);
-    fs::rename(part, &dest)?;
+    match fs::hard_link(part, &dest) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            remove_part(part);
+            return Ok(Published::AlreadyStored(info));
+        }
+        Err(e) => return Err(e),
+    }
     sync_dir(dir)?;
-    let _ = fs::remove_file(OutDir::sidecar_path(part));
+    remove_part(part);
     Ok(Published::New(info))
 }
 

@@ -303,8 +303,17 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                     dead_owners: dead.clone(),
                 };
                 let now = self.now();
+                let asked = std::time::Instant::now();
                 match self.store_call(move |s| s.lease(&req, now)).await {
                     Ok(applied) => {
+                        let elapsed_ms =
+                            u64::try_from(asked.elapsed().as_millis()).unwrap_or(u64::MAX);
+                        self.emit(&[idem_core::EventKind::LeaseCall {
+                            owner: self.owner.clone(),
+                            jobs: applied.value.len() as u64,
+                            elapsed_ms,
+                        }
+                        .at(self.now())]);
                         self.emit(&applied.events);
                         for job in applied.value {
                             leased_any = true;
