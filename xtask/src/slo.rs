@@ -565,8 +565,9 @@ mod tests {
     fn every_metric_in_rules_and_dashboards_exists() {
         for (rel, text) in generate(&crate::root()).unwrap() {
             let names = metric_names(&text);
+            // The SLO board reads recording rules (slo:...) only.
             assert!(
-                !names.is_empty() || rel.ends_with("test.yaml"),
+                !names.is_empty() || rel.ends_with("idem-slo.json"),
                 "{rel} names no metric"
             );
             for n in names {
