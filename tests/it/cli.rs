@@ -251,3 +251,43 @@ fn export_manifest_shapes() {
     );
     assert_eq!(text.lines().count(), 2);
 }
+
+/// docs/cli.md is generated from the CLI's own help; this keeps it true.
+/// Regenerate with `IDEM_UPDATE_DOCS=1 cargo test -p idem-cli --test it cli_reference`.
+#[test]
+fn cli_reference_is_current() {
+    let mut md = String::from(
+        "# idem CLI reference\n\n<!-- Generated from `idem --help` by the test `cli_reference_is_current`; do not edit. -->\n\n",
+    );
+    let commands: [&[&str]; 10] = [
+        &[],
+        &["plan"],
+        &["run"],
+        &["status"],
+        &["show"],
+        &["reconcile"],
+        &["retry"],
+        &["export"],
+        &["slo", "check"],
+        &["demo"],
+    ];
+    for cmd in commands {
+        let out = Command::new(IDEM).args(cmd).arg("--help").output().unwrap();
+        assert!(out.status.success());
+        let title = if cmd.is_empty() {
+            "idem".to_owned()
+        } else {
+            format!("idem {}", cmd.join(" "))
+        };
+        md.push_str(&format!(
+            "## `{title}`\n\n```text\n{}```\n\n",
+            String::from_utf8_lossy(&out.stdout)
+        ));
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/cli.md");
+    if std::env::var_os("IDEM_UPDATE_DOCS").is_some() {
+        std::fs::write(&path, &md).unwrap();
+    }
+    let current = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(current == md, "docs/cli.md is stale: run `IDEM_UPDATE_DOCS=1 cargo test -p idem-cli --test it cli_reference`");
+}
