@@ -24,6 +24,7 @@ pub const EXIT_INTERRUPTED: u8 = 130;
     name = "idem",
     version,
     args_override_self = true,
+    term_width = 100,
     about = "Idempotent, crash-safe, multi-worker artifact downloading.",
     long_about = "Idempotent, crash-safe, multi-worker artifact downloading.\n\n\
         Plan downloads into a ledger, run workers (as many processes as you like, \
