@@ -95,6 +95,47 @@ fn malformed_lines_are_named_and_skipped() {
 }
 
 #[test]
+fn binary_and_oversized_lines_are_named_not_fatal() {
+    let env = Env::new();
+    let p = env.path("odd.jsonl");
+    let mut data = Vec::new();
+    data.extend_from_slice(
+        b"{\"work_id\":\"w\",\"artifact_id\":\"a\",\"url\":\"https://example.org/a\"}\n",
+    );
+    data.extend_from_slice(b"\xff\xfe not utf-8\n");
+    data.extend_from_slice(&vec![b'x'; 2 << 20]);
+    data.extend_from_slice(
+        b"\n{\"work_id\":\"w\",\"artifact_id\":\"b\",\"url\":\"https://example.org/b\"}\n",
+    );
+    std::fs::write(&p, data).unwrap();
+    let out = env
+        .idem()
+        .args(["plan", "--json"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let r = json_of(&out);
+    assert_eq!(r["planned"], 2);
+    let errs: Vec<(u64, String)> = r["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["line"].as_u64().unwrap(),
+                e["error"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(errs.len(), 2, "{errs:?}");
+    assert_eq!(errs[0].0, 2);
+    assert!(errs[0].1.contains("UTF-8"));
+    assert_eq!(errs[1].0, 3);
+    assert!(errs[1].1.contains("longer than"));
+}
+
+#[test]
 fn csv_input_and_stdin() {
     let env = Env::new();
     let p = env.path("jobs.csv");

@@ -57,6 +57,42 @@ fn to_spec(r: Record) -> Result<JobSpec, String> {
     .map_err(|e| e.to_string())
 }
 
+/// Longest input line accepted; longer ones are reported and skipped
+/// without being held in memory.
+const MAX_LINE: usize = 1 << 20;
+
+/// Reads one line (without its newline) into `buf`, keeping at most
+/// `MAX_LINE` bytes. Returns the bytes consumed and whether it was cut.
+fn read_line_capped(r: &mut impl BufRead, buf: &mut Vec<u8>) -> std::io::Result<(usize, bool)> {
+    let mut consumed = 0;
+    let mut too_long = false;
+    loop {
+        let chunk = r.fill_buf()?;
+        if chunk.is_empty() {
+            return Ok((consumed, too_long));
+        }
+        let (take, done) = match chunk.iter().position(|b| *b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        let body = if done {
+            &chunk[..take - 1]
+        } else {
+            &chunk[..take]
+        };
+        if buf.len() + body.len() > MAX_LINE {
+            too_long = true;
+        } else {
+            buf.extend_from_slice(body);
+        }
+        r.consume(take);
+        consumed += take;
+        if done {
+            return Ok((consumed, too_long));
+        }
+    }
+}
+
 /// Opens `name` (`-` is stdin).
 fn open(name: &str) -> anyhow::Result<Box<dyn Read>> {
     if name == "-" {
@@ -153,18 +189,32 @@ pub(crate) fn read(
         return Ok(());
     }
     let mut line_no = 0u64;
-    let mut buf = String::new();
+    let mut buf: Vec<u8> = Vec::new();
     let mut r = BufReader::new(rest);
     loop {
         buf.clear();
-        let n = r
-            .read_line(&mut buf)
+        let (n, too_long) = read_line_capped(&mut r, &mut buf)
             .map_err(|e| anyhow::anyhow!("reading {shown}: {e}"))?;
         if n == 0 {
             break;
         }
         line_no += 1;
-        let text = buf.trim();
+        let bad = |error: String| {
+            Item::Bad(BadLine {
+                file: shown.clone(),
+                line: line_no,
+                error,
+            })
+        };
+        if too_long {
+            f(bad(format!("line longer than {MAX_LINE} bytes")))?;
+            continue;
+        }
+        let Ok(text) = std::str::from_utf8(&buf) else {
+            f(bad("not valid UTF-8".into()))?;
+            continue;
+        };
+        let text = text.trim();
         if text.is_empty() || text.starts_with('#') {
             continue;
         }
@@ -175,17 +225,11 @@ pub(crate) fn read(
                     file: shown.clone(),
                     line: line_no,
                 },
-                Err(error) => Item::Bad(BadLine {
-                    file: shown.clone(),
-                    line: line_no,
-                    error,
-                }),
+                Err(error) => bad(error),
             },
-            Err(e) => Item::Bad(BadLine {
-                file: shown.clone(),
-                line: line_no,
-                error: format!("not a JSON object with work_id, artifact_id, url: {e}"),
-            }),
+            Err(e) => bad(format!(
+                "not a JSON object with work_id, artifact_id, url: {e}"
+            )),
         };
         f(item)?;
     }
