@@ -267,3 +267,51 @@ fn every_fault_mode_ends_correctly() {
     assert!(r.status.success(), "{}", text(&r));
     assert!(leftovers(&env.out).is_empty(), "{:?}", leftovers(&env.out));
 }
+
+#[test]
+fn a_trickling_server_is_cut_off_by_the_minimum_speed() {
+    let env = Env::new();
+    let o = Origin::start([("trickle.pdf".to_owned(), content(8, 64 * 1024))]).unwrap();
+    // 1 KiB every 300 ms: about 3.4 KB/s, never idle long enough for the read timeout.
+    let p = env.write_plan(&[job("w", "t", &o.url("/slow/trickle.pdf?ms=300"))]);
+    assert!(env
+        .idem()
+        .args(["plan", "--max-attempts", "1"])
+        .arg(&p)
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let out = env
+        .run_cmd()
+        .args(["--min-speed", "8K", "--min-speed-window", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let j = env.show("w/t");
+    assert_eq!(j["state"], "failed");
+    let e = j["last_error"].as_str().unwrap();
+    assert!(
+        e.starts_with("timeout") && e.contains("below the minimum"),
+        "{e}"
+    );
+}
+
+#[test]
+fn sizes_take_units_and_the_cap_applies_by_default_flag() {
+    let env = Env::new();
+    let o = Origin::start([("big.pdf".to_owned(), content(2, 3 << 20))]).unwrap();
+    env.plan(&[job("w", "big", &o.url("/f/big.pdf"))]);
+    let out = env.run_cmd().args(["--max-bytes", "1M"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(env.show("w/big")["last_error"]
+        .as_str()
+        .unwrap()
+        .starts_with("too_large"));
+    let bad = env
+        .run_cmd()
+        .args(["--max-bytes", "lots"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2), "a bad size is a usage error");
+}

@@ -170,7 +170,7 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
     let policy = idem_http::Policy {
         allow_private: a.allow_private,
         allow_loopback: a.allow_loopback || a.allow_private,
-        max_bytes: a.max_bytes,
+        max_bytes: (a.max_bytes > 0).then_some(a.max_bytes),
         read_timeout: std::time::Duration::from_secs(a.read_timeout.max(1)),
         ..idem_http::Policy::default()
     };
@@ -197,7 +197,9 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
             ..RetryPolicy::default()
         },
         follow: a.follow,
-        max_bytes: a.max_bytes,
+        max_bytes: (a.max_bytes > 0).then_some(a.max_bytes),
+        min_speed: (a.min_speed > 0 && a.min_speed_window > 0)
+            .then_some((a.min_speed, a.min_speed_window)),
         seed: u64::from(std::process::id()) ^ now().as_millis().unsigned_abs(),
         ..EngineConfig::default()
     };

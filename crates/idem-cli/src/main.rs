@@ -171,9 +171,17 @@ struct RunArgs {
     /// Most requests started per second per host (default: unlimited).
     #[arg(long)]
     per_host_rate: Option<f64>,
-    /// Refuse bodies larger than this many bytes.
-    #[arg(long)]
-    max_bytes: Option<u64>,
+    /// Refuse bodies larger than this (bytes, or with a K/M/G/T suffix);
+    /// checked on Content-Length and while streaming. 0 disables the cap.
+    #[arg(long, default_value = "32G", value_parser = parse_size)]
+    max_bytes: u64,
+    /// Abort an attempt (and retry it later) when a body arrives slower
+    /// than this many bytes per second over --min-speed-window.
+    #[arg(long, default_value = "1K", value_parser = parse_size)]
+    min_speed: u64,
+    /// The window of --min-speed, in seconds (0 disables the check).
+    #[arg(long, default_value_t = 60)]
+    min_speed_window: u64,
     /// Lease time-to-live; leases are renewed every third of it while working.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     lease_ttl: u64,
@@ -262,6 +270,23 @@ struct DemoArgs {
     artifacts: usize,
     #[arg(long)]
     json: bool,
+}
+
+/// Parses a byte count: `1048576`, `512K`, `100M`, `32G`, `1T` (binary units).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mul) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M') => (&s[..s.len() - 1], 1 << 20),
+        Some('G') => (&s[..s.len() - 1], 1 << 30),
+        Some('T') => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| format!("{s:?} is not a size (use bytes, or a number with K, M, G or T)"))
 }
 
 fn main() -> ExitCode {

@@ -77,12 +77,19 @@ pub fn address_refusal(ip: IpAddr, policy: &Policy) -> Option<&'static str> {
                 Some("private")
             } else if v4.is_link_local() {
                 Some("link-local")
-            } else if v4.is_unspecified() || v4.is_broadcast() || o[0] == 0 {
+            } else if o[0] == 0 {
                 Some("unspecified")
             } else if o[0] == 100 && (64..128).contains(&o[1]) {
                 Some("shared (CGNAT)")
-            } else if v4.is_multicast() {
-                Some("multicast")
+            } else if o[0] >= 224 {
+                Some("multicast or reserved")
+            } else if (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                || (o[0] == 192 && o[1] == 0 && o[2] == 2)
+                || (o[0] == 198 && (o[1] & 0xfe) == 18)
+                || (o[0] == 198 && o[1] == 51 && o[2] == 100)
+                || (o[0] == 203 && o[1] == 0 && o[2] == 113)
+            {
+                Some("special-purpose (RFC 6890)")
             } else {
                 None
             }
@@ -97,6 +104,17 @@ pub fn address_refusal(ip: IpAddr, policy: &Policy) -> Option<&'static str> {
                 Some("link-local")
             } else if v6.is_multicast() {
                 Some("multicast")
+            } else if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
+                // NAT64: judge the embedded IPv4 address.
+                let v4 = std::net::Ipv4Addr::new(
+                    (s[6] >> 8) as u8,
+                    s[6] as u8,
+                    (s[7] >> 8) as u8,
+                    s[7] as u8,
+                );
+                address_refusal(IpAddr::V4(v4), policy).map(|_| "NAT64 of a refused IPv4 address")
+            } else if s[0] == 0x2001 && s[1] == 0x0db8 {
+                Some("documentation")
             } else {
                 None
             }
@@ -544,7 +562,7 @@ mod tests {
         ] {
             assert!(address_refusal(ip.parse().unwrap(), &p).is_some(), "{ip}");
         }
-        for ip in ["93.184.216.34", "2606:2800:220:1::1"] {
+        for ip in ["93.184.216.34", "2606:2800:220:1::1", "64:ff9b::5db8:d822"] {
             assert!(address_refusal(ip.parse().unwrap(), &p).is_none(), "{ip}");
         }
         let lo = Policy {

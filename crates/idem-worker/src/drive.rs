@@ -528,15 +528,33 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         let mut writer =
             files::PartWriter::start(file, part.to_path_buf(), offset, hasher, sidecar);
         let mut received = 0u64;
+        // Minimum throughput: a server that trickles bytes never trips the
+        // read timeout, so measure progress over whole windows.
+        let mut window_start = std::time::Instant::now();
+        let mut window_bytes = 0u64;
         loop {
             if let Err(a) = self.check(fenced) {
                 drop(writer);
                 return Err(StreamErr::Abort(a));
             }
+            if let Some((min, secs)) = self.cfg.min_speed {
+                if window_start.elapsed() >= Duration::from_secs(secs) {
+                    if window_bytes < min.saturating_mul(secs) {
+                        let _ = writer.finish().await;
+                        return Err(StreamErr::Fetch(FetchError::new(
+                            FetchErrorKind::Timeout,
+                            format!("{url}: {window_bytes} bytes in {secs} s, below the minimum of {min} bytes/s"),
+                        )));
+                    }
+                    window_start = std::time::Instant::now();
+                    window_bytes = 0;
+                }
+            }
             match body.next_chunk().await {
                 Ok(Some(c)) => {
                     let n = c.as_ref().len() as u64;
                     received += n;
+                    window_bytes += n;
                     self.progress.bytes.fetch_add(n, Ordering::Relaxed);
                     if !writer.write(Box::new(c)).await {
                         break;

@@ -65,6 +65,9 @@ pub struct EngineConfig {
     pub seed: u64,
     /// Largest body accepted (also enforced by the HTTP adapter).
     pub max_bytes: Option<u64>,
+    /// (bytes per second, window in seconds): an attempt whose body arrives
+    /// slower than this over a whole window is cut off and retried later.
+    pub min_speed: Option<(u64, u64)>,
 }
 
 impl Default for EngineConfig {
@@ -80,6 +83,7 @@ impl Default for EngineConfig {
             poll_ms: 200,
             seed: 0x1de3,
             max_bytes: None,
+            min_speed: Some((1024, 60)),
         }
     }
 }
