@@ -83,8 +83,7 @@ pub fn address_refusal(ip: IpAddr, policy: &Policy) -> Option<&'static str> {
                 Some("shared (CGNAT)")
             } else if o[0] >= 224 {
                 Some("multicast or reserved")
-            } else if (o[0] == 192 && o[1] == 0 && o[2] == 0)
-                || (o[0] == 192 && o[1] == 0 && o[2] == 2)
+            } else if (o[0] == 192 && o[1] == 0 && matches!(o[2], 0 | 2))
                 || (o[0] == 198 && (o[1] & 0xfe) == 18)
                 || (o[0] == 198 && o[1] == 51 && o[2] == 100)
                 || (o[0] == 203 && o[1] == 0 && o[2] == 113)
