@@ -9,10 +9,7 @@
 
 use anyhow::{bail, Context, Result};
 use idem_core::ports::Store;
-use idem_core::{
-    BlobInfo, Command, Digest32, HeadInfo, JobSpec, LeaseRequest, OpKey, OpKind, OpResult,
-    StreamInfo, Timestamp, WorkerId,
-};
+use idem_core::{JobSpec, LeaseRequest, Timestamp, WorkerId};
 use idem_store_sqlite::{Durability, Options, SqliteStore};
 use rusqlite::params;
 use std::path::{Path, PathBuf};
@@ -145,44 +142,6 @@ fn raw_job_loop(path: &Path, jobs: usize, sync: &str) -> Result<f64> {
     Ok(jobs as f64 / t.elapsed().as_secs_f64())
 }
 
-/// One job through idem's ledger with a null effect, as the engine does it.
-fn idem_one_job(store: &SqliteStore, owner: &WorkerId, job: &idem_core::Job) -> Result<()> {
-    let e = job.lease.as_ref().map(|l| l.epoch).unwrap_or_default();
-    let op = |kind| OpKey {
-        job: job.key,
-        kind,
-        epoch: e,
-    };
-    let head = HeadInfo {
-        status: 200,
-        ..HeadInfo::default()
-    };
-    store.begin_op(&op(OpKind::Head), owner, now())?;
-    store.finish_op(
-        &op(OpKind::Head),
-        Ok(OpResult::Head(head.clone())),
-        Some(Command::HeadDone { epoch: e, head }),
-        now(),
-    )?;
-    store.apply(&job.key, Command::StreamStarted { epoch: e }, now())?;
-    let blob = BlobInfo::new(Digest32::of(job.key.digest().as_bytes()), 32);
-    store.begin_op(&op(OpKind::Stream), owner, now())?;
-    let si = StreamInfo {
-        sha256: blob.sha256,
-        size: 32,
-        resumed_from: 0,
-    };
-    store.finish_op(&op(OpKind::Stream), Ok(OpResult::Stream(si)), None, now())?;
-    store.begin_op(&op(OpKind::Finalize), owner, now())?;
-    store.finish_op(
-        &op(OpKind::Finalize),
-        Ok(OpResult::Finalize(blob.clone())),
-        Some(Command::Finalize { epoch: e, blob }),
-        now(),
-    )?;
-    Ok(())
-}
-
 fn idem_job_loop(
     dir: &Path,
     jobs: usize,
@@ -224,7 +183,7 @@ fn idem_job_loop(
                             return Ok(());
                         }
                         for j in &got {
-                            idem_one_job(store, &owner, j)?;
+                            idem_worker::drill::null_job(store, &owner, j, now)?;
                         }
                     }
                 })

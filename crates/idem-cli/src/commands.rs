@@ -636,9 +636,7 @@ pub(crate) fn export(g: &Global, a: &ExportArgs) -> anyhow::Result<u8> {
 /// ops begun and committed, job finalized. Exercises exactly the ledger
 /// writes of a real download, with no network or files.
 pub(crate) fn ledger_drill(g: &Global, a: &DrillArgs) -> anyhow::Result<u8> {
-    use idem_core::{
-        BlobInfo, Digest32, HeadInfo, LeaseRequest, OpKey, OpKind, OpResult, StreamInfo, WorkerId,
-    };
+    use idem_core::{LeaseRequest, WorkerId};
     let store = open_store(g)?;
     let started = std::time::Instant::now();
     let done = std::sync::atomic::AtomicU64::new(0);
@@ -663,44 +661,7 @@ pub(crate) fn ledger_drill(g: &Global, a: &DrillArgs) -> anyhow::Result<u8> {
                         return Ok(());
                     }
                     for j in jobs {
-                        let e = j.lease.as_ref().map(|l| l.epoch).unwrap_or_default();
-                        let head = HeadInfo {
-                            status: 200,
-                            ..HeadInfo::default()
-                        };
-                        let op = |kind| OpKey {
-                            job: j.key,
-                            kind,
-                            epoch: e,
-                        };
-                        store.begin_op(&op(OpKind::Head), &owner, now())?;
-                        store.finish_op(
-                            &op(OpKind::Head),
-                            Ok(OpResult::Head(head.clone())),
-                            Some(Command::HeadDone { epoch: e, head }),
-                            now(),
-                        )?;
-                        store.apply(&j.key, Command::StreamStarted { epoch: e }, now())?;
-                        let blob = BlobInfo::new(Digest32::of(j.key.digest().as_bytes()), 32);
-                        store.begin_op(&op(OpKind::Stream), &owner, now())?;
-                        let si = StreamInfo {
-                            sha256: blob.sha256,
-                            size: 32,
-                            resumed_from: 0,
-                        };
-                        store.finish_op(
-                            &op(OpKind::Stream),
-                            Ok(OpResult::Stream(si)),
-                            None,
-                            now(),
-                        )?;
-                        store.begin_op(&op(OpKind::Finalize), &owner, now())?;
-                        store.finish_op(
-                            &op(OpKind::Finalize),
-                            Ok(OpResult::Finalize(blob.clone())),
-                            Some(Command::Finalize { epoch: e, blob }),
-                            now(),
-                        )?;
+                        idem_worker::drill::null_job(store, &owner, &j, now)?;
                         done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         if a.print_keys {
                             writeln!(out.lock(), "{}", j.key)?;

@@ -29,7 +29,7 @@ pub use mem::MemStore;
 pub use plan::{KeyConflict, PlanCounts, PlanOutcome};
 pub use ports::{
     Applied, Body, FetchError, FetchErrorKind, GetResponse, Http, LeaseRequest, Resume,
-    StatusCounts, Store, StoreError,
+    StatusCounts, Step, StepOutput, Store, StoreError,
 };
 pub use retry::{RetryPolicy, SplitMix64};
 pub use spec::{job_key_of, CanonicalUrl, Fingerprint, JobKey, JobSpec, SpecError};

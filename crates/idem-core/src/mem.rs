@@ -9,7 +9,7 @@ use crate::event::{Event, EventKind};
 use crate::job::{transition, Command, Job, JobError, JobState, TransitionError, WorkerId};
 use crate::ledger::{self, OpDecision, OpKey, OpRecord, OpResult, OpStatus};
 use crate::plan::{self, PlanOutcome};
-use crate::ports::{Applied, LeaseRequest, StatusCounts, Store, StoreError};
+use crate::ports::{Applied, LeaseRequest, StatusCounts, Step, StepOutput, Store, StoreError};
 use crate::spec::{JobKey, JobSpec};
 use crate::time::Timestamp;
 use std::collections::BTreeMap;
@@ -75,13 +75,12 @@ impl MemStore {
         }
     }
 
-    fn apply_inner(
-        &self,
+    fn apply_in(
+        g: &mut Inner,
         key: &JobKey,
         cmd: Command,
         now: Timestamp,
     ) -> Result<Applied<Job>, StoreError> {
-        let mut g = self.lock();
         let job = g.jobs.get(key).ok_or(StoreError::NotFound(*key))?;
         let t = transition(job, cmd, now).map_err(|e| refused(*key, e))?;
         g.jobs.insert(*key, t.job.clone());
@@ -91,13 +90,12 @@ impl MemStore {
         })
     }
 
-    fn begin_inner(
-        &self,
+    fn begin_in(
+        g: &mut Inner,
         op: &OpKey,
         owner: &WorkerId,
         now: Timestamp,
     ) -> Result<Applied<OpDecision>, StoreError> {
-        let mut g = self.lock();
         let job = g.jobs.get(&op.job).ok_or(StoreError::NotFound(op.job))?;
         check_op_fence(job, op)?;
         let existing = g.ops.get(op).cloned();
@@ -131,14 +129,13 @@ impl MemStore {
         })
     }
 
-    fn finish_inner(
-        &self,
+    fn finish_in(
+        g: &mut Inner,
         op: &OpKey,
         outcome: Result<OpResult, JobError>,
         then: Option<Command>,
         now: Timestamp,
     ) -> Result<Applied<Job>, StoreError> {
-        let mut g = self.lock();
         let job = g
             .jobs
             .get(&op.job)
@@ -194,7 +191,61 @@ impl MemStore {
     }
 }
 
+impl MemStore {
+    fn steps_in(
+        g: &mut Inner,
+        steps: Vec<Step>,
+        now: Timestamp,
+    ) -> Result<Applied<Vec<StepOutput>>, StoreError> {
+        let mut out = Vec::with_capacity(steps.len());
+        let mut events = Vec::new();
+        for step in steps {
+            match step {
+                Step::Apply { key, cmd } => {
+                    let a = Self::apply_in(g, &key, cmd, now)?;
+                    events.extend(a.events);
+                    out.push(StepOutput::Job(Box::new(a.value)));
+                }
+                Step::BeginOp { op, owner } => {
+                    let a = Self::begin_in(g, &op, &owner, now)?;
+                    events.extend(a.events);
+                    out.push(StepOutput::Decision(a.value));
+                }
+                Step::FinishOp { op, outcome, then } => {
+                    let a = Self::finish_in(g, &op, outcome, then, now)?;
+                    events.extend(a.events);
+                    out.push(StepOutput::Job(Box::new(a.value)));
+                }
+            }
+        }
+        Ok(Applied { value: out, events })
+    }
+}
+
 impl Store for MemStore {
+    fn run_steps(
+        &self,
+        steps: Vec<Step>,
+        now: Timestamp,
+    ) -> Result<Applied<Vec<StepOutput>>, StoreError> {
+        let mut g = self.lock();
+        // All or nothing: work on a copy, keep it only if every step passed.
+        let mut copy = Inner {
+            jobs: g.jobs.clone(),
+            ops: g.ops.clone(),
+            op_seq: g.op_seq.clone(),
+            fenced: g.fenced,
+            replays: g.replays,
+        };
+        let r = Self::steps_in(&mut copy, steps, now);
+        match &r {
+            Ok(_) => *g = copy,
+            Err(e) if e.is_fenced() => g.fenced += 1,
+            Err(_) => {}
+        }
+        r
+    }
+
     fn plan(
         &self,
         specs: &[JobSpec],
@@ -290,7 +341,7 @@ impl Store for MemStore {
         cmd: Command,
         now: Timestamp,
     ) -> Result<Applied<Job>, StoreError> {
-        let r = self.apply_inner(key, cmd, now);
+        let r = Self::apply_in(&mut self.lock(), key, cmd, now);
         self.count_fenced(&r);
         r
     }
@@ -301,7 +352,7 @@ impl Store for MemStore {
         owner: &WorkerId,
         now: Timestamp,
     ) -> Result<Applied<OpDecision>, StoreError> {
-        let r = self.begin_inner(op, owner, now);
+        let r = Self::begin_in(&mut self.lock(), op, owner, now);
         self.count_fenced(&r);
         r
     }
@@ -313,7 +364,7 @@ impl Store for MemStore {
         then: Option<Command>,
         now: Timestamp,
     ) -> Result<Applied<Job>, StoreError> {
-        let r = self.finish_inner(op, outcome, then, now);
+        let r = Self::finish_in(&mut self.lock(), op, outcome, then, now);
         self.count_fenced(&r);
         r
     }

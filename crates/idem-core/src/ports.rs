@@ -109,8 +109,43 @@ pub struct LeaseRequest {
     pub dead_owners: Vec<WorkerId>,
 }
 
+/// One step of an atomic [`Store::run_steps`] call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    Apply {
+        key: JobKey,
+        cmd: Command,
+    },
+    BeginOp {
+        op: OpKey,
+        owner: WorkerId,
+    },
+    FinishOp {
+        op: OpKey,
+        outcome: Result<OpResult, JobError>,
+        then: Option<Command>,
+    },
+}
+
+/// What a step returned: the job after it, or an op decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StepOutput {
+    Job(Box<Job>),
+    Decision(OpDecision),
+}
+
 /// The store port.
 pub trait Store: Send + Sync {
+    /// Runs several steps (as `apply`, `begin_op`, `finish_op` would) in
+    /// one transaction: all of them, in order, or none. The engine uses it
+    /// to commit an op's result, the next transition and the next op's start
+    /// with one durable write.
+    fn run_steps(
+        &self,
+        steps: Vec<Step>,
+        now: Timestamp,
+    ) -> Result<Applied<Vec<StepOutput>>, StoreError>;
+
     /// Plans a batch in one transaction. `max_attempts` is stored on new jobs.
     fn plan(
         &self,

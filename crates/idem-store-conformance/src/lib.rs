@@ -49,6 +49,7 @@ macro_rules! conformance_tests {
             finalized_by_url_finds_only_finalized,
             expired_leases_are_listed,
             live_lease_owners_are_listed,
+            steps_are_all_or_nothing,
             operator_retry_restarts_a_failed_job
         );
     };
@@ -793,6 +794,72 @@ pub fn live_lease_owners_are_listed(s: &dyn Store) {
         vec![w("a")],
         "expired leases are not live"
     );
+}
+
+pub fn steps_are_all_or_nothing(s: &dyn Store) {
+    use idem_core::{Step, StepOutput};
+    let k = plan_n(s, 1, t(0))[0];
+    let (_, e) = lease(s, "w1", 1, 60, t(0))[0];
+    let head_op = op(k, OpKind::Head, e);
+    s.begin_op(&head_op, &w("w1"), t(1)).unwrap();
+    let stream_op = op(k, OpKind::Stream, e);
+    // HEAD's result, the move to streaming and STREAM's start: one commit.
+    let r = s
+        .run_steps(
+            vec![
+                Step::FinishOp {
+                    op: head_op,
+                    outcome: Ok(OpResult::Head(head())),
+                    then: Some(Command::HeadDone {
+                        epoch: e,
+                        head: head(),
+                    }),
+                },
+                Step::Apply {
+                    key: k,
+                    cmd: Command::StreamStarted { epoch: e },
+                },
+                Step::BeginOp {
+                    op: stream_op,
+                    owner: w("w1"),
+                },
+            ],
+            t(2),
+        )
+        .unwrap();
+    assert_eq!(r.value.len(), 3);
+    assert!(matches!(&r.value[1], StepOutput::Job(j) if j.state == JobState::Streaming));
+    assert_eq!(r.value[2], StepOutput::Decision(OpDecision::Run));
+    let before = s.job(&k).unwrap();
+    let ops_before = s.ops(&k).unwrap();
+    // A batch whose last step fails changes nothing at all.
+    let blob = BlobInfo::new(Digest32::of(b"z"), 1);
+    let bad = s.run_steps(
+        vec![
+            Step::FinishOp {
+                op: stream_op,
+                outcome: Ok(OpResult::Stream(StreamInfo {
+                    sha256: blob.sha256,
+                    size: 1,
+                    resumed_from: 0,
+                })),
+                then: None,
+            },
+            Step::BeginOp {
+                op: op(k, OpKind::Finalize, Epoch(e.0 + 7)),
+                owner: w("w1"),
+            },
+        ],
+        t(3),
+    );
+    assert!(bad.unwrap_err().is_fenced());
+    assert_eq!(s.job(&k).unwrap(), before);
+    assert_eq!(
+        s.ops(&k).unwrap(),
+        ops_before,
+        "the first step was rolled back too"
+    );
+    assert_eq!(s.status(t(3)).unwrap().fenced_writes, 1);
 }
 
 pub fn operator_retry_restarts_a_failed_job(s: &dyn Store) {

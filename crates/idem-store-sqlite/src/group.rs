@@ -16,7 +16,7 @@
 //! blocked `flock` is woken by the kernel the moment the lock is released.
 
 use crate::schema;
-use idem_core::ports::{Applied, LeaseRequest, StoreError};
+use idem_core::ports::{Applied, LeaseRequest, Step, StepOutput, StoreError};
 use idem_core::{
     Command, Job, JobError, JobKey, JobSpec, OpDecision, OpKey, OpResult, PlanOutcome, Timestamp,
     WorkerId,
@@ -53,6 +53,10 @@ pub(crate) enum Req {
     AbandonDeadOps {
         now: Timestamp,
     },
+    Steps {
+        steps: Vec<Step>,
+        now: Timestamp,
+    },
 }
 
 pub(crate) enum Res {
@@ -61,6 +65,7 @@ pub(crate) enum Res {
     Job(Box<Applied<Job>>),
     Begin(Applied<OpDecision>),
     Count(Applied<u64>),
+    Steps(Applied<Vec<StepOutput>>),
 }
 
 type Slot = Arc<Mutex<Option<Result<Res, StoreError>>>>;
@@ -242,5 +247,6 @@ fn exec(tx: &Connection, req: &Req) -> Result<Res, StoreError> {
             *now,
         )?)),
         Req::AbandonDeadOps { now } => Res::Count(schema::abandon_dead_ops(tx, *now)?),
+        Req::Steps { steps, now } => Res::Steps(schema::run_steps(tx, steps, *now)?),
     })
 }

@@ -51,7 +51,7 @@ mod schema;
 mod tests;
 
 use group::{Group, Req, Res};
-use idem_core::ports::{Applied, LeaseRequest, StatusCounts, Store, StoreError};
+use idem_core::ports::{Applied, LeaseRequest, StatusCounts, Step, StepOutput, Store, StoreError};
 use idem_core::{
     Command, Job, JobError, JobKey, JobSpec, JobState, OpDecision, OpKey, OpRecord, OpResult,
     PlanOutcome, Timestamp, WorkerId,
@@ -149,6 +149,15 @@ macro_rules! expect_res {
 }
 
 impl Store for SqliteStore {
+    fn run_steps(
+        &self,
+        steps: Vec<Step>,
+        now: Timestamp,
+    ) -> Result<Applied<Vec<StepOutput>>, StoreError> {
+        let r = self.write(Req::Steps { steps, now })?;
+        expect_res!(r, Steps)
+    }
+
     fn plan(
         &self,
         specs: &[JobSpec],

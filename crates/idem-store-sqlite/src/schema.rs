@@ -7,7 +7,7 @@ use crate::{Durability, Options};
 use idem_core::ledger::{self, OpStatus};
 use idem_core::mem::{check_op_fence, failure_reason};
 use idem_core::plan;
-use idem_core::ports::{Applied, LeaseRequest, StatusCounts, StoreError};
+use idem_core::ports::{Applied, LeaseRequest, StatusCounts, Step, StepOutput, StoreError};
 use idem_core::{
     transition, BlobInfo, CanonicalUrl, Command, Digest32, Epoch, Event, EventKind, HeadInfo, Job,
     JobError, JobKey, JobSpec, JobState, Lease, OpDecision, OpKey, OpKind, OpRecord, OpResult,
@@ -912,4 +912,35 @@ pub(crate) fn status(c: &Connection, now: Timestamp) -> Result<StatusCounts, Sto
         .map(|v| u64::try_from(v).unwrap_or(0))
         .map_err(map_err)?;
     Ok(s)
+}
+
+/// Runs steps in order inside the caller's savepoint: the group commit rolls
+/// the whole request back if any step fails.
+pub(crate) fn run_steps(
+    c: &Connection,
+    steps: &[Step],
+    now: Timestamp,
+) -> Result<Applied<Vec<StepOutput>>, StoreError> {
+    let mut out = Vec::with_capacity(steps.len());
+    let mut events = Vec::new();
+    for step in steps {
+        match step {
+            Step::Apply { key, cmd } => {
+                let a = apply(c, key, cmd.clone(), now)?;
+                events.extend(a.events);
+                out.push(StepOutput::Job(Box::new(a.value)));
+            }
+            Step::BeginOp { op, owner } => {
+                let a = begin_op(c, op, owner, now)?;
+                events.extend(a.events);
+                out.push(StepOutput::Decision(a.value));
+            }
+            Step::FinishOp { op, outcome, then } => {
+                let a = finish_op(c, op, outcome.clone(), then.clone(), now)?;
+                events.extend(a.events);
+                out.push(StepOutput::Job(Box::new(a.value)));
+            }
+        }
+    }
+    Ok(Applied { value: out, events })
 }

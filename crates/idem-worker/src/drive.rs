@@ -8,7 +8,9 @@
 
 use crate::files::{self, OutDir, Published, Sidecar};
 use crate::Engine;
-use idem_core::ports::{Body, FetchError, FetchErrorKind, GetResponse, Resume, Store, StoreError};
+use idem_core::ports::{
+    Body, FetchError, FetchErrorKind, GetResponse, Resume, Step, StepOutput, Store, StoreError,
+};
 use idem_core::{
     spec::media_type_matches, Command, Epoch, EventKind, HeadInfo, Http, Job, JobError, JobState,
     OpDecision, OpKey, OpKind, OpResult, OpStatus, SplitMix64, StreamInfo,
@@ -192,37 +194,80 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         epoch: Epoch,
         fenced: &AtomicBool,
     ) -> Result<JobState, Abort> {
+        // An op already begun by the previous step's commit (see `steps`).
+        let mut begun: Option<(OpKey, OpDecision)> = None;
         loop {
             self.check(fenced)?;
             job = match job.state {
-                JobState::Leased => self.step_head(&job, epoch).await?,
-                JobState::HeadDone => {
-                    self.apply(job.key, Command::StreamStarted { epoch })
-                        .await?
+                JobState::Leased => {
+                    let (j, b) = self.step_head(&job, epoch).await?;
+                    begun = b;
+                    j
                 }
-                JobState::Streaming => self.step_body(&job, epoch, fenced).await?,
+                JobState::HeadDone => {
+                    // Taken over after HEAD: start streaming and the STREAM op at once.
+                    let sop = OpKey {
+                        job: job.key,
+                        kind: OpKind::Stream,
+                        epoch,
+                    };
+                    let (j, d) = self
+                        .steps(vec![
+                            Step::Apply {
+                                key: job.key,
+                                cmd: Command::StreamStarted { epoch },
+                            },
+                            Step::BeginOp {
+                                op: sop,
+                                owner: self.owner.clone(),
+                            },
+                        ])
+                        .await?;
+                    begun = d.map(|d| (sop, d));
+                    j
+                }
+                JobState::Streaming => self.step_body(&job, epoch, fenced, begun.take()).await?,
                 done => return Ok(done),
             };
         }
     }
 
-    async fn step_head(&self, job: &Job, epoch: Epoch) -> Result<Job, Abort> {
+    /// Runs steps atomically (one durable commit); returns the job after the
+    /// last job-returning step and the last op decision, if any.
+    async fn steps(&self, steps: Vec<Step>) -> Result<(Job, Option<OpDecision>), Abort> {
+        let now = self.now();
+        let a = self.store_call(move |s| s.run_steps(steps, now)).await?;
+        self.emit(&a.events);
+        let mut job = None;
+        let mut decision = None;
+        for out in a.value {
+            match out {
+                StepOutput::Job(j) => job = Some(*j),
+                StepOutput::Decision(d) => decision = Some(d),
+            }
+        }
+        let job =
+            job.ok_or_else(|| Abort::Store(StoreError::Backend("steps returned no job".into())))?;
+        Ok((job, decision))
+    }
+
+    async fn step_head(
+        &self,
+        job: &Job,
+        epoch: Epoch,
+    ) -> Result<(Job, Option<(OpKey, OpDecision)>), Abort> {
         let url = job.spec.url.to_string();
         // Content we already hold under this URL: no request at all.
         let u = url.clone();
         if let Some(prev) = self.store_call(move |s| s.finalized_by_url(&u)).await? {
             if let Some(blob) = prev.blob.filter(|b| self.out.root().join(&b.path).exists()) {
                 if prev.key != job.key {
-                    return self
-                        .apply(
-                            job.key,
-                            Command::Duplicate {
-                                epoch,
-                                blob,
-                                of: Some(prev.key),
-                            },
-                        )
-                        .await;
+                    let cmd = Command::Duplicate {
+                        epoch,
+                        blob,
+                        of: Some(prev.key),
+                    };
+                    return Ok((self.apply(job.key, cmd).await?, None));
                 }
             }
         }
@@ -235,7 +280,11 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             OpDecision::Replay {
                 result: OpResult::Head(head),
                 ..
-            } => self.apply(job.key, Command::HeadDone { epoch, head }).await,
+            } => Ok((
+                self.apply(job.key, Command::HeadDone { epoch, head })
+                    .await?,
+                None,
+            )),
             OpDecision::Replay { .. } | OpDecision::Run => {
                 let res = {
                     let _permit = self.host_permit(&job.spec.url.host()).await;
@@ -243,14 +292,36 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 };
                 match res.and_then(|h| self.check_head(job, h)) {
                     Ok(head) => {
-                        self.finish(
-                            op,
-                            Ok(OpResult::Head(head.clone())),
-                            Some(Command::HeadDone { epoch, head }),
-                        )
-                        .await
+                        // HEAD's result, the move to streaming and STREAM's
+                        // start: one durable commit.
+                        let sop = OpKey {
+                            job: job.key,
+                            kind: OpKind::Stream,
+                            epoch,
+                        };
+                        let (j, d) = self
+                            .steps(vec![
+                                Step::FinishOp {
+                                    op,
+                                    outcome: Ok(OpResult::Head(head.clone())),
+                                    then: Some(Command::HeadDone { epoch, head }),
+                                },
+                                Step::Apply {
+                                    key: job.key,
+                                    cmd: Command::StreamStarted { epoch },
+                                },
+                                Step::BeginOp {
+                                    op: sop,
+                                    owner: self.owner.clone(),
+                                },
+                            ])
+                            .await?;
+                        Ok((j, d.map(|d| (sop, d))))
                     }
-                    Err(e) => self.fail(job, epoch, Some(op), e.to_job_error()).await,
+                    Err(e) => Ok((
+                        self.fail(job, epoch, Some(op), e.to_job_error()).await?,
+                        None,
+                    )),
                 }
             }
         }
@@ -283,9 +354,20 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
     }
 
     /// STREAM then FINALIZE, reusing what earlier holders committed.
-    async fn step_body(&self, job: &Job, epoch: Epoch, fenced: &AtomicBool) -> Result<Job, Abort> {
+    async fn step_body(
+        &self,
+        job: &Job,
+        epoch: Epoch,
+        fenced: &AtomicBool,
+        begun: Option<(OpKey, OpDecision)>,
+    ) -> Result<Job, Abort> {
         let key = job.key;
-        let ops = self.store_call(move |s| s.ops(&key)).await?;
+        // Earlier holders' work matters only when this holder took over.
+        let ops = if begun.is_some() {
+            Vec::new()
+        } else {
+            self.store_call(move |s| s.ops(&key)).await?
+        };
         let earlier = ops.iter().rev().find_map(|o| match (&o.status, &o.result) {
             (OpStatus::Committed, Some(OpResult::Stream(si))) => Some(si.clone()),
             _ => None,
@@ -331,16 +413,38 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             epoch,
         };
         let part = self.out.part_path(&key, epoch.0);
-        let si = match self.begin(sop).await? {
+        let decision = match begun {
+            Some((op, d)) if op == sop => d,
+            _ => self.begin(sop).await?,
+        };
+        let fop = OpKey {
+            job: key,
+            kind: OpKind::Finalize,
+            epoch,
+        };
+        let (si, fdecision) = match decision {
             OpDecision::Replay {
                 result: OpResult::Stream(si),
                 ..
-            } if part.exists() => si,
+            } if part.exists() => (si, None),
             _ => match self.stream(job, epoch, &part, fenced).await {
                 Ok(si) => {
-                    self.finish(sop, Ok(OpResult::Stream(si.clone())), None)
+                    // STREAM's result and FINALIZE's start: one commit, which
+                    // also proves the lease is still ours right before publishing.
+                    let (_, d) = self
+                        .steps(vec![
+                            Step::FinishOp {
+                                op: sop,
+                                outcome: Ok(OpResult::Stream(si.clone())),
+                                then: None,
+                            },
+                            Step::BeginOp {
+                                op: fop,
+                                owner: self.owner.clone(),
+                            },
+                        ])
                         .await?;
-                    si
+                    (si, d)
                 }
                 Err(StreamErr::Abort(a)) => return Err(a),
                 Err(StreamErr::Fetch(e)) => {
@@ -356,7 +460,8 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 }
             },
         };
-        self.finalize(job, epoch, &part, si, fenced).await
+        self.finalize(job, epoch, &part, si, fenced, fdecision)
+            .await
     }
 
     async fn finalize(
@@ -366,6 +471,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         part: &Path,
         si: StreamInfo,
         fenced: &AtomicBool,
+        decision: Option<OpDecision>,
     ) -> Result<Job, Abort> {
         let key = job.key;
         let fop = OpKey {
@@ -373,10 +479,14 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             kind: OpKind::Finalize,
             epoch,
         };
+        let decision = match decision {
+            Some(d) => d,
+            None => self.begin(fop).await?,
+        };
         if let OpDecision::Replay {
             result: OpResult::Finalize(blob),
             ..
-        } = self.begin(fop).await?
+        } = decision
         {
             return self.apply(key, Command::Finalize { epoch, blob }).await;
         }
@@ -393,19 +503,9 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 return self.fail(job, epoch, Some(fop), err).await;
             }
         }
-        // Last fence check before publishing: renewing proves we still hold
-        // the lease, and extends it past the rename.
+        // The commit that began FINALIZE proved the lease a moment ago; the
+        // heartbeat's verdict is the last check before publishing.
         self.check(fenced)?;
-        let owner = self.owner.clone();
-        self.apply(
-            key,
-            Command::Renew {
-                owner,
-                epoch,
-                ttl_ms: self.cfg.lease_ttl_ms,
-            },
-        )
-        .await?;
         let out = self.out.clone();
         let p = part.to_path_buf();
         let published =

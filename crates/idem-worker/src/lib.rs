@@ -14,6 +14,7 @@
 //! Store calls are blocking (SQLite); they run on tokio's blocking pool and
 //! are never held across network or disk I/O.
 
+pub mod drill;
 mod drive;
 pub mod files;
 pub mod owner;
