@@ -23,6 +23,10 @@ pub(crate) const APPLICATION_ID: i64 = 0x6964_656d;
 pub(crate) const LATEST: i64 = 1;
 
 /// Forward-only migrations; entry `i` takes version `i` to `i + 1`.
+///
+/// CHECK constraints spell value lists as `x = 'a' OR x = 'b'`: SQLite
+/// compiles `x IN ('a', 'b')` into an ephemeral table built on every row
+/// written, which cost more than the rest of the write.
 const MIGRATIONS: &[&str] = &[r"
 CREATE TABLE jobs (
     id               INTEGER PRIMARY KEY,
@@ -33,7 +37,7 @@ CREATE TABLE jobs (
     url              TEXT    NOT NULL,
     expected_sha256  TEXT,
     expected_type    TEXT,
-    state            TEXT    NOT NULL CHECK (state IN ('planned','leased','head_done','streaming','finalized','skipped_duplicate','failed')),
+    state            TEXT    NOT NULL CHECK (state = 'planned' OR state = 'leased' OR state = 'head_done' OR state = 'streaming' OR state = 'finalized' OR state = 'skipped_duplicate' OR state = 'failed'),
     lease_owner      TEXT,
     lease_epoch      INTEGER,
     lease_expires_at INTEGER,
@@ -61,10 +65,10 @@ CREATE INDEX jobs_state ON jobs (state);
 CREATE TABLE ops (
     id          INTEGER PRIMARY KEY,
     job_key     BLOB    NOT NULL REFERENCES jobs (key),
-    kind        TEXT    NOT NULL CHECK (kind IN ('head','stream','finalize')),
+    kind        TEXT    NOT NULL CHECK (kind = 'head' OR kind = 'stream' OR kind = 'finalize'),
     epoch       INTEGER NOT NULL,
     owner       TEXT    NOT NULL,
-    status      TEXT    NOT NULL CHECK (status IN ('started','committed','failed','abandoned')),
+    status      TEXT    NOT NULL CHECK (status = 'started' OR status = 'committed' OR status = 'failed' OR status = 'abandoned'),
     result      TEXT,
     error       TEXT,
     runs        INTEGER NOT NULL,
@@ -144,8 +148,9 @@ pub(crate) fn open(
         .busy_timeout(std::time::Duration::from_millis(opts.busy_timeout_ms))
         .map_err(map_err)?;
     reader
-        .execute_batch("PRAGMA query_only = ON;")
+        .execute_batch("PRAGMA query_only = ON; PRAGMA cache_size = -65536;")
         .map_err(map_err)?;
+    reader.set_prepared_statement_cache_capacity(128);
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -188,6 +193,9 @@ fn configure(conn: &Connection, opts: &Options, path: &Path) -> Result<(), Store
             path.display()
         )));
     }
+    // Every store call uses cached statements; the default cache (16) is
+    // smaller than the set in use, and re-preparing costs more than running.
+    conn.set_prepared_statement_cache_capacity(128);
     conn.execute_batch(&format!(
         "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY;"
     ))
