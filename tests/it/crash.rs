@@ -286,3 +286,39 @@ fn disk_full_is_a_clear_retryable_error_and_the_ledger_survives() {
     );
     assert_eq!(env.status()["total"], 2, "ledger intact");
 }
+
+#[test]
+fn sigterm_stops_gracefully_and_releases_leases() {
+    let env = Env::new();
+    let o = Origin::start([("slow.pdf".to_owned(), content(5, 400 * 1024))]).unwrap();
+    env.plan(&[job("w", "slow", &o.url("/slow/slow.pdf?ms=10"))]);
+    let child = env
+        .run_cmd()
+        .args(["--lease-ttl", "600"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while leftovers(&env.out).iter().all(|f| !f.ends_with(".part")) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(child.id(), "-TERM");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "interrupted: {}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stopping"),
+        "{}",
+        text(&out)
+    );
+    let st = env.status();
+    assert_eq!(
+        st["leases"]["live"], 0,
+        "the lease was released, not left to expire: {st}"
+    );
+    // The next run picks it up at once (no 600 s wait) and finishes it.
+    let again = env.run_cmd().output().unwrap();
+    assert!(again.status.success(), "{}", text(&again));
+    assert_eq!(env.show("w/slow")["state"], "finalized");
+    assert_eq!(check_blobs(&env.out), 1);
+}
