@@ -322,3 +322,75 @@ fn sigterm_stops_gracefully_and_releases_leases() {
     assert_eq!(env.show("w/slow")["state"], "finalized");
     assert_eq!(check_blobs(&env.out), 1);
 }
+
+/// Starts a run, kills it once `min_part` bytes of a part are on disk.
+fn kill_mid_stream(env: &Env, min_part: u64) {
+    let mut child = env
+        .run_cmd()
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let size: u64 = std::fs::read_dir(env.out.join("tmp"))
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
+                    .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+                    .sum()
+            })
+            .unwrap_or(0);
+        if size > min_part || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn a_server_that_ignores_range_gets_a_clean_restart() {
+    let env = Env::new();
+    let body = content(11, 500 * 1024);
+    let o = Origin::start([("nr.pdf".to_owned(), body.clone())]).unwrap();
+    env.plan(&[job("w", "nr", &o.url("/norange/nr.pdf?ms=4"))]);
+    kill_mid_stream(&env, 150 * 1024);
+    let out = env.run_cmd().output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let j = env.show("w/nr");
+    assert_eq!(
+        j["sha256"],
+        idem_core::Digest32::of(&body).to_hex(),
+        "the 200 answer to a range request restarted the file"
+    );
+    let stream = j["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|o| o["kind"] == "stream")
+        .unwrap()
+        .clone();
+    assert_eq!(stream["result"]["resumed_from"], 0, "{stream}");
+    assert_eq!(check_blobs(&env.out), 1);
+}
+
+#[test]
+fn content_changed_since_the_crash_is_fetched_afresh() {
+    let env = Env::new();
+    let o = Origin::start([("v.pdf".to_owned(), content(1, 500 * 1024))]).unwrap();
+    env.plan(&[job("w", "v", &o.url("/f/v.pdf?ms=4"))]);
+    kill_mid_stream(&env, 150 * 1024);
+    let v2 = content(2, 480 * 1024);
+    o.put("v.pdf", v2.clone());
+    let out = env.run_cmd().output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let j = env.show("w/v");
+    assert_eq!(
+        j["sha256"],
+        idem_core::Digest32::of(&v2).to_hex(),
+        "no splice of old and new content"
+    );
+    assert_eq!(check_blobs(&env.out), 1);
+}

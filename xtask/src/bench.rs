@@ -207,7 +207,18 @@ pub(crate) fn release_idem(root: &Path) -> Result<PathBuf> {
     if !st.success() {
         bail!("cargo build --release -p idem-cli failed");
     }
-    Ok(root.join("target/release/idem"))
+    // Honour CARGO_TARGET_DIR (and build.target-dir) by asking cargo.
+    let meta = Proc::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root)
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .context("cargo metadata")?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&meta.stdout).context("parsing cargo metadata")?;
+    let target = v["target_directory"]
+        .as_str()
+        .map_or_else(|| root.join("target"), PathBuf::from);
+    Ok(target.join("release/idem"))
 }
 
 /// N `idem ledger-drill` processes on one ledger.

@@ -498,10 +498,14 @@ pub(crate) fn reconcile(g: &Global, a: &ReconcileArgs) -> anyhow::Result<u8> {
     let store = open_store(g)?;
     let out =
         OutDir::prepare(&g.out).with_context(|| format!("output directory {}", g.out.display()))?;
+    let sink: Box<dyn EventSink> = match &a.events {
+        Some(p) => Box::new(EventsFile::open(p)?),
+        None => Box::new(idem_worker::NullSink),
+    };
     let r = idem_worker::reconcile::reconcile(
         &store,
         &out,
-        &idem_worker::NullSink,
+        &*sink,
         &SystemClock,
         &ReconcileOptions { dry_run: a.dry_run },
     )?;

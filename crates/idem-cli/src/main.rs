@@ -232,6 +232,9 @@ struct ReconcileArgs {
     /// Report what would be repaired; change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Write the repairs' events as JSON Lines to this file (appends).
+    #[arg(long)]
+    events: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }

@@ -8,7 +8,7 @@
 //! | path | behaviour |
 //! | --- | --- |
 //! | `/f/NAME` | normal: HEAD, GET, `Range` with `If-Range`, `ETag`, `Last-Modified` |
-//! | `/slow/NAME` | trickles the body (1 KiB every `?ms=` milliseconds, default 20) |
+//! | `/slow/NAME` | trickles the body (1 KiB every `?ms=` milliseconds, default 20; `?ms=` trickles in any mode) |
 //! | `/reset/NAME` | sends half the body, then drops the connection |
 //! | `/trunc/NAME` | declares the full `Content-Length`, sends half, closes |
 //! | `/status/CODE/NAME` | answers `CODE` (with `Retry-After: ?retry_after=`, default 1) |
@@ -362,9 +362,11 @@ fn respond(
         return Ok(true);
     }
     let slice = &body[start..end];
+    // `?ms=` trickles the body in any mode; `/slow/` defaults it to 20.
+    let trickle = query_param(query, "ms").or((mode == "slow").then_some(20));
     match mode {
-        "slow" => {
-            let ms = query_param(query, "ms").unwrap_or(20);
+        _ if trickle.is_some() && !(matches!(mode, "reset" | "trunc") && n_get <= fail) => {
+            let ms = trickle.unwrap_or(20);
             for c in slice.chunks(1024) {
                 w.write_all(c)?;
                 w.flush()?;

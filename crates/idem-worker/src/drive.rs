@@ -427,7 +427,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 result: OpResult::Stream(si),
                 ..
             } if part.exists() => (si, None),
-            _ => match self.stream(job, epoch, &part, fenced).await {
+            _ => match self.stream(job, &part, fenced).await {
                 Ok(si) => {
                     // STREAM's result and FINALIZE's start: one commit, which
                     // also proves the lease is still ours right before publishing.
@@ -545,7 +545,6 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
     async fn stream(
         &self,
         job: &Job,
-        epoch: Epoch,
         part: &Path,
         fenced: &AtomicBool,
     ) -> Result<StreamInfo, StreamErr> {
@@ -562,7 +561,6 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 .map_err(|e| StreamErr::Io(std::io::Error::other(e)))?
                 .map_err(StreamErr::Io)?
         };
-        let _ = epoch;
         if offset > 0 && sidecar.length == Some(offset) {
             // A complete body from an earlier holder: nothing to fetch.
             return Ok(StreamInfo {
@@ -627,7 +625,6 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         }
         let mut writer =
             files::PartWriter::start(file, part.to_path_buf(), offset, hasher, sidecar);
-        let mut received = 0u64;
         // Minimum throughput: a server that trickles bytes never trips the
         // read timeout, so measure progress over whole windows.
         let mut window_start = std::time::Instant::now();
@@ -653,7 +650,6 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             match body.next_chunk().await {
                 Ok(Some(c)) => {
                     let n = c.as_ref().len() as u64;
-                    received += n;
                     window_bytes += n;
                     self.progress.bytes.fetch_add(n, Ordering::Relaxed);
                     if !writer.write(Box::new(c)).await {
@@ -677,7 +673,6 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 )));
             }
         }
-        let _ = received;
         Ok(StreamInfo {
             sha256,
             size,
