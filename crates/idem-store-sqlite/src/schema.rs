@@ -82,7 +82,7 @@ CREATE TABLE counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 ) STRICT;
-INSERT INTO counters (name, value) VALUES ('fenced_writes', 0), ('replays', 0);
+INSERT INTO counters (name, value) VALUES ('fenced_writes', 0), ('replays', 0), ('op_runs', 0);
 "];
 
 pub(crate) fn map_err(e: rusqlite::Error) -> StoreError {
@@ -670,6 +670,7 @@ pub(crate) fn begin_op(
                 c,
                 &ledger::started(*op, owner.clone(), existing.as_ref(), now),
             )?;
+            bump_counter(c, "op_runs")?;
             EventKind::OperationStarted {
                 job_key: op.job,
                 op: op.kind,
@@ -786,7 +787,7 @@ pub(crate) fn scan(
 pub(crate) fn finalized_by_url(c: &Connection, url: &str) -> Result<Option<Job>, StoreError> {
     let mut st = c
         .prepare_cached(&format!(
-            "SELECT {JOB_COLS} FROM jobs WHERE url = ?1 AND state = 'finalized' ORDER BY id LIMIT 1"
+            "SELECT {JOB_COLS} FROM jobs INDEXED BY jobs_finalized_url WHERE url = ?1 AND state = 'finalized' LIMIT 1"
         ))
         .map_err(map_err)?;
     st.query_row([url], row_to_job).optional().map_err(map_err)
@@ -799,7 +800,7 @@ pub(crate) fn expired_leases(
 ) -> Result<Vec<Job>, StoreError> {
     let mut st = c
         .prepare_cached(&format!(
-            "SELECT {JOB_COLS} FROM jobs WHERE lease_owner IS NOT NULL AND lease_expires_at <= ?1 ORDER BY id LIMIT ?2"
+            "SELECT {JOB_COLS} FROM jobs INDEXED BY jobs_lease_owner WHERE lease_owner IS NOT NULL AND lease_expires_at <= ?1 LIMIT ?2"
         ))
         .map_err(map_err)?;
     let rows = st
@@ -905,12 +906,16 @@ pub(crate) fn status(c: &Connection, now: Timestamp) -> Result<StatusCounts, Sto
         .optional()
         .map_err(map_err)?
         .map_or(0, |v| u64::try_from(v).unwrap_or(0));
+    // Counters, not scans: status is polled while runs go on.
     s.ops_started = c
-        .query_row("SELECT coalesce(sum(runs), 0) FROM ops", [], |r| {
-            r.get::<_, i64>(0)
-        })
-        .map(|v| u64::try_from(v).unwrap_or(0))
-        .map_err(map_err)?;
+        .query_row(
+            "SELECT value FROM counters WHERE name = 'op_runs'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()
+        .map_err(map_err)?
+        .map_or(0, |v| u64::try_from(v).unwrap_or(0));
     s.fenced_writes = c
         .query_row(
             "SELECT value FROM counters WHERE name = 'fenced_writes'",
