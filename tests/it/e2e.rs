@@ -315,3 +315,64 @@ fn sizes_take_units_and_the_cap_applies_by_default_flag() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(2), "a bad size is a usage error");
 }
+
+#[test]
+fn slo_check_passes_a_good_ledger_and_flags_a_breach() {
+    let env = Env::new();
+    let o = origin(10, 5_000);
+    let lines: Vec<_> = (0..10)
+        .map(|i| job("w", &format!("a{i}"), &o.url(&format!("/f/doc-{i}.pdf"))))
+        .collect();
+    env.plan(&lines);
+    assert!(env.run_cmd().output().unwrap().status.success());
+    let ok = env
+        .idem()
+        .args(["slo", "check", "--json", "--window", "1h"])
+        .output()
+        .unwrap();
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
+    let r = json_of(&ok);
+    assert_eq!(r["ok"], true);
+    let success = r["slos"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "job_success")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (success["good"].as_u64(), success["total"].as_u64()),
+        (Some(10), Some(10))
+    );
+    // One failure in eleven is 91%: below 99.5%.
+    env.plan(&[job("w", "gone", &o.url("/f/nothing.pdf"))]);
+    let _ = env.run_cmd().output().unwrap();
+    let bad = env
+        .idem()
+        .args(["slo", "check", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        bad.status.code(),
+        Some(4),
+        "a breach exits 4: {}",
+        text(&bad)
+    );
+    let r = json_of(&bad);
+    let success = r["slos"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "job_success")
+        .unwrap()
+        .clone();
+    assert_eq!(success["status"], "breach");
+    let lease = r["slos"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "lease_acquisition_latency")
+        .unwrap()
+        .clone();
+    assert_eq!(lease["status"], "not_in_ledger");
+}

@@ -67,18 +67,20 @@ pub(crate) fn check(g: &Global, a: &SloCheckArgs) -> anyhow::Result<u8> {
         now.as_millis()
             .saturating_sub(i64::try_from(window_s * 1000).unwrap_or(i64::MAX)),
     );
-    // One pass over the ledger: the jobs that finished inside the window.
-    let mut finished: Vec<Job> = Vec::new();
+    // One pass over the ledger, in pages, keeping only what the SLIs need.
+    let mut w = Window::default();
     let mut after: Option<JobKey> = None;
     loop {
         let page = store.scan(None, after.as_ref(), 2000)?;
         let Some(last) = page.last().map(|j| j.key) else {
             break;
         };
-        finished.extend(
-            page.into_iter()
-                .filter(|j| j.state.is_terminal() && j.finished_at.is_some_and(|f| f >= since)),
-        );
+        for j in page
+            .iter()
+            .filter(|j| j.state.is_terminal() && j.finished_at.is_some_and(|f| f >= since))
+        {
+            w.add(j);
+        }
         after = Some(last);
     }
     let st = store.status(now)?;
@@ -86,7 +88,7 @@ pub(crate) fn check(g: &Global, a: &SloCheckArgs) -> anyhow::Result<u8> {
     let mut all_ok = true;
     for slo in &spec.slos {
         let target = slo.objective / 100.0;
-        let o = compute(&slo.name, slo.threshold_seconds, &finished, &st);
+        let o = compute(&slo.name, slo.threshold_seconds, &mut w, &st);
         let status = match (&o, o.as_ref().and_then(|o| o.sli)) {
             (None, _) => "not_in_ledger",
             (Some(_), None) => "no_data",
@@ -117,8 +119,7 @@ pub(crate) fn check(g: &Global, a: &SloCheckArgs) -> anyhow::Result<u8> {
     } else {
         println!(
             "SLOs over the last {} (jobs finished in the window: {})",
-            a.window,
-            finished.len()
+            a.window, w.finished
         );
         for r in &rows {
             let sli = r["sli"]
@@ -146,68 +147,66 @@ fn ratio(good: u64, total: u64, detail: String) -> Outcome {
     }
 }
 
+/// What the SLIs need from the jobs that finished in the window.
+#[derive(Default)]
+struct Window {
+    finished: u64,
+    succeeded: u64,
+    /// Plan → finish time (ms) of each successful job.
+    success_ages_ms: Vec<u64>,
+    /// Jobs leased more than once, and those of them that failed because
+    /// their holders kept dying.
+    relet: u64,
+    relet_exhausted: u64,
+}
+
+impl Window {
+    fn add(&mut self, j: &Job) {
+        self.finished += 1;
+        if j.state.is_success() {
+            self.succeeded += 1;
+            if let Some(f) = j.finished_at {
+                self.success_ages_ms.push(f.millis_since(j.created_at));
+            }
+        }
+        if j.epoch.0 > 1 {
+            self.relet += 1;
+            if j.state == JobState::Failed
+                && j.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("attempts_exhausted"))
+            {
+                self.relet_exhausted += 1;
+            }
+        }
+    }
+}
+
 fn compute(
     name: &str,
     threshold_s: Option<f64>,
-    finished: &[Job],
+    w: &mut Window,
     st: &idem_core::StatusCounts,
 ) -> Option<Outcome> {
     match name {
-        "job_success" => {
-            let good = finished.iter().filter(|j| j.state.is_success()).count() as u64;
-            Some(ratio(
-                good,
-                finished.len() as u64,
-                "finalized or skipped_duplicate, of jobs finished in the window".into(),
-            ))
-        }
+        "job_success" => Some(ratio(w.succeeded, w.finished, "finalized or skipped_duplicate, of jobs finished in the window".into())),
         "plan_to_finalize_latency" => {
             let limit_ms = (threshold_s.unwrap_or(120.0) * 1000.0) as u64;
-            let mut ages: Vec<u64> = finished
-                .iter()
-                .filter(|j| j.state.is_success())
-                .filter_map(|j| j.finished_at.map(|f| f.millis_since(j.created_at)))
-                .collect();
+            let ages = &mut w.success_ages_ms;
             ages.sort_unstable();
             let good = ages.iter().filter(|a| **a <= limit_ms).count() as u64;
-            let p95 = ages
-                .get((ages.len() * 95).div_ceil(100).saturating_sub(1))
-                .map(|ms| *ms as f64 / 1000.0);
-            Some(ratio(
-                good,
-                ages.len() as u64,
-                format!(
-                    "p95 {} s, threshold {} s",
-                    p95.map_or_else(|| "-".into(), |v| format!("{v:.1}")),
-                    limit_ms / 1000
-                ),
-            ))
+            let p95 = ages.get((ages.len() * 95).div_ceil(100).saturating_sub(1)).map(|ms| *ms as f64 / 1000.0);
+            Some(ratio(good, ages.len() as u64, format!("p95 {} s, threshold {} s", p95.map_or_else(|| "-".into(), |v| format!("{v:.1}")), limit_ms / 1000)))
         }
         "replay_ratio" => {
             let total = st.ops_started + st.replays;
-            Some(ratio(
-                st.ops_started,
-                total,
-                format!(
-                    "{} replays of {} op requests (whole ledger)",
-                    st.replays, total
-                ),
-            ))
+            Some(ratio(st.ops_started, total, format!("{} replays of {} op requests (whole ledger)", st.replays, total)))
         }
-        "crash_recovery" => {
-            let relet: Vec<&Job> = finished.iter().filter(|j| j.epoch.0 > 1).collect();
-            let bad = relet
-                .iter()
-                .filter(|j| {
-                    j.state == JobState::Failed
-                        && j.last_error
-                            .as_deref()
-                            .is_some_and(|e| e.starts_with("attempts_exhausted"))
-                })
-                .count() as u64;
-            let total = relet.len() as u64;
-            Some(ratio(total - bad, total, format!("jobs leased more than once that did not fail for exhausted attempts ({total} in window)")))
-        }
+        "crash_recovery" => Some(ratio(
+            w.relet - w.relet_exhausted,
+            w.relet,
+            format!("jobs leased more than once that did not fail for exhausted attempts ({} in window)", w.relet),
+        )),
         _ => None,
     }
 }

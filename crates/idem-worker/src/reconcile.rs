@@ -84,16 +84,30 @@ pub fn reconcile<S: Store + ?Sized>(
     };
     let now = clock.now();
 
-    // 1. Expired leases.
-    let expired = store.expired_leases(now, usize::MAX >> 1)?;
-    for job in expired {
-        rep.expired_leases += 1;
-        if !opts.dry_run {
-            match store.apply(&job.key, Command::Expire, now) {
-                Ok(a) => sink.emit(&a.events),
-                // Someone took it over meanwhile: nothing to repair.
-                Err(StoreError::Refused { .. }) => rep.expired_leases -= 1,
-                Err(e) => return Err(e),
+    // 1. Expired leases, a page at a time (each repaired one leaves the set).
+    if opts.dry_run {
+        rep.expired_leases = store.status(now)?.expired_leases;
+    } else {
+        loop {
+            let page = store.expired_leases(now, PAGE)?;
+            if page.is_empty() {
+                break;
+            }
+            let mut progressed = false;
+            for job in page {
+                match store.apply(&job.key, Command::Expire, now) {
+                    Ok(a) => {
+                        sink.emit(&a.events);
+                        rep.expired_leases += 1;
+                        progressed = true;
+                    }
+                    // Someone took it over meanwhile: nothing to repair.
+                    Err(StoreError::Refused { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if !progressed {
+                break;
             }
         }
     }
@@ -206,24 +220,30 @@ pub fn reconcile<S: Store + ?Sized>(
         }
     }
 
-    // 5. Finished jobs whose blob is gone.
-    let mut missing: Vec<(JobKey, String)> = Vec::new();
+    // 5. Finished jobs whose blob is gone, repaired page by page.
     for st in [JobState::Finalized, JobState::SkippedDuplicate] {
-        scan_all(store, st, |j| {
-            if let Some(b) = &j.blob {
-                if !out.root().join(&b.path).exists() {
-                    missing.push((j.key, b.path.clone()));
+        let mut after: Option<JobKey> = None;
+        loop {
+            let page = store.scan(Some(st), after.as_ref(), PAGE)?;
+            let Some(last) = page.last().map(|j| j.key) else {
+                break;
+            };
+            for j in page {
+                let Some(b) = &j.blob else { continue };
+                if out.root().join(&b.path).exists() {
+                    continue;
+                }
+                rep.blobs_missing_requeued += 1;
+                if !opts.dry_run {
+                    let reason = format!(
+                        "blob_missing: {} was not found under the output directory",
+                        b.path
+                    );
+                    let a = store.apply(&j.key, Command::Requeue { reason }, now)?;
+                    sink.emit(&a.events);
                 }
             }
-            Ok(())
-        })?;
-    }
-    for (key, path) in missing {
-        rep.blobs_missing_requeued += 1;
-        if !opts.dry_run {
-            let reason = format!("blob_missing: {path} was not found under the output directory");
-            let a = store.apply(&key, Command::Requeue { reason }, now)?;
-            sink.emit(&a.events);
+            after = Some(last);
         }
     }
     Ok(rep)
