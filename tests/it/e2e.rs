@@ -376,3 +376,35 @@ fn slo_check_passes_a_good_ledger_and_flags_a_breach() {
         .clone();
     assert_eq!(lease["status"], "not_in_ledger");
 }
+
+#[test]
+fn per_host_rate_spaces_requests_out() {
+    let env = Env::new();
+    let o = origin(6, 1_000);
+    let lines: Vec<_> = (0..6)
+        .map(|i| job("w", &format!("a{i}"), &o.url(&format!("/f/doc-{i}.pdf"))))
+        .collect();
+    env.plan(&lines);
+    // 12 requests (a HEAD and a GET each) at 10 per second cannot take less
+    // than 1.1 s, however fast the machine.
+    let started = std::time::Instant::now();
+    let out = env
+        .run_cmd()
+        .args([
+            "--per-host-rate",
+            "10",
+            "--concurrency",
+            "6",
+            "--per-host",
+            "6",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(1100),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(o.total(), 12);
+}
