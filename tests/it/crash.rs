@@ -116,25 +116,8 @@ fn resume_after_kill_fetches_only_the_rest() {
     let o = Origin::start([("big.pdf".to_owned(), body.clone())]).unwrap();
     // 600 chunks at 5 ms: about 3 s.
     env.plan(&[job("w", "big", &o.url("/slow/big.pdf?ms=5"))]);
-    let mut child = env.run_cmd().spawn().unwrap();
     // Kill once a good share of the body is on disk.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let size: u64 = std::fs::read_dir(env.out.join("tmp"))
-            .map(|rd| {
-                rd.filter_map(Result::ok)
-                    .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
-                    .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
-                    .sum()
-            })
-            .unwrap_or(0);
-        if size > 200 * 1024 || Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_mid_stream(&env, 200 * 1024);
     let out = env.run_cmd().output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let run = json_of(&out);

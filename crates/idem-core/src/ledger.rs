@@ -188,3 +188,55 @@ pub fn started(
 pub fn is_dead(op: &OpRecord, live_epoch: Option<Epoch>) -> bool {
     op.status == OpStatus::Started && live_epoch != Some(op.key.epoch)
 }
+
+/// The event a `begin_op` decision produces.
+pub fn begin_event(op: &OpKey, decision: &OpDecision) -> crate::event::EventKind {
+    use crate::event::EventKind;
+    match decision {
+        OpDecision::Run => EventKind::OperationStarted {
+            job_key: op.job,
+            op: op.kind,
+            epoch: op.epoch,
+        },
+        OpDecision::Replay { recorded_at, .. } => EventKind::IdempotencyReplay {
+            job_key: op.job,
+            op: op.kind,
+            epoch: op.epoch,
+            recorded_at: *recorded_at,
+        },
+    }
+}
+
+/// The row of a `started` op once its outcome is known, and the
+/// `operation_completed` event that reports it.
+pub fn finished(
+    rec: OpRecord,
+    outcome: Result<OpResult, crate::job::JobError>,
+    now: Timestamp,
+) -> (OpRecord, crate::event::EventKind) {
+    let bytes = match &outcome {
+        Ok(OpResult::Stream(si)) => Some(si.size.saturating_sub(si.resumed_from)),
+        _ => None,
+    };
+    let (status, result, error) = match outcome {
+        Ok(r) => (OpStatus::Committed, Some(r), None),
+        Err(e) => (OpStatus::Failed, None, Some(e.summary())),
+    };
+    let event = crate::event::EventKind::OperationCompleted {
+        job_key: rec.key.job,
+        op: rec.key.kind,
+        epoch: rec.key.epoch,
+        status,
+        elapsed_ms: now.millis_since(rec.started_at),
+        error: error.clone(),
+        bytes,
+    };
+    let rec = OpRecord {
+        status,
+        result,
+        error,
+        finished_at: Some(now),
+        ..rec
+    };
+    (rec, event)
+}

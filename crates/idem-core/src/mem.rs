@@ -100,29 +100,17 @@ impl MemStore {
         check_op_fence(job, op)?;
         let existing = g.ops.get(op).cloned();
         let decision = ledger::begin_op(existing.as_ref());
-        let ev = match &decision {
+        match &decision {
             OpDecision::Run => {
                 let rec = ledger::started(*op, owner.clone(), existing.as_ref(), now);
                 if existing.is_none() {
                     g.op_seq.push(*op);
                 }
                 g.ops.insert(*op, rec);
-                EventKind::OperationStarted {
-                    job_key: op.job,
-                    op: op.kind,
-                    epoch: op.epoch,
-                }
             }
-            OpDecision::Replay { recorded_at, .. } => {
-                g.replays += 1;
-                EventKind::IdempotencyReplay {
-                    job_key: op.job,
-                    op: op.kind,
-                    epoch: op.epoch,
-                    recorded_at: *recorded_at,
-                }
-            }
-        };
+            OpDecision::Replay { .. } => g.replays += 1,
+        }
+        let ev = ledger::begin_event(op, &decision);
         Ok(Applied {
             value: decision,
             events: vec![ev.at(now)],
@@ -155,34 +143,10 @@ impl MemStore {
                 events: vec![],
             },
         };
-        let stream_bytes = match &outcome {
-            Ok(OpResult::Stream(si)) => Some(si.size.saturating_sub(si.resumed_from)),
-            _ => None,
-        };
-        let (status, result, error) = match outcome {
-            Ok(r) => (OpStatus::Committed, Some(r), None),
-            Err(e) => (OpStatus::Failed, None, Some(e.summary())),
-        };
-        let mut events = vec![EventKind::OperationCompleted {
-            job_key: op.job,
-            op: op.kind,
-            epoch: op.epoch,
-            status,
-            elapsed_ms: now.millis_since(rec.started_at),
-            error: error.clone(),
-            bytes: stream_bytes,
-        }];
+        let (rec, completed) = ledger::finished(rec, outcome, now);
+        let mut events = vec![completed];
         events.extend(t.events);
-        g.ops.insert(
-            *op,
-            OpRecord {
-                status,
-                result,
-                error,
-                finished_at: Some(now),
-                ..rec
-            },
-        );
+        g.ops.insert(*op, rec);
         g.jobs.insert(op.job, t.job.clone());
         Ok(Applied {
             value: t.job,

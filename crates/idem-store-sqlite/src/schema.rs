@@ -664,29 +664,17 @@ pub(crate) fn begin_op(
     check_op_fence(&job, op)?;
     let existing = load_op(c, op)?;
     let decision = ledger::begin_op(existing.as_ref());
-    let ev = match &decision {
+    match &decision {
         OpDecision::Run => {
             save_op(
                 c,
                 &ledger::started(*op, owner.clone(), existing.as_ref(), now),
             )?;
             bump_counter(c, "op_runs")?;
-            EventKind::OperationStarted {
-                job_key: op.job,
-                op: op.kind,
-                epoch: op.epoch,
-            }
         }
-        OpDecision::Replay { recorded_at, .. } => {
-            bump_counter(c, "replays")?;
-            EventKind::IdempotencyReplay {
-                job_key: op.job,
-                op: op.kind,
-                epoch: op.epoch,
-                recorded_at: *recorded_at,
-            }
-        }
-    };
+        OpDecision::Replay { .. } => bump_counter(c, "replays")?,
+    }
+    let ev = ledger::begin_event(op, &decision);
     Ok(Applied {
         value: decision,
         events: vec![ev.at(now)],
@@ -714,34 +702,10 @@ pub(crate) fn finish_op(
         }
         None => (job, Vec::new()),
     };
-    let stream_bytes = match &outcome {
-        Ok(OpResult::Stream(si)) => Some(si.size.saturating_sub(si.resumed_from)),
-        _ => None,
-    };
-    let (status, result, error) = match outcome {
-        Ok(r) => (OpStatus::Committed, Some(r), None),
-        Err(e) => (OpStatus::Failed, None, Some(e.summary())),
-    };
-    let mut events = vec![EventKind::OperationCompleted {
-        job_key: op.job,
-        op: op.kind,
-        epoch: op.epoch,
-        status,
-        elapsed_ms: now.millis_since(rec.started_at),
-        error: error.clone(),
-        bytes: stream_bytes,
-    }];
+    let (rec, completed) = ledger::finished(rec, outcome, now);
+    let mut events = vec![completed];
     events.append(&mut t_events);
-    save_op(
-        c,
-        &OpRecord {
-            status,
-            result,
-            error,
-            finished_at: Some(now),
-            ..rec
-        },
-    )?;
+    save_op(c, &rec)?;
     if changed {
         update_job(c, &next)?;
     }
