@@ -408,3 +408,23 @@ fn per_host_rate_spaces_requests_out() {
     );
     assert_eq!(o.total(), 12);
 }
+
+#[test]
+fn the_demo_converges() {
+    let env = Env::new();
+    let dir = env.path("demo");
+    let out = std::process::Command::new(crate::support::IDEM)
+        .args(["demo", "--json", "--artifacts", "60", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let r = json_of(&out);
+    assert_eq!(r["requests_on_rerun"], 0);
+    assert_eq!(r["partial_files_left"], 0);
+    assert!(r["verified"].as_u64().unwrap() > 40, "{r}");
+    assert_eq!(
+        crate::support::terminal(&r["status"]),
+        r["status"]["total"].as_u64().unwrap()
+    );
+}
