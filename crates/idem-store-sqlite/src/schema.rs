@@ -82,7 +82,7 @@ CREATE TABLE counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 ) STRICT;
-INSERT INTO counters (name, value) VALUES ('fenced_writes', 0), ('replays', 0), ('op_runs', 0);
+INSERT INTO counters (name, value) VALUES ('fenced_writes', 0), ('replays', 0);
 "];
 
 pub(crate) fn map_err(e: rusqlite::Error) -> StoreError {
@@ -539,14 +539,19 @@ pub(crate) fn lease(
         update_job(c, &t.job)?;
         events.extend(t.events);
         if let Some(l) = &t.job.lease {
-            // The previous holders' unfinished ops died with their epochs.
-            let n = c
+            // The previous holders' unfinished ops died with their epochs
+            // (a first lease has no previous holder).
+            let n = if l.epoch.0 <= 1 {
+                0
+            } else {
+                c
                 .prepare_cached(
                     "UPDATE ops SET status = 'abandoned', finished_at = ?3 WHERE job_key = ?1 AND status = 'started' AND epoch < ?2",
                 )
                 .map_err(map_err)?
                 .execute(params![t.job.key.digest().as_bytes().as_slice(), i(l.epoch.0), now.as_millis()])
-                .map_err(map_err)? as u64;
+                .map_err(map_err)? as u64
+            };
             if n > 0 {
                 events.push(EventKind::CrashRecovery {
                     kind: "op_abandoned".into(),
@@ -670,7 +675,6 @@ pub(crate) fn begin_op(
                 c,
                 &ledger::started(*op, owner.clone(), existing.as_ref(), now),
             )?;
-            bump_counter(c, "op_runs")?;
         }
         OpDecision::Replay { .. } => bump_counter(c, "replays")?,
     }
@@ -870,16 +874,14 @@ pub(crate) fn status(c: &Connection, now: Timestamp) -> Result<StatusCounts, Sto
         .optional()
         .map_err(map_err)?
         .map_or(0, |v| u64::try_from(v).unwrap_or(0));
-    // Counters, not scans: status is polled while runs go on.
+    // Op rows are never deleted, so the largest rowid counts them in O(1)
+    // (restarts of an op under the same lease are not counted).
     s.ops_started = c
-        .query_row(
-            "SELECT value FROM counters WHERE name = 'op_runs'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .optional()
-        .map_err(map_err)?
-        .map_or(0, |v| u64::try_from(v).unwrap_or(0));
+        .query_row("SELECT coalesce(max(id), 0) FROM ops", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .map(|v| u64::try_from(v).unwrap_or(0))
+        .map_err(map_err)?;
     s.fenced_writes = c
         .query_row(
             "SELECT value FROM counters WHERE name = 'fenced_writes'",
