@@ -54,18 +54,26 @@ fn refused(job: JobKey, error: TransitionError) -> StoreError {
 /// Checks that `op`'s epoch is the job's live lease, the shared fence of
 /// `begin_op` and `finish_op`.
 pub fn check_op_fence(job: &Job, op: &OpKey) -> Result<(), StoreError> {
-    match &job.lease {
-        Some(l) if l.epoch == op.epoch => Ok(()),
-        other => Err(refused(
-            job.key,
-            TransitionError::Fenced {
-                presented: op.epoch,
-                current: other
-                    .as_ref()
-                    .map_or_else(|| "none".to_owned(), |l| l.epoch.to_string()),
-            },
-        )),
+    check_epoch_fence(job.key, job.lease.as_ref().map(|l| l.epoch), op)
+}
+
+/// The fence of an op given only the epoch of the job's current lease
+/// (`None`: not held), for stores that read just that column.
+pub fn check_epoch_fence(
+    job: JobKey,
+    current: Option<crate::job::Epoch>,
+    op: &OpKey,
+) -> Result<(), StoreError> {
+    if current == Some(op.epoch) {
+        return Ok(());
     }
+    Err(refused(
+        job,
+        TransitionError::Fenced {
+            presented: op.epoch,
+            current: current.map_or_else(|| "none".to_owned(), |e| e.to_string()),
+        },
+    ))
 }
 
 impl MemStore {

@@ -5,7 +5,7 @@
 
 use crate::{Durability, Options};
 use idem_core::ledger::{self, OpStatus};
-use idem_core::mem::{check_op_fence, failure_reason};
+use idem_core::mem::{check_epoch_fence, check_op_fence, failure_reason};
 use idem_core::plan;
 use idem_core::ports::{Applied, LeaseRequest, StatusCounts, Step, StepOutput, StoreError};
 use idem_core::{
@@ -665,8 +665,18 @@ pub(crate) fn begin_op(
     owner: &WorkerId,
     now: Timestamp,
 ) -> Result<Applied<OpDecision>, StoreError> {
-    let job = must_job(c, &op.job)?;
-    check_op_fence(&job, op)?;
+    // Only the fence is needed here: read one column, not the whole row.
+    let epoch: Option<Option<i64>> = c
+        .prepare_cached("SELECT lease_epoch FROM jobs WHERE key = ?1")
+        .map_err(map_err)?
+        .query_row([op.job.digest().as_bytes().as_slice()], |r| r.get(0))
+        .optional()
+        .map_err(map_err)?;
+    let Some(epoch) = epoch else {
+        return Err(StoreError::NotFound(op.job));
+    };
+    let current = epoch.and_then(|e| u64::try_from(e).ok()).map(Epoch);
+    check_epoch_fence(op.job, current, op)?;
     let existing = load_op(c, op)?;
     let decision = ledger::begin_op(existing.as_ref());
     match &decision {
