@@ -332,3 +332,96 @@ fn cli_reference_is_current() {
     let current = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(current == md, "docs/cli.md is stale: run `IDEM_UPDATE_DOCS=1 cargo test -p idem-cli --test it cli_reference`");
 }
+
+/// The structure of a JSON value: keys and value types, with values
+/// (timestamps, keys, digests) left out so the snapshot is stable.
+fn shape(v: &serde_json::Value, indent: usize, out: &mut String) {
+    use serde_json::Value;
+    let pad = "  ".repeat(indent);
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                let t = match v {
+                    Value::Object(_) => "object",
+                    Value::Array(_) => "array",
+                    Value::String(_) => "string",
+                    Value::Number(_) => "number",
+                    Value::Bool(_) => "bool",
+                    Value::Null => "null",
+                };
+                out.push_str(&format!("{pad}{k}: {t}\n"));
+                match v {
+                    Value::Object(_) => shape(v, indent + 1, out),
+                    Value::Array(a) if a.first().is_some_and(Value::is_object) => {
+                        shape(&a[0], indent + 1, out)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        other => out.push_str(&format!("{pad}{other}\n")),
+    }
+}
+
+#[test]
+fn json_output_shapes() {
+    let env = Env::new();
+    let o =
+        idem_origin::Origin::start([("a.pdf".to_owned(), idem_origin::content(1, 5000))]).unwrap();
+    let p = env.write_plan(&[
+        job("w", "a", &o.url("/f/a.pdf")),
+        job("w", "b", &o.url("/f/gone.pdf")),
+    ]);
+    let mut all = String::new();
+    let mut add = |name: &str, out: std::process::Output| {
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{name}: {e}: {}", text(&out)));
+        all.push_str(&format!("== {name}\n"));
+        shape(&v, 1, &mut all);
+    };
+    add(
+        "plan --json",
+        env.idem()
+            .args(["plan", "--json"])
+            .arg(&p)
+            .output()
+            .unwrap(),
+    );
+    add("run --json", env.run_cmd().output().unwrap());
+    add(
+        "status --json",
+        env.idem().args(["status", "--json"]).output().unwrap(),
+    );
+    add(
+        "show --json",
+        env.idem().args(["show", "--json", "w/a"]).output().unwrap(),
+    );
+    add(
+        "reconcile --json",
+        env.idem().args(["reconcile", "--json"]).output().unwrap(),
+    );
+    add(
+        "retry --json",
+        env.idem()
+            .args(["retry", "--json", "--failed"])
+            .output()
+            .unwrap(),
+    );
+    add(
+        "slo check --json",
+        env.idem()
+            .args(["slo", "check", "--json"])
+            .output()
+            .unwrap(),
+    );
+    let line = env.idem().args(["export"]).output().unwrap();
+    let first = line.stdout.split(|b| *b == b'\n').next().unwrap().to_vec();
+    add(
+        "export (one line)",
+        std::process::Output {
+            stdout: first,
+            ..line
+        },
+    );
+    insta::assert_snapshot!(all);
+}

@@ -354,6 +354,8 @@ pub(crate) fn status_json(st: &idem_core::StatusCounts) -> serde_json::Value {
         "oldest_due_age_seconds": st.oldest_due_age_ms.map(|ms| ms as f64 / 1000.0),
         "failures_by_reason": st.failures_by_reason,
         "fenced_writes": st.fenced_writes,
+        "ops_started": st.ops_started,
+        "replays": st.replays,
     })
 }
 
