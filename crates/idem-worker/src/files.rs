@@ -78,8 +78,8 @@ impl OutDir {
     pub fn prepare(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
         let me = Self { root };
-        fs::create_dir_all(me.tmp_dir())?;
-        fs::create_dir_all(me.blob_root())?;
+        create_dir_durable(&me.tmp_dir())?;
+        create_dir_durable(&me.blob_root())?;
         me.check_same_filesystem()?;
         Ok(me)
     }
@@ -257,6 +257,26 @@ pub fn hash_file(path: &Path) -> io::Result<(Digest32, u64)> {
     Ok((Digest32::from_bytes(h.finalize().into()), n_total))
 }
 
+/// Creates `dir` and any missing parents, fsyncing each parent that gained
+/// an entry: a new fan-out directory must itself survive a power loss, or
+/// the blob linked into it goes with it.
+pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    // A relative path's last parent is empty: the current directory.
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    create_dir_durable(parent)?;
+    match fs::create_dir(dir) {
+        Ok(()) => sync_dir(parent),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// fsyncs a directory, so a rename into (or out of) it is durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -281,7 +301,7 @@ pub fn publish(out: &OutDir, part: &Path, sha: Digest32, size: u64) -> io::Resul
     let dir = dest
         .parent()
         .ok_or_else(|| io::Error::other("blob path has no parent"))?;
-    fs::create_dir_all(dir)?;
+    create_dir_durable(dir)?;
     set_read_only(part);
     match fs::hard_link(part, &dest) {
         Ok(()) => {}
@@ -456,5 +476,64 @@ impl Drop for PartWriter {
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_links_once_and_reports_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = OutDir::prepare(dir.path().join("out")).unwrap();
+        let body = b"same bytes";
+        let sha = Digest32::of(body);
+        let part_a = out.part_path(&idem_core::job_key_of("w", "a"), 1);
+        let part_b = out.part_path(&idem_core::job_key_of("w", "b"), 1);
+        fs::write(&part_a, body).unwrap();
+        fs::write(&part_b, body).unwrap();
+        assert!(matches!(
+            publish(&out, &part_a, sha, 10).unwrap(),
+            Published::New(_)
+        ));
+        assert!(matches!(
+            publish(&out, &part_b, sha, 10).unwrap(),
+            Published::AlreadyStored(_)
+        ));
+        assert!(!part_a.exists() && !part_b.exists(), "parts are gone");
+        let stored = out.blob_path(&sha);
+        assert_eq!(fs::read(&stored).unwrap(), body);
+        assert!(fs::metadata(&stored).unwrap().permissions().readonly());
+    }
+
+    #[test]
+    fn directories_are_created_from_relative_and_absolute_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("a/b/c");
+        create_dir_durable(&deep).unwrap();
+        assert!(deep.is_dir());
+        create_dir_durable(&deep).unwrap();
+        // Relative to the current directory, as `--out artifacts` is.
+        let top = format!("idem-worker-test-{}", std::process::id());
+        let rel = PathBuf::from(&top).join("x/y");
+        create_dir_durable(&rel).unwrap();
+        assert!(rel.is_dir());
+        fs::remove_dir_all(&top).unwrap();
+    }
+
+    #[test]
+    fn part_names_parse_and_refuse_strangers() {
+        let k = idem_core::job_key_of("w", "a");
+        let p = PathBuf::from(format!("/x/tmp/{}.e7.part", k.to_hex()));
+        assert_eq!(
+            parse_part_name(&p),
+            Some(PartName {
+                job: k.to_hex(),
+                epoch: 7
+            })
+        );
+        assert_eq!(parse_part_name(Path::new("/x/tmp/notes.part")), None);
+        assert_eq!(parse_part_name(Path::new("/x/tmp/abc.e1.part")), None);
     }
 }
