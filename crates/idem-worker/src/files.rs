@@ -331,7 +331,7 @@ fn set_read_only(_: &Path) {}
 pub type Chunk = Box<dyn AsRef<[u8]> + Send>;
 
 pub struct PartWriter {
-    tx: Option<std::sync::mpsc::SyncSender<Chunk>>,
+    tx: Option<tokio::sync::mpsc::Sender<Chunk>>,
     handle: Option<std::thread::JoinHandle<io::Result<(Digest32, u64)>>>,
 }
 
@@ -401,25 +401,37 @@ impl PartWriter {
         mut hasher: Sha256,
         sidecar: Option<Sidecar>,
     ) -> Self {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(48);
+        // Bounded: a full queue means the disk is behind, and the sender
+        // waits asynchronously (backpressure on the network read).
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(48);
         let handle = std::thread::spawn(move || -> io::Result<(Digest32, u64)> {
             use std::io::Seek;
             file.seek(io::SeekFrom::Start(offset))?;
             // Early writeback runs on its own thread, so the disk flushes
             // while the network keeps streaming; the final fsync then has
             // little left to do. It reports how far it got for the sidecar.
-            let syncer = Syncer::start(file.try_clone()?, part.clone(), sidecar.clone());
+            // Started on the first writeback: small bodies never need one.
+            let mut syncer: Option<Syncer> = None;
             let mut sidecar = sidecar;
             let mut written = offset;
             let mut since_sync = 0u64;
-            for chunk in rx {
+            while let Some(chunk) = rx.blocking_recv() {
                 let chunk = (*chunk).as_ref();
                 file.write_all(chunk)?;
                 hasher.update(chunk);
                 written += chunk.len() as u64;
                 since_sync += chunk.len() as u64;
                 if since_sync >= SYNC_EVERY {
-                    syncer.request(written);
+                    if syncer.is_none() {
+                        syncer = Some(Syncer::start(
+                            file.try_clone()?,
+                            part.clone(),
+                            sidecar.clone(),
+                        ));
+                    }
+                    if let Some(s) = &syncer {
+                        s.request(written);
+                    }
                     since_sync = 0;
                 }
             }
@@ -440,19 +452,9 @@ impl PartWriter {
     /// Queues a chunk. Returns false when the writer has failed (its error
     /// comes from [`PartWriter::finish`]).
     pub async fn write(&mut self, chunk: Chunk) -> bool {
-        let Some(tx) = self.tx.clone() else {
-            return false;
-        };
-        // The channel is bounded; a full one means the disk is behind, so
-        // wait on a blocking thread rather than stall the runtime.
-        match tx.try_send(chunk) {
-            Ok(()) => true,
-            Err(std::sync::mpsc::TrySendError::Full(c)) => {
-                tokio::task::spawn_blocking(move || tx.send(c).is_ok())
-                    .await
-                    .unwrap_or(false)
-            }
-            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => false,
+        match &self.tx {
+            Some(tx) => tx.send(chunk).await.is_ok(),
+            None => false,
         }
     }
 
