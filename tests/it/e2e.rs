@@ -428,3 +428,95 @@ fn the_demo_converges() {
         r["status"]["total"].as_u64().unwrap()
     );
 }
+
+/// TLS is always verified: a self-signed certificate is refused, and the
+/// job fails with a reason that names the certificate problem.
+#[test]
+fn an_unverifiable_certificate_is_refused() {
+    let env = Env::new();
+    let dir = env.path("tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    let gen = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .arg("-keyout")
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .output();
+    if !gen.as_ref().is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: openssl is needed to make a self-signed certificate");
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let script = format!(
+        "import http.server, ssl\n\
+         s = http.server.HTTPServer(('127.0.0.1', {port}), http.server.SimpleHTTPRequestHandler)\n\
+         c = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); c.load_cert_chain('{}', '{}')\n\
+         s.socket = c.wrap_socket(s.socket, server_side=True)\n\
+         s.serve_forever()\n",
+        dir.join("cert.pem").display(),
+        dir.join("key.pem").display()
+    );
+    let Ok(mut server) = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    else {
+        eprintln!("skipped: python3 is needed for the TLS origin");
+        return;
+    };
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+        && started.elapsed().as_secs() < 10
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let p = env.write_plan(&[job(
+        "w",
+        "tls",
+        &format!("https://127.0.0.1:{port}/cert.pem"),
+    )]);
+    assert!(env
+        .idem()
+        .args(["plan", "--max-attempts", "1"])
+        .arg(&p)
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let out = env.run_cmd().output().unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let j = env.show("w/tls");
+    assert_eq!(j["state"], "failed");
+    let e = j["last_error"].as_str().unwrap().to_ascii_lowercase();
+    assert!(
+        e.contains("certificate") || e.contains("tls") || e.contains("unknownissuer"),
+        "{e}"
+    );
+    assert!(
+        std::fs::read_dir(env.out.join("blobs/sha256"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "nothing published"
+    );
+}
