@@ -379,6 +379,24 @@ fn map_reqwest(e: &reqwest::Error, url: &str) -> FetchError {
         }
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
             io_kind.get_or_insert(io.kind());
+            // rustls errors travel inside (nested) io::Errors, which hide
+            // them from `source()`; a certificate or protocol refusal will
+            // not get better by retrying.
+            let mut inner = io.get_ref();
+            while let Some(e) = inner {
+                if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+                    return FetchError::new(
+                        FetchErrorKind::Policy,
+                        format!("{url}: TLS refused: {tls}"),
+                    );
+                }
+                inner = e
+                    .downcast_ref::<std::io::Error>()
+                    .and_then(std::io::Error::get_ref);
+            }
+        }
+        if let Some(tls) = s.downcast_ref::<rustls::Error>() {
+            return FetchError::new(FetchErrorKind::Policy, format!("{url}: TLS refused: {tls}"));
         }
         src = s.source();
     }
