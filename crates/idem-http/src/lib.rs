@@ -370,36 +370,41 @@ fn status_error(resp: &reqwest::Response, url: &str) -> FetchError {
     e
 }
 
-fn map_reqwest(e: &reqwest::Error, url: &str) -> FetchError {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    let mut io_kind = None;
+/// Finds an error of type `T` in a chain, looking through `source()` and
+/// inside `io::Error`s (which hide what they wrap from `source()`).
+fn find_in_chain<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut src = Some(e);
     while let Some(s) = src {
-        if let Some(r) = s.downcast_ref::<RefusedAddress>() {
-            return FetchError::new(FetchErrorKind::Policy, format!("{url}: {r}"));
+        if let Some(t) = s.downcast_ref::<T>() {
+            return Some(t);
         }
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            io_kind.get_or_insert(io.kind());
-            // rustls errors travel inside (nested) io::Errors, which hide
-            // them from `source()`; a certificate or protocol refusal will
-            // not get better by retrying.
-            let mut inner = io.get_ref();
-            while let Some(e) = inner {
-                if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-                    return FetchError::new(
-                        FetchErrorKind::Policy,
-                        format!("{url}: TLS refused: {tls}"),
-                    );
-                }
-                inner = e
-                    .downcast_ref::<std::io::Error>()
-                    .and_then(std::io::Error::get_ref);
+        let mut inner = s
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref);
+        while let Some(i) = inner {
+            if let Some(t) = i.downcast_ref::<T>() {
+                return Some(t);
             }
-        }
-        if let Some(tls) = s.downcast_ref::<rustls::Error>() {
-            return FetchError::new(FetchErrorKind::Policy, format!("{url}: TLS refused: {tls}"));
+            inner = i
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref);
         }
         src = s.source();
     }
+    None
+}
+
+fn map_reqwest(e: &reqwest::Error, url: &str) -> FetchError {
+    if let Some(r) = find_in_chain::<RefusedAddress>(e) {
+        return FetchError::new(FetchErrorKind::Policy, format!("{url}: {r}"));
+    }
+    // A certificate or protocol refusal will not get better by retrying.
+    if let Some(tls) = find_in_chain::<rustls::Error>(e) {
+        return FetchError::new(FetchErrorKind::Policy, format!("{url}: TLS refused: {tls}"));
+    }
+    let io_kind = find_in_chain::<std::io::Error>(e).map(std::io::Error::kind);
     let detail = format!("{url}: {}", error_chain(e));
     let kind = if e.is_timeout() || io_kind == Some(std::io::ErrorKind::TimedOut) {
         FetchErrorKind::Timeout
@@ -560,6 +565,21 @@ impl Http for HttpClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_found_inside_nested_io_errors() {
+        let refused = RefusedAddress("x resolves to 10.0.0.1".into());
+        let inner = std::io::Error::new(std::io::ErrorKind::InvalidData, refused);
+        let outer = std::io::Error::other(inner);
+        let found = find_in_chain::<RefusedAddress>(&outer).expect("found through two io::Errors");
+        assert!(found.0.contains("10.0.0.1"));
+        let plain = std::io::Error::other("nothing special");
+        assert!(find_in_chain::<RefusedAddress>(&plain).is_none());
+        assert_eq!(
+            find_in_chain::<std::io::Error>(&outer).map(std::io::Error::kind),
+            Some(std::io::ErrorKind::Other)
+        );
+    }
 
     #[test]
     fn addresses_refused_by_default() {
