@@ -377,3 +377,85 @@ fn content_changed_since_the_crash_is_fetched_afresh() {
     );
     assert_eq!(check_blobs(&env.out), 1);
 }
+
+/// Crash right after publishing, before the commit: the blob is on disk but
+/// the ledger says streaming. The reconciler heals it without a request.
+#[test]
+fn a_publish_whose_commit_was_lost_is_healed_by_the_reconciler() {
+    let env = Env::new();
+    let o = Origin::start([("h.pdf".to_owned(), content(21, 50_000))]).unwrap();
+    env.plan(&[job("w", "h", &o.url("/f/h.pdf"))]);
+    let crashed = env
+        .run_cmd()
+        .args(["--lease-ttl", "1"])
+        .env("IDEM_CRASHPOINT", "after_publish")
+        .output()
+        .unwrap();
+    assert!(!crashed.status.success(), "the crash point aborted the run");
+    assert_eq!(env.show("w/h")["state"], "streaming");
+    assert_eq!(check_blobs(&env.out), 1, "the blob was published");
+    std::thread::sleep(Duration::from_millis(1200));
+    let before = o.total();
+    let r = json_of(&env.idem().args(["reconcile", "--json"]).output().unwrap());
+    assert_eq!(r["blobs_healed"], 1, "{r}");
+    let j = env.show("w/h");
+    assert_eq!(j["state"], "finalized");
+    assert_eq!(o.total(), before, "healed without a request");
+    assert!(leftovers(&env.out).is_empty(), "{:?}", leftovers(&env.out));
+}
+
+/// Crash right after STREAM's commit, before publishing: the next holder
+/// adopts the complete part and publishes it without fetching again.
+#[test]
+fn a_committed_stream_is_published_by_the_next_holder_without_a_refetch() {
+    let env = Env::new();
+    let body = content(22, 400 * 1024);
+    let o = Origin::start([("s.pdf".to_owned(), body.clone())]).unwrap();
+    env.plan(&[job("w", "s", &o.url("/f/s.pdf"))]);
+    let crashed = env
+        .run_cmd()
+        .env("IDEM_CRASHPOINT", "after_stream_commit")
+        .output()
+        .unwrap();
+    assert!(!crashed.status.success());
+    let gets_before = o.gets("/f/s.pdf");
+    let out = env.run_cmd().output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let j = env.show("w/s");
+    assert_eq!(j["state"], "finalized");
+    assert_eq!(j["sha256"], idem_core::Digest32::of(&body).to_hex());
+    assert_eq!(
+        o.gets("/f/s.pdf"),
+        gets_before,
+        "the body was not fetched again"
+    );
+    assert_eq!(check_blobs(&env.out), 1);
+}
+
+/// A finalized job whose blob disappeared is re-queued and fetched again.
+#[test]
+fn a_missing_blob_is_requeued_and_restored() {
+    let env = Env::new();
+    let o = Origin::start([("m.pdf".to_owned(), content(23, 30_000))]).unwrap();
+    env.plan(&[job("w", "m", &o.url("/f/m.pdf"))]);
+    assert!(env.run_cmd().output().unwrap().status.success());
+    let path = env.out.join(env.show("w/m")["path"].as_str().unwrap());
+    std::fs::remove_file(&path).unwrap();
+    let dry = json_of(
+        &env.idem()
+            .args(["reconcile", "--dry-run", "--json"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(dry["blobs_missing_requeued"], 1);
+    assert_eq!(
+        env.show("w/m")["state"],
+        "finalized",
+        "dry run changes nothing"
+    );
+    let out = env.run_cmd().output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(env.show("w/m")["state"], "finalized");
+    assert!(path.exists(), "restored");
+    assert_eq!(check_blobs(&env.out), 1);
+}

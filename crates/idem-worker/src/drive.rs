@@ -444,6 +444,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                             },
                         ])
                         .await?;
+                    crashpoint("after_stream_commit");
                     (si, d)
                 }
                 Err(StreamErr::Abort(a)) => return Err(a),
@@ -512,6 +513,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             tokio::task::spawn_blocking(move || files::publish(&out, &p, si.sha256, si.size))
                 .await
                 .map_err(|e| Abort::Store(StoreError::Backend(e.to_string())))?;
+        crashpoint("after_publish");
         match published {
             Ok(Published::New(blob)) => {
                 self.finish(
@@ -678,6 +680,15 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             size,
             resumed_from: offset,
         })
+    }
+}
+
+/// Aborts the process at a named point when `IDEM_CRASHPOINT` names it: the
+/// crash tests use it to hit the windows between an effect and its commit
+/// deterministically (kill -9 at random instants hits them by chance).
+fn crashpoint(name: &str) {
+    if std::env::var_os("IDEM_CRASHPOINT").is_some_and(|v| v == name) {
+        std::process::abort();
     }
 }
 
