@@ -67,9 +67,17 @@ impl CanonicalUrl {
             });
         }
         url.set_fragment(None);
-        let path = normalise_percent(url.path());
-        url.set_path(&path);
-        if let Some(q) = url.query().map(normalise_percent) {
+        // Most URLs have no escapes to normalise; re-setting a component
+        // re-serialises the whole URL, so only do it when something changed.
+        if url.path().contains('%') {
+            let path = normalise_percent(url.path());
+            url.set_path(&path);
+        }
+        if let Some(q) = url
+            .query()
+            .filter(|q| q.contains('%'))
+            .map(normalise_percent)
+        {
             url.set_query(Some(&q));
         }
         let s = String::from(url);
