@@ -118,6 +118,11 @@ fn resume_after_kill_fetches_only_the_rest() {
     env.plan(&[job("w", "big", &o.url("/slow/big.pdf?ms=5"))]);
     // Kill once a good share of the body is on disk.
     kill_mid_stream(&env, 200 * 1024);
+    // The layout an operator sees: <out>/tmp/<job key>.part and its sidecar.
+    let key = env.show("w/big")["job_key"].as_str().unwrap().to_owned();
+    let left = leftovers(&env.out);
+    assert!(left.contains(&format!("{key}.part")), "{left:?}");
+    assert!(left.contains(&format!("{key}.part.json")), "{left:?}");
     let out = env.run_cmd().output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let run = json_of(&out);

@@ -412,7 +412,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             kind: OpKind::Stream,
             epoch,
         };
-        let part = self.out.part_path(&key, epoch.0);
+        let primary = self.out.part_path(&key);
         let decision = match begun {
             Some((op, d)) if op == sop => d,
             _ => self.begin(sop).await?,
@@ -422,12 +422,14 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             kind: OpKind::Finalize,
             epoch,
         };
+        // The part this holder writes (decided when streaming starts).
+        let mut chosen: Option<std::path::PathBuf> = None;
         let (si, fdecision) = match decision {
             OpDecision::Replay {
                 result: OpResult::Stream(si),
                 ..
-            } if part.exists() => (si, None),
-            _ => match self.stream(job, &part, fenced).await {
+            } if primary.exists() => (si, None),
+            _ => match self.stream(job, epoch, fenced, &mut chosen).await {
                 Ok(si) => {
                     // STREAM's result and FINALIZE's start: one commit, which
                     // also proves the lease is still ours right before publishing.
@@ -455,12 +457,14 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                     // A part that failed to write (a full disk, an I/O
                     // error) is not worth resuming and may be holding the
                     // space other jobs need.
+                    let part = chosen.clone().unwrap_or_else(|| primary.clone());
                     files::remove_part(&part);
                     let err = JobError::retryable("io", format!("writing {}: {e}", part.display()));
                     return self.fail(job, epoch, Some(sop), err).await;
                 }
             },
         };
+        let part = chosen.unwrap_or(primary);
         self.finalize(job, epoch, &part, si, fenced, fdecision)
             .await
     }
@@ -547,22 +551,24 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
     async fn stream(
         &self,
         job: &Job,
-        part: &Path,
+        epoch: Epoch,
         fenced: &AtomicBool,
+        chosen: &mut Option<std::path::PathBuf>,
     ) -> Result<StreamInfo, StreamErr> {
         let url = job.spec.url.to_string();
         let head = job.head.clone().unwrap_or_default();
-        let (file, mut offset, mut sidecar, mut hasher) = {
+        let (part, file, mut offset, mut sidecar, mut hasher) = {
             let out = self.out.clone();
             let key = job.key;
-            let part = part.to_path_buf();
             let url = url.clone();
             let head = head.clone();
-            tokio::task::spawn_blocking(move || prepare_part(&out, key, &part, &url, &head))
+            tokio::task::spawn_blocking(move || prepare_part(&out, key, epoch, &url, &head))
                 .await
                 .map_err(|e| StreamErr::Io(std::io::Error::other(e)))?
                 .map_err(StreamErr::Io)?
         };
+        *chosen = Some(part.clone());
+        let part = part.as_path();
         if offset > 0 && sidecar.length == Some(offset) {
             // A complete body from an earlier holder: nothing to fetch.
             return Ok(StreamInfo {
@@ -692,16 +698,18 @@ fn crashpoint(name: &str) {
     }
 }
 
-/// Opens this epoch's part, adopting the best earlier part of the same job
-/// that nobody holds and whose validators match. Returns the locked file,
-/// the resume offset, the sidecar and the hash of the prefix.
+/// Chooses and opens this holder's part, adopting the best earlier part of
+/// the same job that nobody holds and whose validators match. The part is
+/// `<job>.part`, or `<job>.e<epoch>.part` while a paused holder still locks
+/// that one. Returns the path, the locked file, the resume offset, the
+/// sidecar and the hash of the prefix.
 fn prepare_part(
     out: &OutDir,
     key: idem_core::JobKey,
-    part: &std::path::Path,
+    epoch: Epoch,
     url: &str,
     head: &HeadInfo,
-) -> std::io::Result<(std::fs::File, u64, Sidecar, Sha256)> {
+) -> std::io::Result<(std::path::PathBuf, std::fs::File, u64, Sidecar, Sha256)> {
     let fresh = Sidecar {
         url: url.to_owned(),
         etag: head.etag.clone(),
@@ -718,10 +726,13 @@ fn prepare_part(
                 (None, None) => false,
             }
     };
+    let primary = out.part_path(&key);
+    let mut primary_held = false;
     let mut best: Option<(std::path::PathBuf, Sidecar, std::fs::File)> = None;
-    for (p, _) in out.parts_of(&key, part)? {
+    for (p, _) in out.parts_of(&key, None)? {
         // A part still locked belongs to a live (perhaps paused) writer.
         let Ok(Some(f)) = files::open_locked(&p, false) else {
+            primary_held |= p == primary;
             continue;
         };
         match files::read_sidecar(&p) {
@@ -738,10 +749,17 @@ fn prepare_part(
             _ => files::remove_part(&p),
         }
     }
+    let target = if primary_held {
+        out.fallback_part_path(&key, epoch.0)
+    } else {
+        primary
+    };
     let mut hasher = Sha256::new();
     if let Some((old, sc, mut f)) = best {
-        std::fs::rename(&old, part)?;
-        let _ = std::fs::rename(OutDir::sidecar_path(&old), OutDir::sidecar_path(part));
+        if old != target {
+            std::fs::rename(&old, &target)?;
+            let _ = std::fs::rename(OutDir::sidecar_path(&old), OutDir::sidecar_path(&target));
+        }
         let len = f.metadata()?.len();
         // Same boot: the page cache kept every written byte through the
         // crash. Another boot: only what was fsynced is trustworthy.
@@ -754,13 +772,13 @@ fn prepare_part(
         f.set_len(offset)?;
         if files::hash_prefix(&mut f, offset, &mut hasher).is_err() {
             f.set_len(0)?;
-            return Ok((f, 0, fresh, Sha256::new()));
+            return Ok((target, f, 0, fresh, Sha256::new()));
         }
-        return Ok((f, offset, sc, hasher));
+        return Ok((target, f, offset, sc, hasher));
     }
-    let f = files::open_locked(part, true)?.ok_or_else(|| {
-        std::io::Error::other(format!("{} is locked by another process", part.display()))
+    let f = files::open_locked(&target, true)?.ok_or_else(|| {
+        std::io::Error::other(format!("{} is locked by another process", target.display()))
     })?;
     f.set_len(0)?;
-    Ok((f, 0, fresh, hasher))
+    Ok((target, f, 0, fresh, hasher))
 }

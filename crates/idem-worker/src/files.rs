@@ -2,15 +2,17 @@
 //! content-addressed blob store they are published into.
 //!
 //! ```text
-//! <out>/tmp/<job-key>.e<epoch>.part        body being written, locked (flock) by its writer
-//! <out>/tmp/<job-key>.e<epoch>.part.json   sidecar: URL, validators, bytes known durable
+//! <out>/tmp/<job-key>.part                 body being written, locked (flock) by its writer
+//! <out>/tmp/<job-key>.part.json            sidecar: URL, validators, bytes known durable, boot id
+//! <out>/tmp/<job-key>.e<epoch>.part        the same, when <job-key>.part is still locked
 //! <out>/blobs/sha256/<aa>/<bb>/<hex>       published content, read-only
 //! ```
 //!
-//! A part file is named by the lease epoch that writes it and locked while
-//! written, so a paused (fenced) writer and the holder that took over never
-//! share a file: the new holder adopts an old part only if it can take its
-//! lock, which a live (even stopped) process still holds.
+//! A part file is locked while written, so a paused (fenced) writer and the
+//! holder that took over never share one: the new holder adopts an old part
+//! only if it can take its lock, which a live (even stopped) process still
+//! holds; if `<job-key>.part` is held that way, the new holder writes
+//! `<job-key>.e<epoch>.part` instead.
 //!
 //! Publishing is: fsync the part, link it to its content address (same
 //! filesystem; a link never overwrites, so exactly one of two identical
@@ -69,7 +71,8 @@ impl Sidecar {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PartName {
     pub job: String,
-    pub epoch: u64,
+    /// Set for the fallback name `<job>.e<epoch>.part`.
+    pub epoch: Option<u64>,
 }
 
 impl OutDir {
@@ -117,7 +120,13 @@ impl OutDir {
         Ok(())
     }
 
-    pub fn part_path(&self, job: &JobKey, epoch: u64) -> PathBuf {
+    /// `<out>/tmp/<job-key>.part`, where a job's body is written.
+    pub fn part_path(&self, job: &JobKey) -> PathBuf {
+        self.tmp_dir().join(format!("{}.part", job.to_hex()))
+    }
+
+    /// The name used while `part_path` is locked by a paused holder.
+    pub fn fallback_part_path(&self, job: &JobKey, epoch: u64) -> PathBuf {
         self.tmp_dir()
             .join(format!("{}.e{epoch}.part", job.to_hex()))
     }
@@ -161,12 +170,16 @@ impl OutDir {
     }
 
     /// The parts of one job, other than `except`.
-    pub fn parts_of(&self, job: &JobKey, except: &Path) -> io::Result<Vec<(PathBuf, PartName)>> {
+    pub fn parts_of(
+        &self,
+        job: &JobKey,
+        except: Option<&Path>,
+    ) -> io::Result<Vec<(PathBuf, PartName)>> {
         let hex = job.to_hex();
         Ok(self
             .parts()?
             .into_iter()
-            .filter(|(p, n)| n.job == hex && p != except)
+            .filter(|(p, n)| n.job == hex && except != Some(p.as_path()))
             .collect())
     }
 }
@@ -174,13 +187,16 @@ impl OutDir {
 pub fn parse_part_name(p: &Path) -> Option<PartName> {
     let name = p.file_name()?.to_str()?;
     let stem = name.strip_suffix(".part")?;
-    let (job, epoch) = stem.split_once(".e")?;
+    let (job, epoch) = match stem.split_once(".e") {
+        Some((job, epoch)) => (job, Some(epoch.parse().ok()?)),
+        None => (stem, None),
+    };
     if job.len() != 64 || !job.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     Some(PartName {
         job: job.to_owned(),
-        epoch: epoch.parse().ok()?,
+        epoch,
     })
 }
 
@@ -491,8 +507,8 @@ mod tests {
         let out = OutDir::prepare(dir.path().join("out")).unwrap();
         let body = b"same bytes";
         let sha = Digest32::of(body);
-        let part_a = out.part_path(&idem_core::job_key_of("w", "a"), 1);
-        let part_b = out.part_path(&idem_core::job_key_of("w", "b"), 1);
+        let part_a = out.part_path(&idem_core::job_key_of("w", "a"));
+        let part_b = out.fallback_part_path(&idem_core::job_key_of("w", "b"), 3);
         fs::write(&part_a, body).unwrap();
         fs::write(&part_b, body).unwrap();
         assert!(matches!(
@@ -532,7 +548,15 @@ mod tests {
             parse_part_name(&p),
             Some(PartName {
                 job: k.to_hex(),
-                epoch: 7
+                epoch: Some(7)
+            })
+        );
+        let primary = PathBuf::from(format!("/x/tmp/{}.part", k.to_hex()));
+        assert_eq!(
+            parse_part_name(&primary),
+            Some(PartName {
+                job: k.to_hex(),
+                epoch: None
             })
         );
         assert_eq!(parse_part_name(Path::new("/x/tmp/notes.part")), None);

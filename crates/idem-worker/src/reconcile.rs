@@ -5,9 +5,8 @@
 //!    later states keep their progress for the next holder).
 //! 2. `started` ops whose epoch is no longer live are marked `abandoned`.
 //! 3. Part files nobody can use are removed: those of missing or terminal
-//!    jobs, and older parts of a job that has a newer one. A part locked by
-//!    a live process is never touched. Parts of unfinished jobs are kept:
-//!    the next holder resumes from them.
+//!    jobs. A part locked by a live process is never touched. Parts of
+//!    unfinished jobs are kept: the next holder resumes from them.
 //! 4. A `streaming` job nobody holds, whose committed STREAM result is
 //!    already published as a blob with the right digest, is healed to
 //!    `finalized` (the crash hit between rename and commit).
@@ -21,7 +20,6 @@ use crate::EventSink;
 use idem_core::ports::{Store, StoreError};
 use idem_core::{BlobInfo, Clock, Command, EventKind, JobKey, JobState, OpResult, OpStatus};
 use serde::Serialize;
-use std::collections::HashMap;
 
 #[derive(Clone, Debug, Default)]
 pub struct ReconcileOptions {
@@ -148,23 +146,15 @@ pub fn reconcile<S: Store + ?Sized>(
     let parts = out
         .parts()
         .map_err(|e| StoreError::Backend(format!("listing {}: {e}", out.tmp_dir().display())))?;
-    let mut newest: HashMap<String, u64> = HashMap::new();
-    for (_, n) in &parts {
-        let e = newest.entry(n.job.clone()).or_default();
-        *e = (*e).max(n.epoch);
-    }
     for (path, name) in &parts {
         let job = JobKey::parse_hex(&name.job)
             .ok()
             .map(|k| store.job(&k))
             .transpose()?
             .flatten();
-        let useless = match &job {
-            None => true,
-            Some(j) => {
-                j.state.is_terminal() || newest.get(&name.job).is_some_and(|e| *e > name.epoch)
-            }
-        };
+        // Parts of unfinished jobs are kept: their next holder resumes from
+        // the best one and removes the rest.
+        let useless = job.as_ref().is_none_or(|j| j.state.is_terminal());
         if !useless {
             continue;
         }
