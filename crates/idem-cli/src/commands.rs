@@ -235,10 +235,15 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
             std::process::exit(i32::from(EXIT_INTERRUPTED));
         });
         let bar = show_bar.then(|| progress_bar(&total_before, engine.progress()));
+        // Without a terminal (a service, a log file), a line every 30 s.
+        let log = (!show_bar && !a.json).then(|| tokio::spawn(progress_log(engine.progress())));
         let r = engine.run().await;
         if let Some((bar, task)) = bar {
             task.abort();
             bar.finish_and_clear();
+        }
+        if let Some(task) = log {
+            task.abort();
         }
         anyhow::Ok(r?)
     })?;
@@ -328,6 +333,25 @@ fn progress_bar(
         }
     });
     (bar, task)
+}
+
+async fn progress_log(p: Arc<idem_worker::Progress>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let started = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+        let bytes = p.bytes.load(Relaxed);
+        eprintln!(
+            "idem: {} finalized, {} duplicate, {} failed, {} retried, {} in flight; {} at {}/s",
+            p.finalized.load(Relaxed),
+            p.duplicates.load(Relaxed),
+            p.failed.load(Relaxed),
+            p.retried.load(Relaxed),
+            p.in_flight.load(Relaxed),
+            human_bytes(bytes),
+            human_bytes((bytes as f64 / started.elapsed().as_secs_f64().max(0.001)) as u64)
+        );
+    }
 }
 
 fn human_bytes(n: u64) -> String {
