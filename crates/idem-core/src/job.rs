@@ -504,7 +504,13 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
             epoch,
             ttl_ms,
         } => {
-            let lease = job.lease.as_ref().expect("fenced above");
+            // The fence above guarantees a lease; say so without panicking.
+            let Some(lease) = job.lease.as_ref() else {
+                return Err(TransitionError::Fenced {
+                    presented: epoch,
+                    current: "none".to_owned(),
+                });
+            };
             if lease.owner != owner {
                 return Err(TransitionError::Fenced {
                     presented: epoch,
@@ -524,7 +530,13 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
             });
         }
         Command::Release { owner, epoch } => {
-            let lease = job.lease.as_ref().expect("fenced above");
+            // The fence above guarantees a lease; say so without panicking.
+            let Some(lease) = job.lease.as_ref() else {
+                return Err(TransitionError::Fenced {
+                    presented: epoch,
+                    current: "none".to_owned(),
+                });
+            };
             if lease.owner != owner {
                 return Err(TransitionError::Fenced {
                     presented: epoch,
@@ -682,8 +694,7 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
             ));
         }
         Command::Heal { blob } => {
-            if job.lease.as_ref().is_some_and(|l| l.is_live(now)) {
-                let l = job.lease.as_ref().expect("checked");
+            if let Some(l) = job.lease.as_ref().filter(|l| l.is_live(now)) {
                 return Err(TransitionError::LeaseHeld {
                     holder: l.owner.clone(),
                     until: l.expires_at,
