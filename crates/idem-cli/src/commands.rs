@@ -300,12 +300,7 @@ fn progress_bar(
     p: Arc<idem_worker::Progress>,
 ) -> (indicatif::ProgressBar, tokio::task::JoinHandle<()>) {
     use std::sync::atomic::Ordering::Relaxed;
-    let todo: u64 = st
-        .by_state
-        .iter()
-        .filter(|(s, _)| !s.is_terminal())
-        .map(|(_, n)| n)
-        .sum();
+    let todo: u64 = st.unfinished();
     let bar = indicatif::ProgressBar::new(todo);
     bar.set_style(
         indicatif::ProgressStyle::with_template(

@@ -136,12 +136,7 @@ pub(crate) fn run(_g: &Global, a: &DemoArgs) -> anyhow::Result<u8> {
     loop {
         std::thread::sleep(Duration::from_millis(50));
         let st = store.status(SystemClock.now())?;
-        let done: u64 = st
-            .by_state
-            .iter()
-            .filter(|(s, _)| s.is_terminal())
-            .map(|(_, n)| n)
-            .sum();
+        let done: u64 = st.terminal();
         // Kill with a large body half-written (so resuming shows), once a
         // quarter of the jobs are done; at half-way regardless.
         let big_part = std::fs::read_dir(out.join("tmp")).is_ok_and(|rd| {
@@ -160,12 +155,7 @@ pub(crate) fn run(_g: &Global, a: &DemoArgs) -> anyhow::Result<u8> {
     child.kill().ok();
     child.wait().ok();
     let st = store.status(SystemClock.now())?;
-    let done: u64 = st
-        .by_state
-        .iter()
-        .filter(|(s, _)| s.is_terminal())
-        .map(|(_, n)| n)
-        .sum();
+    let done: u64 = st.terminal();
     let parts = std::fs::read_dir(out.join("tmp"))
         .map(|d| d.count())
         .unwrap_or(0);
@@ -245,12 +235,7 @@ pub(crate) fn run(_g: &Global, a: &DemoArgs) -> anyhow::Result<u8> {
             }))?
         );
     }
-    let unfinished: u64 = st
-        .by_state
-        .iter()
-        .filter(|(s, _)| !s.is_terminal())
-        .map(|(_, n)| n)
-        .sum();
+    let unfinished: u64 = st.unfinished();
     if unfinished > 0 || third > 0 || leftover > 0 {
         bail!("the demo did not converge: {unfinished} unfinished job(s), {third} request(s) on re-run, {leftover} partial file(s)");
     }

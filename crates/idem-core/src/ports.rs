@@ -98,6 +98,22 @@ pub struct StatusCounts {
     pub replays: u64,
 }
 
+impl StatusCounts {
+    /// Jobs in a terminal state.
+    pub fn terminal(&self) -> u64 {
+        self.by_state
+            .iter()
+            .filter(|(s, _)| s.is_terminal())
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Jobs not yet terminal.
+    pub fn unfinished(&self) -> u64 {
+        self.total.saturating_sub(self.terminal())
+    }
+}
+
 /// How to lease.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseRequest {

@@ -336,12 +336,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             if tasks.is_empty() && !self.cfg.follow {
                 let now = self.now();
                 let st = self.store_call(move |s| s.status(now)).await?;
-                let live: u64 = st
-                    .by_state
-                    .iter()
-                    .filter(|(s, _)| !s.is_terminal())
-                    .map(|(_, n)| n)
-                    .sum();
+                let live: u64 = st.unfinished();
                 if live == 0 {
                     break;
                 }
