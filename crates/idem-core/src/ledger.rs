@@ -240,3 +240,13 @@ pub fn finished(
     };
     (rec, event)
 }
+
+/// The `crash_recovery_event` for `count` started ops marked abandoned (by a
+/// takeover of `job`, or by the reconciler across jobs); none for zero.
+pub fn abandoned_event(job: Option<JobKey>, count: u64) -> Option<crate::event::EventKind> {
+    (count > 0).then(|| crate::event::EventKind::CrashRecovery {
+        kind: "op_abandoned".into(),
+        job_key: job,
+        count,
+    })
+}

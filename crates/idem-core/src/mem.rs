@@ -290,13 +290,7 @@ impl Store for MemStore {
                         n += 1;
                     }
                 }
-                if n > 0 {
-                    events.push(EventKind::CrashRecovery {
-                        kind: "op_abandoned".into(),
-                        job_key: Some(key),
-                        count: n,
-                    });
-                }
+                events.extend(ledger::abandoned_event(Some(key), n));
                 leased.push(t.job.clone());
             }
             g.jobs.insert(key, t.job);
@@ -425,16 +419,10 @@ impl Store for MemStore {
                 n += 1;
             }
         }
-        let events = if n > 0 {
-            vec![EventKind::CrashRecovery {
-                kind: "op_abandoned".into(),
-                job_key: None,
-                count: n,
-            }
-            .at(now)]
-        } else {
-            vec![]
-        };
+        let events = ledger::abandoned_event(None, n)
+            .map(|e| e.at(now))
+            .into_iter()
+            .collect();
         Ok(Applied { value: n, events })
     }
 

@@ -552,13 +552,7 @@ pub(crate) fn lease(
                 .execute(params![t.job.key.digest().as_bytes().as_slice(), i(l.epoch.0), now.as_millis()])
                 .map_err(map_err)? as u64
             };
-            if n > 0 {
-                events.push(EventKind::CrashRecovery {
-                    kind: "op_abandoned".into(),
-                    job_key: Some(t.job.key),
-                    count: n,
-                });
-            }
+            events.extend(ledger::abandoned_event(Some(t.job.key), n));
             leased.push(t.job);
         }
     }
@@ -808,16 +802,10 @@ pub(crate) fn abandon_dead_ops(c: &Connection, now: Timestamp) -> Result<Applied
             [now.as_millis()],
         )
         .map_err(map_err)? as u64;
-    let events = if n > 0 {
-        vec![EventKind::CrashRecovery {
-            kind: "op_abandoned".into(),
-            job_key: None,
-            count: n,
-        }
-        .at(now)]
-    } else {
-        Vec::new()
-    };
+    let events = ledger::abandoned_event(None, n)
+        .map(|e| e.at(now))
+        .into_iter()
+        .collect();
     Ok(Applied { value: n, events })
 }
 

@@ -211,18 +211,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                         kind: OpKind::Stream,
                         epoch,
                     };
-                    let (j, d) = self
-                        .steps(vec![
-                            Step::Apply {
-                                key: job.key,
-                                cmd: Command::StreamStarted { epoch },
-                            },
-                            Step::BeginOp {
-                                op: sop,
-                                owner: self.owner.clone(),
-                            },
-                        ])
-                        .await?;
+                    let (j, d) = self.steps(self.stream_start(job.key, sop).to_vec()).await?;
                     begun = d.map(|d| (sop, d));
                     j
                 }
@@ -230,6 +219,20 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 done => return Ok(done),
             };
         }
+    }
+
+    /// The move to streaming and the start of the STREAM op `sop`.
+    fn stream_start(&self, key: idem_core::JobKey, sop: OpKey) -> [Step; 2] {
+        [
+            Step::Apply {
+                key,
+                cmd: Command::StreamStarted { epoch: sop.epoch },
+            },
+            Step::BeginOp {
+                op: sop,
+                owner: self.owner.clone(),
+            },
+        ]
     }
 
     /// Runs steps atomically (one durable commit); returns the job after the
@@ -300,21 +303,16 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                             epoch,
                         };
                         let (j, d) = self
-                            .steps(vec![
-                                Step::FinishOp {
+                            .steps(
+                                vec![Step::FinishOp {
                                     op,
                                     outcome: Ok(OpResult::Head(head.clone())),
                                     then: Some(Command::HeadDone { epoch, head }),
-                                },
-                                Step::Apply {
-                                    key: job.key,
-                                    cmd: Command::StreamStarted { epoch },
-                                },
-                                Step::BeginOp {
-                                    op: sop,
-                                    owner: self.owner.clone(),
-                                },
-                            ])
+                                }]
+                                .into_iter()
+                                .chain(self.stream_start(job.key, sop))
+                                .collect(),
+                            )
                             .await?;
                         Ok((j, d.map(|d| (sop, d))))
                     }

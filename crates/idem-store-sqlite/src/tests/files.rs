@@ -82,7 +82,7 @@ fn reopens_and_keeps_everything() {
 
 #[test]
 fn read_only_directory_gives_a_clear_error() {
-    if unsafe_is_root() {
+    if is_root() {
         // Root ignores directory permissions; the check would be vacuous.
         eprintln!("skipped: running as root, permissions are not enforced");
         return;
@@ -97,7 +97,7 @@ fn read_only_directory_gives_a_clear_error() {
     assert!(err.to_string().contains("idem.db"), "{err}");
 }
 
-fn unsafe_is_root() -> bool {
+fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .map(|s| {
             s.lines()
