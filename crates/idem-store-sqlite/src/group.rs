@@ -21,7 +21,7 @@ use idem_core::{
     Command, Job, JobError, JobKey, JobSpec, OpDecision, OpKey, OpResult, PlanOutcome, Timestamp,
     WorkerId,
 };
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::Connection;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 pub(crate) enum Req {
@@ -169,29 +169,82 @@ fn run_batch(conn: &Connection, batch: Vec<Pending>) {
 
 /// Runs the batch in one transaction. An error here (cannot begin, cannot
 /// commit) fails every request in it; the transaction rolls back whole.
+///
+/// Requests run without savepoints first: a savepoint makes SQLite copy
+/// every page a request touches into a statement journal, which cost more
+/// than the request. Almost every refusal (a fenced epoch, a transition the
+/// core refuses) is decided before the request writes anything, so it needs
+/// no rollback. Only when a request fails after writing does the batch roll
+/// back and run again, each request in its own savepoint.
 fn run_in_tx(
     conn: &Connection,
     batch: &[Pending],
 ) -> Result<Vec<Result<Res, StoreError>>, StoreError> {
-    let tx = begin_immediate(conn)?;
-    let mut results = Vec::with_capacity(batch.len());
-    for p in batch {
-        sql(&tx, "SAVEPOINT req")?;
-        let r = exec(&tx, &p.req);
-        match &r {
-            Ok(_) => sql(&tx, "RELEASE req")?,
-            Err(e) => {
-                sql(&tx, "ROLLBACK TO req")?;
-                sql(&tx, "RELEASE req")?;
-                if e.is_fenced() {
-                    schema::bump_counter(&tx, "fenced_writes")?;
+    begin_immediate(conn)?;
+    match run_requests(conn, batch, false) {
+        Ok(Some(results)) => commit(conn).map(|()| results),
+        Ok(None) => {
+            rollback(conn);
+            begin_immediate(conn)?;
+            match run_requests(conn, batch, true) {
+                Ok(Some(results)) => commit(conn).map(|()| results),
+                Ok(None) => {
+                    rollback(conn);
+                    Err(StoreError::Backend(
+                        "savepoint run left writes behind".into(),
+                    ))
+                }
+                Err(e) => {
+                    rollback(conn);
+                    Err(e)
                 }
             }
         }
+        Err(e) => {
+            rollback(conn);
+            Err(e)
+        }
+    }
+}
+
+/// Runs every request; `None` when one failed after writing and there was
+/// no savepoint to undo it.
+fn run_requests(
+    conn: &Connection,
+    batch: &[Pending],
+    savepoints: bool,
+) -> Result<Option<Vec<Result<Res, StoreError>>>, StoreError> {
+    let mut results = Vec::with_capacity(batch.len());
+    for p in batch {
+        if savepoints {
+            sql(conn, "SAVEPOINT req")?;
+        }
+        let before = conn.total_changes();
+        let r = exec(conn, &p.req);
+        if let Err(e) = &r {
+            if savepoints {
+                sql(conn, "ROLLBACK TO req")?;
+            } else if conn.total_changes() != before || !is_decision(e) {
+                return Ok(None);
+            }
+            if e.is_fenced() {
+                schema::bump_counter(conn, "fenced_writes")?;
+            }
+        }
+        if savepoints {
+            sql(conn, "RELEASE req")?;
+        }
         results.push(r);
     }
-    tx.commit().map_err(schema::map_err)?;
-    Ok(results)
+    Ok(Some(results))
+}
+
+/// A refusal decided from what the request read (no backend failure).
+const fn is_decision(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Refused { .. } | StoreError::NotFound(_) | StoreError::OpNotStarted(_)
+    )
 }
 
 fn sql(c: &Connection, text: &str) -> Result<(), StoreError> {
@@ -201,21 +254,34 @@ fn sql(c: &Connection, text: &str) -> Result<(), StoreError> {
         .map_err(schema::map_err)
 }
 
+fn commit(conn: &Connection) -> Result<(), StoreError> {
+    let r = sql(conn, "COMMIT");
+    if r.is_err() && !conn.is_autocommit() {
+        rollback(conn);
+    }
+    r
+}
+
+fn rollback(conn: &Connection) {
+    if !conn.is_autocommit() {
+        // A failed ROLLBACK leaves nothing to do: SQLite has already
+        // rolled back or will on the next BEGIN.
+        let _ = sql(conn, "ROLLBACK");
+    }
+}
+
 /// `BEGIN IMMEDIATE`, waiting out other processes' writers. The busy
 /// timeout covers one wait; a long batch in another process can outlast it,
 /// so keep trying for a bounded time rather than surface `SQLITE_BUSY`.
-fn begin_immediate(conn: &Connection) -> Result<rusqlite::Transaction<'_>, StoreError> {
+fn begin_immediate(conn: &Connection) -> Result<(), StoreError> {
     let mut tries = 0;
     loop {
-        // `Transaction::new_unchecked` borrows immutably, which the shared
-        // connection needs; the mutex guarantees exclusive use.
-        match rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate) {
-            Ok(tx) => return Ok(tx),
+        match sql(conn, "BEGIN IMMEDIATE") {
+            Ok(()) => return Ok(()),
             Err(e) => {
-                let mapped = schema::map_err(e);
                 tries += 1;
-                if !mapped.is_transient() || tries >= 20 {
-                    return Err(mapped);
+                if !e.is_transient() || tries >= 20 {
+                    return Err(e);
                 }
             }
         }

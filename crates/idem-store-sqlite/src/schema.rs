@@ -13,6 +13,7 @@ use idem_core::{
     JobError, JobKey, JobSpec, JobState, Lease, OpDecision, OpKey, OpKind, OpRecord, OpResult,
     PlanOutcome, Timestamp, TransitionError, WorkerId,
 };
+use rusqlite::types::Value;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
 use std::io::Read;
 use std::path::Path;
@@ -374,47 +375,97 @@ fn insert_job(c: &Connection, job: &Job) -> Result<bool, StoreError> {
     Ok(n == 1)
 }
 
-/// Writes every mutable column of `job` back to its row.
-fn update_job(c: &Connection, job: &Job) -> Result<(), StoreError> {
-    let mut st = c
-        .prepare_cached(
-            "UPDATE jobs SET state = ?2, lease_owner = ?3, lease_epoch = ?4, lease_expires_at = ?5, epoch = ?6, \
-             attempts = ?7, max_attempts = ?8, next_attempt_at = ?9, due_at = ?10, last_error = ?11, head = ?12, \
-             blob_sha256 = ?13, blob_size = ?14, blob_path = ?15, duplicate_of = ?16, updated_at = ?17, \
-             first_leased_at = ?18, finished_at = ?19 WHERE key = ?1",
-        )
-        .map_err(map_err)?;
-    let head = job
-        .head
-        .as_ref()
-        .map(|h| serde_json::to_string(h).unwrap_or_default());
-    let n = st
-        .execute(params![
-            job.key.digest().as_bytes().as_slice(),
-            job.state.as_str(),
-            job.lease.as_ref().map(|l| l.owner.as_str()),
-            job.lease.as_ref().map(|l| i(l.epoch.0)),
-            job.lease.as_ref().map(|l| l.expires_at.as_millis()),
-            i(job.epoch.0),
-            job.attempts,
-            job.max_attempts,
-            job.next_attempt_at.as_millis(),
-            due_at(job),
-            job.last_error,
-            head,
-            job.blob.as_ref().map(|b| b.sha256.to_hex()),
-            job.blob.as_ref().map(|b| i(b.size)),
-            job.blob.as_ref().map(|b| b.path.as_str()),
-            job.duplicate_of.map(|k| k.digest().as_bytes().to_vec()),
-            job.updated_at.as_millis(),
-            job.first_leased_at.map(Timestamp::as_millis),
-            job.finished_at.map(Timestamp::as_millis),
-        ])
+/// The mutable columns of a job row, in a fixed order.
+fn mutable_columns(job: &Job) -> [(&'static str, Value); 18] {
+    let opt_i = |v: Option<i64>| v.map_or(Value::Null, Value::Integer);
+    let opt_t = |v: Option<String>| v.map_or(Value::Null, Value::Text);
+    [
+        ("state", Value::Text(job.state.as_str().to_owned())),
+        (
+            "lease_owner",
+            opt_t(job.lease.as_ref().map(|l| l.owner.as_str().to_owned())),
+        ),
+        (
+            "lease_epoch",
+            opt_i(job.lease.as_ref().map(|l| i(l.epoch.0))),
+        ),
+        (
+            "lease_expires_at",
+            opt_i(job.lease.as_ref().map(|l| l.expires_at.as_millis())),
+        ),
+        ("epoch", Value::Integer(i(job.epoch.0))),
+        ("attempts", Value::Integer(i64::from(job.attempts))),
+        ("max_attempts", Value::Integer(i64::from(job.max_attempts))),
+        (
+            "next_attempt_at",
+            Value::Integer(job.next_attempt_at.as_millis()),
+        ),
+        ("due_at", opt_i(due_at(job))),
+        ("last_error", opt_t(job.last_error.clone())),
+        (
+            "head",
+            opt_t(
+                job.head
+                    .as_ref()
+                    .map(|h| serde_json::to_string(h).unwrap_or_default()),
+            ),
+        ),
+        (
+            "blob_sha256",
+            opt_t(job.blob.as_ref().map(|b| b.sha256.to_hex())),
+        ),
+        ("blob_size", opt_i(job.blob.as_ref().map(|b| i(b.size)))),
+        (
+            "blob_path",
+            opt_t(job.blob.as_ref().map(|b| b.path.clone())),
+        ),
+        (
+            "duplicate_of",
+            job.duplicate_of
+                .map_or(Value::Null, |k| Value::Blob(k.digest().as_bytes().to_vec())),
+        ),
+        ("updated_at", Value::Integer(job.updated_at.as_millis())),
+        (
+            "first_leased_at",
+            opt_i(job.first_leased_at.map(Timestamp::as_millis)),
+        ),
+        (
+            "finished_at",
+            opt_i(job.finished_at.map(Timestamp::as_millis)),
+        ),
+    ]
+}
+
+/// Writes the columns that differ between `old` (the row as loaded) and
+/// `new`. Naming only changed columns matters: SQLite rewrites an index
+/// entry for every indexed column an UPDATE names, changed or not, and a
+/// job row has four indexes.
+fn update_job(c: &Connection, old: &Job, new: &Job) -> Result<(), StoreError> {
+    let mut sql = String::from("UPDATE jobs SET ");
+    let mut values: Vec<Value> = vec![Value::Blob(new.key.digest().as_bytes().to_vec())];
+    for ((name, was), (_, now)) in mutable_columns(old).into_iter().zip(mutable_columns(new)) {
+        if was != now {
+            if values.len() > 1 {
+                sql.push_str(", ");
+            }
+            values.push(now);
+            sql.push_str(name);
+            sql.push_str(" = ?");
+            sql.push_str(&values.len().to_string());
+        }
+    }
+    if values.len() == 1 {
+        return Ok(());
+    }
+    sql.push_str(" WHERE key = ?1");
+    let n = c
+        .prepare_cached(&sql)
+        .and_then(|mut st| st.execute(rusqlite::params_from_iter(values)))
         .map_err(map_err)?;
     if n == 1 {
         Ok(())
     } else {
-        Err(StoreError::NotFound(job.key))
+        Err(StoreError::NotFound(new.key))
     }
 }
 
@@ -536,7 +587,7 @@ pub(crate) fn lease(
             now,
         )
         .map_err(|e| refused(job.key, e))?;
-        update_job(c, &t.job)?;
+        update_job(c, &job, &t.job)?;
         events.extend(t.events);
         if let Some(l) = &t.job.lease {
             // The previous holders' unfinished ops died with their epochs
@@ -570,7 +621,7 @@ pub(crate) fn apply(
 ) -> Result<Applied<Job>, StoreError> {
     let job = must_job(c, key)?;
     let t = transition(&job, cmd, now).map_err(|e| refused(*key, e))?;
-    update_job(c, &t.job)?;
+    update_job(c, &job, &t.job)?;
     Ok(Applied {
         value: t.job,
         events: stamp(t.events, now),
@@ -653,6 +704,38 @@ fn save_op(c: &Connection, rec: &OpRecord) -> Result<(), StoreError> {
     .map_err(map_err)
 }
 
+/// Records a finished op's outcome on its existing row.
+fn save_op_outcome(c: &Connection, rec: &OpRecord) -> Result<(), StoreError> {
+    let result = rec
+        .result
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| StoreError::Backend(format!("serialising op result: {e}")))?;
+    let n = c
+        .prepare_cached(
+            "UPDATE ops SET status = ?4, result = ?5, error = ?6, finished_at = ?7 \
+             WHERE job_key = ?1 AND kind = ?2 AND epoch = ?3",
+        )
+        .and_then(|mut st| {
+            st.execute(params![
+                rec.key.job.digest().as_bytes().as_slice(),
+                rec.key.kind.as_str(),
+                i(rec.key.epoch.0),
+                rec.status.as_str(),
+                result,
+                rec.error,
+                rec.finished_at.map(Timestamp::as_millis),
+            ])
+        })
+        .map_err(map_err)?;
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::OpNotStarted(rec.key.to_string()))
+    }
+}
+
 pub(crate) fn begin_op(
     c: &Connection,
     op: &OpKey,
@@ -702,21 +785,24 @@ pub(crate) fn finish_op(
         Some(r) if r.status == OpStatus::Started => r,
         _ => return Err(StoreError::OpNotStarted(op.to_string())),
     };
-    let changed = then.is_some();
     let (next, mut t_events) = match then {
         Some(cmd) => {
             let t = transition(&job, cmd, now).map_err(|e| refused(op.job, e))?;
-            (t.job, t.events)
+            (Some(t.job), t.events)
         }
-        None => (job, Vec::new()),
+        None => (None, Vec::new()),
     };
     let (rec, completed) = ledger::finished(rec, outcome, now);
     let mut events = vec![completed];
     events.append(&mut t_events);
-    save_op(c, &rec)?;
-    if changed {
-        update_job(c, &next)?;
-    }
+    save_op_outcome(c, &rec)?;
+    let next = match next {
+        Some(next) => {
+            update_job(c, &job, &next)?;
+            next
+        }
+        None => job,
+    };
     Ok(Applied {
         value: next,
         events: stamp(events, now),
