@@ -177,6 +177,7 @@ fn idem_job_loop(
                             limit: batch,
                             ttl_ms: 600_000,
                             dead_owners: vec![],
+                            commit: idem_core::Commit::Deferred,
                         };
                         let got = store.lease(&req, now())?.value;
                         if got.is_empty() {

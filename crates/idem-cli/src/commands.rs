@@ -22,6 +22,8 @@ pub(crate) fn open_store(g: &Global) -> anyhow::Result<SqliteStore> {
     let opts = Options {
         durability: if g.unsafe_fast_sync {
             Durability::Normal
+        } else if g.strict_sync {
+            Durability::Strict
         } else {
             Durability::Full
         },
@@ -680,6 +682,7 @@ pub(crate) fn ledger_drill(g: &Global, a: &DrillArgs) -> anyhow::Result<u8> {
                         limit: a.batch.max(1),
                         ttl_ms: 60_000,
                         dead_owners: vec![],
+                        commit: idem_core::Commit::Deferred,
                     };
                     let jobs = store.lease(&req, now())?.value;
                     if jobs.is_empty() {

@@ -66,6 +66,7 @@ pub(crate) fn run(_g: &Global, a: &DemoArgs) -> anyhow::Result<u8> {
         db: db.clone(),
         out: out.clone(),
         unsafe_fast_sync: false,
+        strict_sync: false,
     };
     let say = |s: &str| {
         if !a.json {

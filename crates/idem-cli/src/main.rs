@@ -57,8 +57,15 @@ struct Global {
     /// Lower SQLite durability to synchronous=NORMAL: faster, but the last
     /// commits may roll back after a power loss (never after a crash of idem
     /// itself); effects are then redone.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, conflicts_with = "strict_sync")]
     unsafe_fast_sync: bool,
+    /// Fsync every ledger commit, a job's intermediate steps included. By
+    /// default those (lease, op starts, results that lead to the next step)
+    /// reach the disk with the next durable commit, which every finished,
+    /// failed or rescheduled job is; after a power loss the ledger is then a
+    /// prefix of its history and those steps are redone.
+    #[arg(long, global = true)]
+    strict_sync: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -28,7 +28,7 @@ pub use ledger::{OpDecision, OpKey, OpKind, OpRecord, OpResult, OpStatus, Stream
 pub use mem::MemStore;
 pub use plan::{KeyConflict, PlanCounts, PlanOutcome};
 pub use ports::{
-    Applied, Body, FetchError, FetchErrorKind, GetResponse, Http, LeaseRequest, Resume,
+    Applied, Body, Commit, FetchError, FetchErrorKind, GetResponse, Http, LeaseRequest, Resume,
     StatusCounts, Step, StepOutput, Store, StoreError,
 };
 pub use retry::{RetryPolicy, SplitMix64};

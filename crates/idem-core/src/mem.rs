@@ -9,7 +9,9 @@ use crate::event::{Event, EventKind};
 use crate::job::{transition, Command, Job, JobError, JobState, TransitionError, WorkerId};
 use crate::ledger::{self, OpDecision, OpKey, OpRecord, OpResult, OpStatus};
 use crate::plan::{self, PlanOutcome};
-use crate::ports::{Applied, LeaseRequest, StatusCounts, Step, StepOutput, Store, StoreError};
+use crate::ports::{
+    Applied, Commit, LeaseRequest, StatusCounts, Step, StepOutput, Store, StoreError,
+};
 use crate::spec::{JobKey, JobSpec};
 use crate::time::Timestamp;
 use std::collections::BTreeMap;
@@ -199,7 +201,9 @@ impl Store for MemStore {
         &self,
         steps: Vec<Step>,
         now: Timestamp,
+        _commit: Commit,
     ) -> Result<Applied<Vec<StepOutput>>, StoreError> {
+        // Memory has no stable storage: every commit is as durable as any.
         let mut g = self.lock();
         // All or nothing: work on a copy, keep it only if every step passed.
         let mut copy = Inner {

@@ -114,6 +114,29 @@ impl StatusCounts {
     }
 }
 
+/// When a write must be on stable storage.
+///
+/// A job's intermediate records (its lease, an op's start, a result that
+/// leads to the next step) are only ever acted on by the worker that wrote
+/// them, and every effect they guard can be redone: a HEAD, a part file the
+/// reconciler removes or the next holder re-verifies (its sidecar names the
+/// boot it was written in), a published blob the reconciler heals. Those
+/// writes may be [`Commit::Deferred`]. What is acknowledged beyond the
+/// worker (a plan, a finished, failed or rescheduled job, a released lease,
+/// a repair) is [`Commit::Durable`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub enum Commit {
+    /// On stable storage before the call returns.
+    #[default]
+    Durable,
+    /// Visible to every reader at once, and on stable storage no later
+    /// than the next durable commit by anyone. A crash of the process never
+    /// loses it; power loss (or an OS crash) before that durable commit
+    /// does, together with everything written after it, so the ledger is
+    /// always a prefix of its history.
+    Deferred,
+}
+
 /// How to lease.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseRequest {
@@ -123,6 +146,8 @@ pub struct LeaseRequest {
     /// Holders known to be dead (their process is gone): their leases may be
     /// taken over before they expire.
     pub dead_owners: Vec<WorkerId>,
+    /// A lease is an intermediate record: the engine defers it.
+    pub commit: Commit,
 }
 
 /// One step of an atomic [`Store::run_steps`] call.
@@ -155,11 +180,12 @@ pub trait Store: Send + Sync {
     /// Runs several steps (as `apply`, `begin_op`, `finish_op` would) in
     /// one transaction: all of them, in order, or none. The engine uses it
     /// to commit an op's result, the next transition and the next op's start
-    /// with one durable write.
+    /// with one write, durable or deferred as `commit` says.
     fn run_steps(
         &self,
         steps: Vec<Step>,
         now: Timestamp,
+        commit: Commit,
     ) -> Result<Applied<Vec<StepOutput>>, StoreError>;
 
     /// Plans a batch in one transaction. `max_attempts` is stored on new jobs.

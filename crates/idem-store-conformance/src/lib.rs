@@ -102,6 +102,7 @@ fn lease(
         limit,
         ttl_ms: ttl_s * 1000,
         dead_owners: vec![],
+        commit: idem_core::Commit::Durable,
     };
     s.lease(&req, now)
         .expect("lease")
@@ -303,6 +304,7 @@ pub fn dead_owner_lease_is_taken_over_early(s: &dyn Store) {
         limit: 5,
         ttl_ms: 60_000,
         dead_owners: vec![w("dead")],
+        commit: idem_core::Commit::Durable,
     };
     let got = s.lease(&req, t(5)).unwrap().value;
     assert_eq!(got.len(), 1);
@@ -310,6 +312,7 @@ pub fn dead_owner_lease_is_taken_over_early(s: &dyn Store) {
     assert_eq!(got[0].lease.as_ref().unwrap().epoch, Epoch(2));
     let req = LeaseRequest {
         dead_owners: vec![w("alive")],
+        commit: idem_core::Commit::Durable,
         ..req
     };
     assert!(
@@ -825,6 +828,8 @@ pub fn steps_are_all_or_nothing(s: &dyn Store) {
                 },
             ],
             t(2),
+            // Deferred or durable, a commit is visible at once.
+            idem_core::Commit::Deferred,
         )
         .unwrap();
     assert_eq!(r.value.len(), 3);
@@ -851,6 +856,7 @@ pub fn steps_are_all_or_nothing(s: &dyn Store) {
             },
         ],
         t(3),
+        idem_core::Commit::Durable,
     );
     assert!(bad.unwrap_err().is_fenced());
     assert_eq!(s.job(&k).unwrap(), before);

@@ -16,7 +16,8 @@
 //! blocked `flock` is woken by the kernel the moment the lock is released.
 
 use crate::schema;
-use idem_core::ports::{Applied, LeaseRequest, Step, StepOutput, StoreError};
+use crate::Durability;
+use idem_core::ports::{Applied, Commit, LeaseRequest, Step, StepOutput, StoreError};
 use idem_core::{
     Command, Job, JobError, JobKey, JobSpec, OpDecision, OpKey, OpResult, PlanOutcome, Timestamp,
     WorkerId,
@@ -56,7 +57,20 @@ pub(crate) enum Req {
     Steps {
         steps: Vec<Step>,
         now: Timestamp,
+        commit: Commit,
     },
+}
+
+impl Req {
+    /// Must the commit holding this request be on disk before it is
+    /// acknowledged?
+    fn durable(&self) -> bool {
+        match self {
+            Self::Lease { req, .. } => req.commit == Commit::Durable,
+            Self::Steps { commit, .. } => *commit == Commit::Durable,
+            _ => true,
+        }
+    }
 }
 
 pub(crate) enum Res {
@@ -76,7 +90,8 @@ struct Pending {
 }
 
 pub(crate) struct Group {
-    writer: Mutex<Connection>,
+    writer: Mutex<Writer>,
+    durability: Durability,
     /// Cross-process writer lock (flock), taken around each transaction.
     lock_file: std::fs::File,
     reader: Mutex<Connection>,
@@ -85,6 +100,38 @@ pub(crate) struct Group {
     /// one caller with a queued request becomes the next leader.
     done: Condvar,
     max_batch: usize,
+}
+
+struct Writer {
+    conn: Connection,
+    /// The connection's current `synchronous` setting is FULL.
+    full: bool,
+}
+
+impl Writer {
+    /// Sets `synchronous` for the next commit. In WAL mode a FULL commit
+    /// fsyncs the log, which also makes every earlier NORMAL commit in it
+    /// durable: deferred writes reach the disk with the next durable one,
+    /// in order.
+    fn sync_for(&mut self, durability: Durability, batch: &[Pending]) -> Result<(), StoreError> {
+        let full = match durability {
+            Durability::Full => batch.iter().any(|p| p.req.durable()),
+            Durability::Strict => true,
+            Durability::Normal => false,
+        };
+        if full != self.full {
+            sql(
+                &self.conn,
+                if full {
+                    "PRAGMA synchronous = FULL"
+                } else {
+                    "PRAGMA synchronous = NORMAL"
+                },
+            )?;
+            self.full = full;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Default)]
@@ -100,9 +147,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Group {
-    pub(crate) fn new(conns: (Connection, Connection, std::fs::File), max_batch: usize) -> Self {
+    pub(crate) fn new(
+        conns: (Connection, Connection, std::fs::File),
+        durability: Durability,
+        max_batch: usize,
+    ) -> Self {
         Self {
-            writer: Mutex::new(conns.0),
+            writer: Mutex::new(Writer {
+                conn: conns.0,
+                full: durability != Durability::Normal,
+            }),
+            durability,
             lock_file: conns.2,
             reader: Mutex::new(conns.1),
             queue: Mutex::new(Queue::default()),
@@ -135,9 +190,16 @@ impl Group {
                 eprintln!("batch {}", batch.len());
             }
             {
-                let conn = lock(&self.writer);
+                let mut w = lock(&self.writer);
                 let locked = self.lock_file.lock();
-                run_batch(&conn, batch);
+                match w.sync_for(self.durability, &batch) {
+                    Ok(()) => run_batch(&w.conn, batch),
+                    Err(e) => {
+                        for p in batch {
+                            *lock(&p.slot) = Some(Err(e.clone()));
+                        }
+                    }
+                }
                 if locked.is_ok() {
                     let _ = self.lock_file.unlock();
                 }
@@ -313,6 +375,6 @@ fn exec(tx: &Connection, req: &Req) -> Result<Res, StoreError> {
             *now,
         )?)),
         Req::AbandonDeadOps { now } => Res::Count(schema::abandon_dead_ops(tx, *now)?),
-        Req::Steps { steps, now } => Res::Steps(schema::run_steps(tx, steps, *now)?),
+        Req::Steps { steps, now, .. } => Res::Steps(schema::run_steps(tx, steps, *now)?),
     })
 }

@@ -9,8 +9,15 @@
 //!   transaction is ever held across network or disk I/O: the engine calls
 //!   the store between effects, never during one;
 //! - `synchronous=FULL` by default, so an acknowledged write survives power
-//!   loss; [`Durability::Normal`] trades the last commits on power loss
-//!   (never on a process crash) for speed;
+//!   loss; a job's intermediate records (lease, op starts, results that
+//!   lead to its next step), which the engine marks [`Commit::Deferred`],
+//!   commit with `synchronous=NORMAL` and reach the disk with the next
+//!   durable commit: in WAL mode that fsync covers every earlier frame, so
+//!   after power loss the ledger is a prefix of its history and a job's
+//!   finish is never on disk without everything before it.
+//!   [`Durability::Strict`] fsyncs every commit; [`Durability::Normal`]
+//!   none (the last commits may roll back on power loss, never on a
+//!   process crash);
 //! - writes from concurrent callers in one process are **group-committed**:
 //!   whoever holds the connection runs every queued request in one
 //!   transaction (each in its own savepoint, so one refusal rolls back only
@@ -51,7 +58,9 @@ mod schema;
 mod tests;
 
 use group::{Group, Req, Res};
-use idem_core::ports::{Applied, LeaseRequest, StatusCounts, Step, StepOutput, Store, StoreError};
+use idem_core::ports::{
+    Applied, Commit, LeaseRequest, StatusCounts, Step, StepOutput, Store, StoreError,
+};
 use idem_core::{
     Command, Job, JobError, JobKey, JobSpec, JobState, OpDecision, OpKey, OpRecord, OpResult,
     PlanOutcome, Timestamp, WorkerId,
@@ -61,9 +70,14 @@ use std::path::{Path, PathBuf};
 /// How hard each commit is pushed to disk.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub enum Durability {
-    /// `synchronous=FULL`: every acknowledged write survives power loss.
+    /// `synchronous=FULL` for every durable commit: every acknowledged write
+    /// survives power loss. A batch holding only [`Commit::Deferred`]
+    /// requests commits with `synchronous=NORMAL` and reaches the disk with
+    /// the next durable commit (see [`Commit`]).
     #[default]
     Full,
+    /// `synchronous=FULL` for every commit, deferred or not.
+    Strict,
     /// `synchronous=NORMAL`: survives a process crash, but the last commits
     /// may roll back after power loss or an OS crash. Idempotent effects
     /// tolerate that (they are redone), at the cost of repeated downloads.
@@ -111,7 +125,7 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         let conn = schema::open(&path, opts)?;
         Ok(Self {
-            group: Group::new(conn, opts.max_batch),
+            group: Group::new(conn, opts.durability, opts.max_batch),
             path,
         })
     }
@@ -153,8 +167,9 @@ impl Store for SqliteStore {
         &self,
         steps: Vec<Step>,
         now: Timestamp,
+        commit: Commit,
     ) -> Result<Applied<Vec<StepOutput>>, StoreError> {
-        let r = self.write(Req::Steps { steps, now })?;
+        let r = self.write(Req::Steps { steps, now, commit })?;
         expect_res!(r, Steps)
     }
 

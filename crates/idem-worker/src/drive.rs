@@ -9,7 +9,8 @@
 use crate::files::{self, OutDir, Published, Sidecar};
 use crate::Engine;
 use idem_core::ports::{
-    Body, FetchError, FetchErrorKind, GetResponse, Resume, Step, StepOutput, Store, StoreError,
+    Body, Commit, FetchError, FetchErrorKind, GetResponse, Resume, Step, StepOutput, Store,
+    StoreError,
 };
 use idem_core::{
     spec::media_type_matches, Command, Epoch, EventKind, HeadInfo, Http, Job, JobError, JobState,
@@ -97,18 +98,17 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             let owner = self.owner.clone();
             let ttl_ms = self.cfg.lease_ttl_ms;
             let now = self.now();
+            // A renewal only matters to this worker: deferred.
+            let renew = vec![Step::Apply {
+                key,
+                cmd: Command::Renew {
+                    owner,
+                    epoch,
+                    ttl_ms,
+                },
+            }];
             match self
-                .store_call(move |s| {
-                    s.apply(
-                        &key,
-                        Command::Renew {
-                            owner,
-                            epoch,
-                            ttl_ms,
-                        },
-                        now,
-                    )
-                })
+                .store_call(move |s| s.run_steps(renew, now, Commit::Deferred))
                 .await
             {
                 Ok(a) => self.emit(&a.events),
@@ -139,14 +139,13 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         Ok(a.value)
     }
 
+    /// Starts (or replays) an op. Deferred: only this holder acts on it.
     async fn begin(&self, op: OpKey) -> Result<OpDecision, Abort> {
         let owner = self.owner.clone();
-        let now = self.now();
-        let a = self
-            .store_call(move |s| s.begin_op(&op, &owner, now))
+        let (_, d) = self
+            .steps(vec![Step::BeginOp { op, owner }], Commit::Deferred)
             .await?;
-        self.emit(&a.events);
-        Ok(a.value)
+        d.ok_or_else(|| Abort::Store(StoreError::Backend("begin returned no decision".into())))
     }
 
     async fn finish(
@@ -211,7 +210,9 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                         kind: OpKind::Stream,
                         epoch,
                     };
-                    let (j, d) = self.steps(self.stream_start(job.key, sop).to_vec()).await?;
+                    let (j, d) = self
+                        .job_steps(self.stream_start(job.key, sop).to_vec())
+                        .await?;
                     begun = d.map(|d| (sop, d));
                     j
                 }
@@ -235,11 +236,17 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         ]
     }
 
-    /// Runs steps atomically (one durable commit); returns the job after the
-    /// last job-returning step and the last op decision, if any.
-    async fn steps(&self, steps: Vec<Step>) -> Result<(Job, Option<OpDecision>), Abort> {
+    /// Runs steps atomically (one commit); returns the job after the last
+    /// job-returning step (if any) and the last op decision, if any.
+    async fn steps(
+        &self,
+        steps: Vec<Step>,
+        commit: Commit,
+    ) -> Result<(Option<Job>, Option<OpDecision>), Abort> {
         let now = self.now();
-        let a = self.store_call(move |s| s.run_steps(steps, now)).await?;
+        let a = self
+            .store_call(move |s| s.run_steps(steps, now, commit))
+            .await?;
         self.emit(&a.events);
         let mut job = None;
         let mut decision = None;
@@ -249,9 +256,15 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 StepOutput::Decision(d) => decision = Some(d),
             }
         }
-        let job =
-            job.ok_or_else(|| Abort::Store(StoreError::Backend("steps returned no job".into())))?;
         Ok((job, decision))
+    }
+
+    /// Deferred steps that lead a job to its next step; returns the job.
+    async fn job_steps(&self, steps: Vec<Step>) -> Result<(Job, Option<OpDecision>), Abort> {
+        let (j, d) = self.steps(steps, Commit::Deferred).await?;
+        let j =
+            j.ok_or_else(|| Abort::Store(StoreError::Backend("steps returned no job".into())))?;
+        Ok((j, d))
     }
 
     async fn step_head(
@@ -303,7 +316,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                             epoch,
                         };
                         let (j, d) = self
-                            .steps(
+                            .job_steps(
                                 vec![Step::FinishOp {
                                     op,
                                     outcome: Ok(OpResult::Head(head.clone())),
@@ -432,17 +445,20 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                     // STREAM's result and FINALIZE's start: one commit, which
                     // also proves the lease is still ours right before publishing.
                     let (_, d) = self
-                        .steps(vec![
-                            Step::FinishOp {
-                                op: sop,
-                                outcome: Ok(OpResult::Stream(si.clone())),
-                                then: None,
-                            },
-                            Step::BeginOp {
-                                op: fop,
-                                owner: self.owner.clone(),
-                            },
-                        ])
+                        .steps(
+                            vec![
+                                Step::FinishOp {
+                                    op: sop,
+                                    outcome: Ok(OpResult::Stream(si.clone())),
+                                    then: None,
+                                },
+                                Step::BeginOp {
+                                    op: fop,
+                                    owner: self.owner.clone(),
+                                },
+                            ],
+                            Commit::Deferred,
+                        )
                         .await?;
                     crashpoint("after_stream_commit");
                     (si, d)

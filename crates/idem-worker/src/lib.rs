@@ -306,6 +306,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                     limit: room,
                     ttl_ms: self.cfg.lease_ttl_ms,
                     dead_owners: dead.clone(),
+                    commit: idem_core::Commit::Deferred,
                 };
                 let now = self.now();
                 let asked = std::time::Instant::now();

@@ -94,6 +94,7 @@ impl Sim {
             limit,
             ttl_ms: ttl_s * 1000,
             dead_owners: vec![],
+            commit: crate::Commit::Durable,
         };
         let r = self.store.lease(&req, self.now).expect("lease");
         let got: Vec<(JobKey, Epoch)> = r
