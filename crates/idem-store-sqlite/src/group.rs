@@ -104,33 +104,37 @@ pub(crate) struct Group {
 
 struct Writer {
     conn: Connection,
-    /// The connection's current `synchronous` setting is FULL.
-    full: bool,
+    /// The ledger's write-ahead log, opened after the first commit; `Full`
+    /// durability fsyncs it itself after a durable batch.
+    wal: Option<std::fs::File>,
+    wal_path: std::path::PathBuf,
 }
 
 impl Writer {
-    /// Sets `synchronous` for the next commit. In WAL mode a FULL commit
-    /// fsyncs the log, which also makes every earlier NORMAL commit in it
-    /// durable: deferred writes reach the disk with the next durable one,
-    /// in order.
-    fn sync_for(&mut self, durability: Durability, batch: &[Pending]) -> Result<(), StoreError> {
-        let full = match durability {
-            Durability::Full => batch.iter().any(|p| p.req.durable()),
-            Durability::Strict => true,
-            Durability::Normal => false,
-        };
-        if full != self.full {
-            sql(
-                &self.conn,
-                if full {
-                    "PRAGMA synchronous = FULL"
-                } else {
-                    "PRAGMA synchronous = NORMAL"
-                },
-            )?;
-            self.full = full;
+    /// Makes the batch just committed durable when it must be.
+    ///
+    /// Under [`Durability::Full`] the connection runs `synchronous=NORMAL`
+    /// and a batch holding any durable request is followed by an fsync of
+    /// the log before anyone is acknowledged. In WAL mode that fsync covers
+    /// every frame written so far, so deferred commits reach the disk with
+    /// the next durable one, in order. (Switching `synchronous` per batch
+    /// would do the same, but every switch makes SQLite re-prepare all
+    /// cached statements.)
+    fn sync_after(&mut self, durability: Durability, batch: &[Pending]) -> Result<(), StoreError> {
+        if durability != Durability::Full || !batch.iter().any(|p| p.req.durable()) {
+            return Ok(());
         }
-        Ok(())
+        if self.wal.is_none() {
+            let f = std::fs::File::open(&self.wal_path).map_err(|e| {
+                StoreError::Backend(format!("opening {}: {e}", self.wal_path.display()))
+            })?;
+            self.wal = Some(f);
+        }
+        let Some(wal) = &self.wal else {
+            return Ok(());
+        };
+        wal.sync_data()
+            .map_err(|e| StoreError::Backend(format!("fsync of {}: {e}", self.wal_path.display())))
     }
 }
 
@@ -149,13 +153,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Group {
     pub(crate) fn new(
         conns: (Connection, Connection, std::fs::File),
+        db: &std::path::Path,
         durability: Durability,
         max_batch: usize,
     ) -> Self {
+        let mut wal_path = db.as_os_str().to_owned();
+        wal_path.push("-wal");
         Self {
             writer: Mutex::new(Writer {
                 conn: conns.0,
-                full: durability != Durability::Normal,
+                wal: None,
+                wal_path: wal_path.into(),
             }),
             durability,
             lock_file: conns.2,
@@ -192,14 +200,7 @@ impl Group {
             {
                 let mut w = lock(&self.writer);
                 let locked = self.lock_file.lock();
-                match w.sync_for(self.durability, &batch) {
-                    Ok(()) => run_batch(&w.conn, batch),
-                    Err(e) => {
-                        for p in batch {
-                            *lock(&p.slot) = Some(Err(e.clone()));
-                        }
-                    }
-                }
+                run_batch(&mut w, self.durability, batch);
                 if locked.is_ok() {
                     let _ = self.lock_file.unlock();
                 }
@@ -219,8 +220,11 @@ impl Group {
     }
 }
 
-fn run_batch(conn: &Connection, batch: Vec<Pending>) {
-    let results = match run_in_tx(conn, &batch) {
+fn run_batch(w: &mut Writer, durability: Durability, batch: Vec<Pending>) {
+    let results = match run_in_tx(&w.conn, &batch).and_then(|r| {
+        w.sync_after(durability, &batch)?;
+        Ok(r)
+    }) {
         Ok(results) => results,
         Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
     };

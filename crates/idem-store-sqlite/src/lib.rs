@@ -125,7 +125,7 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         let conn = schema::open(&path, opts)?;
         Ok(Self {
-            group: Group::new(conn, opts.durability, opts.max_batch),
+            group: Group::new(conn, &path, opts.durability, opts.max_batch),
             path,
         })
     }

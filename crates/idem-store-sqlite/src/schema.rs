@@ -173,6 +173,12 @@ pub(crate) fn open(
     }
     configure(&conn, opts, path)?;
     migrate(&conn, path)?;
+    if opts.durability == Durability::Full {
+        // Migrations ran at FULL; from here on the group commit fsyncs the
+        // log itself after each durable batch (see group.rs).
+        conn.execute_batch("PRAGMA synchronous = NORMAL;")
+            .map_err(map_err)?;
+    }
     let reader = Connection::open(path).map_err(map_err)?;
     reader
         .busy_timeout(std::time::Duration::from_millis(opts.busy_timeout_ms))
