@@ -475,9 +475,9 @@ fn mutable_columns(job: &Job) -> [(&'static str, Value); 18] {
 /// `new`. Naming only changed columns matters: SQLite rewrites an index
 /// entry for every indexed column an UPDATE names, changed or not, and a
 /// job row has four indexes.
-fn update_job(c: &Connection, old: &Job, new: &Job) -> Result<(), StoreError> {
+fn update_job(c: &Connection, id: i64, old: &Job, new: &Job) -> Result<(), StoreError> {
     let mut sql = String::from("UPDATE jobs SET ");
-    let mut values: Vec<Value> = vec![Value::Blob(new.key.digest().as_bytes().to_vec())];
+    let mut values: Vec<Value> = vec![Value::Integer(id)];
     for ((name, was), (_, now)) in mutable_columns(old).into_iter().zip(mutable_columns(new)) {
         if was != now {
             if values.len() > 1 {
@@ -492,7 +492,7 @@ fn update_job(c: &Connection, old: &Job, new: &Job) -> Result<(), StoreError> {
     if values.len() == 1 {
         return Ok(());
     }
-    sql.push_str(" WHERE key = ?1");
+    sql.push_str(" WHERE id = ?1");
     let n = c
         .prepare_cached(&sql)
         .and_then(|mut st| st.execute(rusqlite::params_from_iter(values)))
@@ -515,6 +515,24 @@ pub(crate) fn load_job(c: &Connection, key: &JobKey) -> Result<Option<Job>, Stor
 
 fn must_job(c: &Connection, key: &JobKey) -> Result<Job, StoreError> {
     load_job(c, key)?.ok_or(StoreError::NotFound(*key))
+}
+
+/// A job row with its rowid, which the write path uses instead of the key
+/// (an integer lookup instead of a 32-byte one, for the row and its ops).
+fn row_to_job_id(r: &Row<'_>) -> rusqlite::Result<(i64, Job)> {
+    Ok((r.get(JOB_ID_COL)?, row_to_job(r)?))
+}
+
+/// The column of `id` in `SELECT {JOB_COLS}, id`.
+const JOB_ID_COL: usize = 25;
+
+fn must_job_id(c: &Connection, key: &JobKey) -> Result<(i64, Job), StoreError> {
+    c.prepare_cached(&format!("SELECT {JOB_COLS}, id FROM jobs WHERE key = ?1"))
+        .map_err(map_err)?
+        .query_row([key.digest().as_bytes().as_slice()], row_to_job_id)
+        .optional()
+        .map_err(map_err)?
+        .ok_or(StoreError::NotFound(*key))
 }
 
 fn stamp(events: Vec<EventKind>, now: Timestamp) -> Vec<Event> {
@@ -578,41 +596,41 @@ pub(crate) fn lease(
     let mut jobs = {
         let mut st = c
             .prepare_cached(&format!(
-                "SELECT {JOB_COLS} FROM jobs WHERE due_at <= ?1 ORDER BY due_at, id LIMIT ?2"
+                "SELECT {JOB_COLS}, id FROM jobs WHERE due_at <= ?1 ORDER BY due_at, id LIMIT ?2"
             ))
             .map_err(map_err)?;
         let rows = st
-            .query_map(params![now.as_millis(), i(req.limit as u64)], row_to_job)
+            .query_map(params![now.as_millis(), i(req.limit as u64)], row_to_job_id)
             .map_err(map_err)?;
-        rows.collect::<rusqlite::Result<Vec<Job>>>()
+        rows.collect::<rusqlite::Result<Vec<(i64, Job)>>>()
             .map_err(map_err)?
     };
     if jobs.len() < req.limit && !req.dead_owners.is_empty() {
         let mut st = c
             .prepare_cached(&format!(
-                "SELECT {JOB_COLS} FROM jobs WHERE lease_owner = ?1 AND due_at IS NOT NULL AND next_attempt_at <= ?2 ORDER BY id"
+                "SELECT {JOB_COLS}, id FROM jobs WHERE lease_owner = ?1 AND due_at IS NOT NULL AND next_attempt_at <= ?2 ORDER BY id"
             ))
             .map_err(map_err)?;
         for owner in &req.dead_owners {
             let rows = st
-                .query_map(params![owner.as_str(), now.as_millis()], row_to_job)
+                .query_map(params![owner.as_str(), now.as_millis()], row_to_job_id)
                 .map_err(map_err)?;
             for j in rows {
-                let mut j = j.map_err(map_err)?;
-                if jobs.len() >= req.limit || jobs.iter().any(|x| x.key == j.key) {
+                let (id, mut j) = j.map_err(map_err)?;
+                if jobs.len() >= req.limit || jobs.iter().any(|(_, x)| x.key == j.key) {
                     continue;
                 }
                 // Its holder is gone: treat the lease as expired now.
                 if let Some(l) = j.lease.as_mut() {
                     l.expires_at = l.expires_at.min(now);
                 }
-                jobs.push(j);
+                jobs.push((id, j));
             }
         }
     }
     let mut leased = Vec::with_capacity(jobs.len());
     let mut events = Vec::new();
-    for job in jobs {
+    for (id, job) in jobs {
         let t = transition(
             &job,
             Command::Acquire {
@@ -622,7 +640,7 @@ pub(crate) fn lease(
             now,
         )
         .map_err(|e| refused(job.key, e))?;
-        update_job(c, &job, &t.job)?;
+        update_job(c, id, &job, &t.job)?;
         events.extend(t.events);
         if let Some(l) = &t.job.lease {
             // The previous holders' unfinished ops died with their epochs
@@ -632,10 +650,10 @@ pub(crate) fn lease(
             } else {
                 c
                 .prepare_cached(
-                    "UPDATE ops SET status = 'abandoned', finished_at = ?3 WHERE job_id = (SELECT id FROM jobs WHERE key = ?1) AND status = 'started' AND epoch < ?2",
+                    "UPDATE ops SET status = 'abandoned', finished_at = ?3 WHERE job_id = ?1 AND status = 'started' AND epoch < ?2",
                 )
                 .map_err(map_err)?
-                .execute(params![t.job.key.digest().as_bytes().as_slice(), i(l.epoch.0), now.as_millis()])
+                .execute(params![id, i(l.epoch.0), now.as_millis()])
                 .map_err(map_err)? as u64
             };
             events.extend(ledger::abandoned_event(Some(t.job.key), n));
@@ -653,44 +671,54 @@ pub(crate) fn lease(
 /// through several steps reads and writes its row once.
 #[derive(Default)]
 struct Jobs {
-    /// (as loaded, current)
-    rows: Vec<(Job, Job)>,
+    /// (rowid, as loaded, current)
+    rows: Vec<(i64, Job, Job)>,
+    /// Rows whose lease epoch alone was read: (key, rowid, lease epoch).
+    fences: Vec<(JobKey, i64, Option<Epoch>)>,
 }
 
 impl Jobs {
-    fn get(&mut self, c: &Connection, key: &JobKey) -> Result<&mut Job, StoreError> {
-        let i = match self.rows.iter().position(|(j, _)| j.key == *key) {
+    fn get(&mut self, c: &Connection, key: &JobKey) -> Result<(i64, &mut Job), StoreError> {
+        let i = match self.rows.iter().position(|(_, j, _)| j.key == *key) {
             Some(i) => i,
             None => {
-                let j = must_job(c, key)?;
-                self.rows.push((j.clone(), j));
+                let (id, j) = must_job_id(c, key)?;
+                self.rows.push((id, j.clone(), j));
                 self.rows.len() - 1
             }
         };
-        Ok(&mut self.rows[i].1)
+        let (id, _, j) = &mut self.rows[i];
+        Ok((*id, j))
     }
 
-    /// The job's live lease epoch (`None` when unleased); reads one column
-    /// when the row is not loaded yet.
-    fn lease_epoch(&self, c: &Connection, key: &JobKey) -> Result<Option<Epoch>, StoreError> {
-        if let Some((_, j)) = self.rows.iter().find(|(j, _)| j.key == *key) {
-            return Ok(j.lease.as_ref().map(|l| l.epoch));
+    /// The job's rowid and live lease epoch (`None` when unleased); reads
+    /// two columns when the row is not loaded yet.
+    fn fence(&mut self, c: &Connection, key: &JobKey) -> Result<(i64, Option<Epoch>), StoreError> {
+        if let Some((id, _, j)) = self.rows.iter().find(|(_, j, _)| j.key == *key) {
+            return Ok((*id, j.lease.as_ref().map(|l| l.epoch)));
         }
-        let epoch: Option<Option<i64>> = c
-            .prepare_cached("SELECT lease_epoch FROM jobs WHERE key = ?1")
+        if let Some((_, id, e)) = self.fences.iter().find(|(k, _, _)| k == key) {
+            return Ok((*id, *e));
+        }
+        let row: Option<(i64, Option<i64>)> = c
+            .prepare_cached("SELECT id, lease_epoch FROM jobs WHERE key = ?1")
             .map_err(map_err)?
-            .query_row([key.digest().as_bytes().as_slice()], |r| r.get(0))
+            .query_row([key.digest().as_bytes().as_slice()], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .optional()
             .map_err(map_err)?;
-        let Some(epoch) = epoch else {
+        let Some((id, epoch)) = row else {
             return Err(StoreError::NotFound(*key));
         };
-        Ok(epoch.and_then(|e| u64::try_from(e).ok()).map(Epoch))
+        let epoch = epoch.and_then(|e| u64::try_from(e).ok()).map(Epoch);
+        self.fences.push((*key, id, epoch));
+        Ok((id, epoch))
     }
 
     fn flush(self, c: &Connection) -> Result<(), StoreError> {
-        for (old, new) in &self.rows {
-            update_job(c, old, new)?;
+        for (id, old, new) in &self.rows {
+            update_job(c, *id, old, new)?;
         }
         Ok(())
     }
@@ -723,7 +751,7 @@ fn apply_in(
     cmd: Command,
     now: Timestamp,
 ) -> Result<Applied<Job>, StoreError> {
-    let job = jobs.get(c, key)?;
+    let (_, job) = jobs.get(c, key)?;
     let t = transition(job, cmd, now).map_err(|e| refused(*key, e))?;
     job.clone_from(&t.job);
     Ok(Applied {
@@ -758,34 +786,29 @@ fn row_to_op(job: JobKey, r: &Row<'_>) -> rusqlite::Result<OpRecord> {
     })
 }
 
-fn load_op(c: &Connection, op: &OpKey) -> Result<Option<OpRecord>, StoreError> {
+fn load_op(c: &Connection, job_id: i64, op: &OpKey) -> Result<Option<OpRecord>, StoreError> {
     let mut st = c
         .prepare_cached(&format!(
-            "SELECT {OP_COLS} FROM ops WHERE job_id = (SELECT id FROM jobs WHERE key = ?1) AND kind = ?2 AND epoch = ?3"
+            "SELECT {OP_COLS} FROM ops WHERE job_id = ?1 AND kind = ?2 AND epoch = ?3"
         ))
         .map_err(map_err)?;
-    st.query_row(
-        params![
-            op.job.digest().as_bytes().as_slice(),
-            op.kind.as_str(),
-            i(op.epoch.0)
-        ],
-        |r| row_to_op(op.job, r),
-    )
+    st.query_row(params![job_id, op.kind.as_str(), i(op.epoch.0)], |r| {
+        row_to_op(op.job, r)
+    })
     .optional()
     .map_err(map_err)
 }
 
 /// Inserts a new op row; false when the op has a row already.
-fn insert_op(c: &Connection, rec: &OpRecord) -> Result<bool, StoreError> {
+fn insert_op(c: &Connection, job_id: i64, rec: &OpRecord) -> Result<bool, StoreError> {
     let n = c
         .prepare_cached(
             "INSERT INTO ops (job_id, kind, epoch, owner, status, runs, started_at) \
-             VALUES ((SELECT id FROM jobs WHERE key = ?1), ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (job_id, kind, epoch) DO NOTHING",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (job_id, kind, epoch) DO NOTHING",
         )
         .and_then(|mut st| {
             st.execute(params![
-                rec.key.job.digest().as_bytes().as_slice(),
+                job_id,
                 rec.key.kind.as_str(),
                 i(rec.key.epoch.0),
                 rec.owner.as_str(),
@@ -798,11 +821,11 @@ fn insert_op(c: &Connection, rec: &OpRecord) -> Result<bool, StoreError> {
     Ok(n == 1)
 }
 
-fn save_op(c: &Connection, rec: &OpRecord) -> Result<(), StoreError> {
+fn save_op(c: &Connection, job_id: i64, rec: &OpRecord) -> Result<(), StoreError> {
     let mut st = c
         .prepare_cached(
             "INSERT INTO ops (job_id, kind, epoch, owner, status, result, error, runs, started_at, finished_at) \
-             VALUES ((SELECT id FROM jobs WHERE key = ?1), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
              ON CONFLICT (job_id, kind, epoch) DO UPDATE SET owner = excluded.owner, status = excluded.status, \
              result = excluded.result, error = excluded.error, runs = excluded.runs, \
              started_at = excluded.started_at, finished_at = excluded.finished_at",
@@ -815,7 +838,7 @@ fn save_op(c: &Connection, rec: &OpRecord) -> Result<(), StoreError> {
         .transpose()
         .map_err(|e| StoreError::Backend(format!("serialising op result: {e}")))?;
     st.execute(params![
-        rec.key.job.digest().as_bytes().as_slice(),
+        job_id,
         rec.key.kind.as_str(),
         i(rec.key.epoch.0),
         rec.owner.as_str(),
@@ -831,7 +854,7 @@ fn save_op(c: &Connection, rec: &OpRecord) -> Result<(), StoreError> {
 }
 
 /// Records a finished op's outcome on its existing row.
-fn save_op_outcome(c: &Connection, rec: &OpRecord) -> Result<(), StoreError> {
+fn save_op_outcome(c: &Connection, job_id: i64, rec: &OpRecord) -> Result<(), StoreError> {
     let result = rec
         .result
         .as_ref()
@@ -841,11 +864,11 @@ fn save_op_outcome(c: &Connection, rec: &OpRecord) -> Result<(), StoreError> {
     let n = c
         .prepare_cached(
             "UPDATE ops SET status = ?4, result = ?5, error = ?6, finished_at = ?7 \
-             WHERE job_id = (SELECT id FROM jobs WHERE key = ?1) AND kind = ?2 AND epoch = ?3",
+             WHERE job_id = ?1 AND kind = ?2 AND epoch = ?3",
         )
         .and_then(|mut st| {
             st.execute(params![
-                rec.key.job.digest().as_bytes().as_slice(),
+                job_id,
                 rec.key.kind.as_str(),
                 i(rec.key.epoch.0),
                 rec.status.as_str(),
@@ -873,23 +896,25 @@ pub(crate) fn begin_op(
 
 fn begin_op_in(
     c: &Connection,
-    jobs: &Jobs,
+    jobs: &mut Jobs,
     op: &OpKey,
     owner: &WorkerId,
     now: Timestamp,
 ) -> Result<Applied<OpDecision>, StoreError> {
     // Only the fence is needed here: one column, not the whole row.
-    check_epoch_fence(op.job, jobs.lease_epoch(c, &op.job)?, op)?;
+    let (id, epoch) = jobs.fence(c, &op.job)?;
+    check_epoch_fence(op.job, epoch, op)?;
     // A first start (the common case) is one insert; only an op that has
     // a row already needs reading.
-    let decision = if insert_op(c, &ledger::started(*op, owner.clone(), None, now))? {
+    let decision = if insert_op(c, id, &ledger::started(*op, owner.clone(), None, now))? {
         ledger::begin_op(None)
     } else {
-        let existing = load_op(c, op)?;
+        let existing = load_op(c, id, op)?;
         let decision = ledger::begin_op(existing.as_ref());
         match &decision {
             OpDecision::Run => save_op(
                 c,
+                id,
                 &ledger::started(*op, owner.clone(), existing.as_ref(), now),
             )?,
             OpDecision::Replay { .. } => bump_counter(c, "replays")?,
@@ -921,9 +946,9 @@ fn finish_op_in(
     then: Option<Command>,
     now: Timestamp,
 ) -> Result<Applied<Job>, StoreError> {
-    let job = jobs.get(c, &op.job)?;
+    let (id, job) = jobs.get(c, &op.job)?;
     check_op_fence(job, op)?;
-    let rec = match load_op(c, op)? {
+    let rec = match load_op(c, id, op)? {
         Some(r) if r.status == OpStatus::Started => r,
         _ => return Err(StoreError::OpNotStarted(op.to_string())),
     };
@@ -935,7 +960,7 @@ fn finish_op_in(
     }
     let (rec, completed) = ledger::finished(rec, outcome, now);
     events.insert(0, completed);
-    save_op_outcome(c, &rec)?;
+    save_op_outcome(c, id, &rec)?;
     Ok(Applied {
         value: job.clone(),
         events: stamp(events, now),
