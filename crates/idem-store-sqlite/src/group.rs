@@ -90,7 +90,10 @@ struct Pending {
 }
 
 pub(crate) struct Group {
-    writer: Mutex<Writer>,
+    writer: Mutex<Connection>,
+    /// The ledger's write-ahead log, opened at the first durable batch.
+    wal: Mutex<Option<std::fs::File>>,
+    wal_path: std::path::PathBuf,
     durability: Durability,
     /// Cross-process writer lock (flock), taken around each transaction.
     lock_file: std::fs::File,
@@ -100,42 +103,6 @@ pub(crate) struct Group {
     /// one caller with a queued request becomes the next leader.
     done: Condvar,
     max_batch: usize,
-}
-
-struct Writer {
-    conn: Connection,
-    /// The ledger's write-ahead log, opened after the first commit; `Full`
-    /// durability fsyncs it itself after a durable batch.
-    wal: Option<std::fs::File>,
-    wal_path: std::path::PathBuf,
-}
-
-impl Writer {
-    /// Makes the batch just committed durable when it must be.
-    ///
-    /// Under [`Durability::Full`] the connection runs `synchronous=NORMAL`
-    /// and a batch holding any durable request is followed by an fsync of
-    /// the log before anyone is acknowledged. In WAL mode that fsync covers
-    /// every frame written so far, so deferred commits reach the disk with
-    /// the next durable one, in order. (Switching `synchronous` per batch
-    /// would do the same, but every switch makes SQLite re-prepare all
-    /// cached statements.)
-    fn sync_after(&mut self, durability: Durability, batch: &[Pending]) -> Result<(), StoreError> {
-        if durability != Durability::Full || !batch.iter().any(|p| p.req.durable()) {
-            return Ok(());
-        }
-        if self.wal.is_none() {
-            let f = std::fs::File::open(&self.wal_path).map_err(|e| {
-                StoreError::Backend(format!("opening {}: {e}", self.wal_path.display()))
-            })?;
-            self.wal = Some(f);
-        }
-        let Some(wal) = &self.wal else {
-            return Ok(());
-        };
-        wal.sync_data()
-            .map_err(|e| StoreError::Backend(format!("fsync of {}: {e}", self.wal_path.display())))
-    }
 }
 
 #[derive(Default)]
@@ -160,11 +127,9 @@ impl Group {
         let mut wal_path = db.as_os_str().to_owned();
         wal_path.push("-wal");
         Self {
-            writer: Mutex::new(Writer {
-                conn: conns.0,
-                wal: None,
-                wal_path: wal_path.into(),
-            }),
+            writer: Mutex::new(conns.0),
+            wal: Mutex::new(None),
+            wal_path: wal_path.into(),
             durability,
             lock_file: conns.2,
             reader: Mutex::new(conns.1),
@@ -197,17 +162,60 @@ impl Group {
             if std::env::var_os("IDEM_DEBUG_BATCH").is_some() {
                 eprintln!("batch {}", batch.len());
             }
-            {
-                let mut w = lock(&self.writer);
+            let results = {
+                let w = lock(&self.writer);
                 let locked = self.lock_file.lock();
-                run_batch(&mut w, self.durability, batch);
+                let r = run_in_tx(&w, &batch);
                 if locked.is_ok() {
                     let _ = self.lock_file.unlock();
                 }
+                r
+            };
+            // The fsync runs outside the writer locks: another process can
+            // commit meanwhile (its own fsync covers this batch's frames
+            // too). Leadership passes on only afterwards, so the callers
+            // answered here join the next batch rather than trickle in.
+            let results = results.and_then(|r| {
+                if self.durability == Durability::Full && batch.iter().any(|p| p.req.durable()) {
+                    self.sync_wal()?;
+                }
+                Ok(r)
+            });
+            let results = match results {
+                Ok(results) => results,
+                Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
+            };
+            for (p, r) in batch.into_iter().zip(results) {
+                *lock(&p.slot) = Some(r);
             }
             q = lock(&self.queue);
             q.leader = false;
             self.done.notify_all();
+        }
+    }
+
+    /// Makes every commit so far durable: an fsync of the write-ahead log.
+    ///
+    /// Under [`Durability::Full`] the connection runs `synchronous=NORMAL`
+    /// and a batch holding any durable request is followed by this fsync
+    /// before anyone in it is acknowledged. In WAL mode it covers every
+    /// frame written so far, so deferred commits reach the disk with the
+    /// next durable one, in order. (Switching `synchronous` per batch would
+    /// do the same, but every switch makes SQLite re-prepare all cached
+    /// statements, and SQLite's own sync holds the write lock meanwhile.)
+    fn sync_wal(&self) -> Result<(), StoreError> {
+        let mut wal = lock(&self.wal);
+        if wal.is_none() {
+            let f = std::fs::File::open(&self.wal_path).map_err(|e| {
+                StoreError::Backend(format!("opening {}: {e}", self.wal_path.display()))
+            })?;
+            *wal = Some(f);
+        }
+        match wal.as_ref() {
+            Some(f) => f.sync_data().map_err(|e| {
+                StoreError::Backend(format!("fsync of {}: {e}", self.wal_path.display()))
+            }),
+            None => Ok(()),
         }
     }
 
@@ -217,19 +225,6 @@ impl Group {
     ) -> Result<T, StoreError> {
         let conn = lock(&self.reader);
         f(&conn)
-    }
-}
-
-fn run_batch(w: &mut Writer, durability: Durability, batch: Vec<Pending>) {
-    let results = match run_in_tx(&w.conn, &batch).and_then(|r| {
-        w.sync_after(durability, &batch)?;
-        Ok(r)
-    }) {
-        Ok(results) => results,
-        Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
-    };
-    for (p, r) in batch.into_iter().zip(results) {
-        *lock(&p.slot) = Some(r);
     }
 }
 
