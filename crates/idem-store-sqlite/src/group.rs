@@ -23,7 +23,7 @@ use idem_core::{
     WorkerId,
 };
 use rusqlite::Connection;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 pub(crate) enum Req {
     Plan {
@@ -87,6 +87,8 @@ type Slot = Arc<Mutex<Option<Result<Res, StoreError>>>>;
 struct Pending {
     req: Req,
     slot: Slot,
+    /// The caller, parked until its reply is in `slot` or it is to lead.
+    caller: std::thread::Thread,
 }
 
 pub(crate) struct Group {
@@ -99,9 +101,6 @@ pub(crate) struct Group {
     lock_file: std::fs::File,
     reader: Mutex<Connection>,
     queue: Mutex<Queue>,
-    /// Signalled when a batch is done: its callers find their replies, and
-    /// one caller with a queued request becomes the next leader.
-    done: Condvar,
     max_batch: usize,
 }
 
@@ -134,24 +133,29 @@ impl Group {
             lock_file: conns.2,
             reader: Mutex::new(conns.1),
             queue: Mutex::new(Queue::default()),
-            done: Condvar::new(),
             max_batch: max_batch.max(1),
         }
     }
 
     pub(crate) fn submit(&self, req: Req) -> Result<Res, StoreError> {
         let slot: Slot = Arc::new(Mutex::new(None));
-        let mut q = lock(&self.queue);
-        q.pending.push(Pending {
+        lock(&self.queue).pending.push(Pending {
             req,
             slot: Arc::clone(&slot),
+            caller: std::thread::current(),
         });
         loop {
             if let Some(r) = lock(&slot).take() {
                 return r;
             }
-            if q.leader {
-                q = self.done.wait(q).unwrap_or_else(PoisonError::into_inner);
+            let mut q = lock(&self.queue);
+            // Lead when nobody does and our request is still queued (once a
+            // leader has taken it, the reply is on its way).
+            if q.leader || !q.pending.iter().any(|p| Arc::ptr_eq(&p.slot, &slot)) {
+                drop(q);
+                // Woken by the leader that answers us, or told to lead;
+                // a spurious wake-up just loops.
+                std::thread::park();
                 continue;
             }
             // Lead: take everything queued so far and commit it as one.
@@ -185,12 +189,18 @@ impl Group {
                 Ok(results) => results,
                 Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
             };
+            // Wake each caller answered here (one wake-up per request, not
+            // one per waiting thread per batch), then hand leadership to the
+            // oldest queued caller.
             for (p, r) in batch.into_iter().zip(results) {
                 *lock(&p.slot) = Some(r);
+                p.caller.unpark();
             }
-            q = lock(&self.queue);
+            let mut q = lock(&self.queue);
             q.leader = false;
-            self.done.notify_all();
+            if let Some(next) = q.pending.first() {
+                next.caller.unpark();
+            }
         }
     }
 

@@ -11,8 +11,10 @@
 //! - `synchronous=FULL` by default, so an acknowledged write survives power
 //!   loss; a job's intermediate records (lease, op starts, results that
 //!   lead to its next step), which the engine marks [`Commit::Deferred`],
-//!   commit with `synchronous=NORMAL` and reach the disk with the next
-//!   durable commit: in WAL mode that fsync covers every earlier frame, so
+//!   commit without an fsync and reach the disk with the next durable
+//!   commit: the connection runs `synchronous=NORMAL` and the group commit
+//!   fsyncs the write-ahead log itself after any batch holding a durable
+//!   request, before acknowledging it. That fsync covers every earlier frame, so
 //!   after power loss the ledger is a prefix of its history and a job's
 //!   finish is never on disk without everything before it.
 //!   [`Durability::Strict`] fsyncs every commit; [`Durability::Normal`]
@@ -20,13 +22,15 @@
 //!   process crash);
 //! - writes from concurrent callers in one process are **group-committed**:
 //!   whoever holds the connection runs every queued request in one
-//!   transaction (each in its own savepoint, so one refusal rolls back only
-//!   itself), commits once, and only then acknowledges each caller.
+//!   transaction, commits once, fsyncs once, and only then acknowledges
+//!   each caller. A request refused after it wrote (rare: most refusals are
+//!   decided before any write) makes the batch roll back and run again with
+//!   a savepoint per request, so it rolls back alone.
 //!
 //! Every decision (plan, acquire, transition, op replay) is the core's; this
 //! crate only loads rows, calls the core, and writes rows back.
 //!
-//! ## Schema (version 1)
+//! ## Schema (version 2)
 //!
 //! - `jobs`: one row per job key (32-byte BLOB, unique), its spec, state,
 //!   lease (owner, epoch, expiry), attempts, backoff, last error, HEAD
@@ -34,8 +38,14 @@
 //!   when the job may next be leased (its backoff or its lease expiry,
 //!   whichever is later; NULL once terminal). A partial index on `due_at`
 //!   makes leasing one index range scan.
-//! - `ops`: the operation ledger, unique on (job key, kind, epoch), with
+//! - `ops`: the operation ledger, unique on (job rowid, kind, epoch), with
 //!   status, result (JSON, never truncated), error, run count, timestamps.
+//!   Version 1 keyed ops by the job's 32-byte random key; version 2 (the
+//!   migration copies every op) uses the job's rowid, so a batch's inserts
+//!   land on neighbouring index pages and entries are a third of the size.
+//!   A request that moves a job through several steps reads and writes its
+//!   row once, naming only the columns that changed (SQLite rewrites an
+//!   index entry for every indexed column an UPDATE names).
 //! - `counters`: refused stale-epoch writes.
 //!
 //! The file is marked with `PRAGMA application_id` and versioned with

@@ -588,6 +588,10 @@ pub(crate) fn plan(
     })
 }
 
+// Every `LIMIT ?n` in this file is written `LIMIT ?n + 0`: with a bare
+// parameter, SQLite re-prepares the statement whenever any binding changes
+// (the lease query was recompiled on every call, costing more than the
+// query itself).
 pub(crate) fn lease(
     c: &Connection,
     req: &LeaseRequest,
@@ -596,7 +600,7 @@ pub(crate) fn lease(
     let mut jobs = {
         let mut st = c
             .prepare_cached(&format!(
-                "SELECT {JOB_COLS}, id FROM jobs WHERE due_at <= ?1 ORDER BY due_at, id LIMIT ?2"
+                "SELECT {JOB_COLS}, id FROM jobs WHERE due_at <= ?1 ORDER BY due_at, id LIMIT ?2 + 0"
             ))
             .map_err(map_err)?;
         let rows = st
@@ -988,7 +992,7 @@ pub(crate) fn scan(
     let after = after.map_or_else(Vec::new, |k| k.digest().as_bytes().to_vec());
     let mut st = c
         .prepare_cached(&format!(
-            "SELECT {JOB_COLS} FROM jobs WHERE key > ?1 AND (?2 IS NULL OR state = ?2) ORDER BY key LIMIT ?3"
+            "SELECT {JOB_COLS} FROM jobs WHERE key > ?1 AND (?2 IS NULL OR state = ?2) ORDER BY key LIMIT ?3 + 0"
         ))
         .map_err(map_err)?;
     let rows = st
@@ -1016,7 +1020,7 @@ pub(crate) fn expired_leases(
 ) -> Result<Vec<Job>, StoreError> {
     let mut st = c
         .prepare_cached(&format!(
-            "SELECT {JOB_COLS} FROM jobs INDEXED BY jobs_lease_owner WHERE lease_owner IS NOT NULL AND lease_expires_at <= ?1 LIMIT ?2"
+            "SELECT {JOB_COLS} FROM jobs INDEXED BY jobs_lease_owner WHERE lease_owner IS NOT NULL AND lease_expires_at <= ?1 LIMIT ?2 + 0"
         ))
         .map_err(map_err)?;
     let rows = st

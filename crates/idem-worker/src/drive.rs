@@ -743,7 +743,7 @@ fn prepare_part(
     let primary = out.part_path(&key);
     let mut primary_held = false;
     let mut best: Option<(std::path::PathBuf, Sidecar, std::fs::File)> = None;
-    for (p, _) in out.parts_of(&key, None)? {
+    for p in out.parts_of(&key, epoch.0) {
         // A part still locked belongs to a live (perhaps paused) writer.
         let Ok(Some(f)) = files::open_locked(&p, false) else {
             primary_held |= p == primary;

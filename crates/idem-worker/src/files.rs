@@ -169,18 +169,14 @@ impl OutDir {
         Ok(out)
     }
 
-    /// The parts of one job, other than `except`.
-    pub fn parts_of(
-        &self,
-        job: &JobKey,
-        except: Option<&Path>,
-    ) -> io::Result<Vec<(PathBuf, PartName)>> {
-        let hex = job.to_hex();
-        Ok(self
-            .parts()?
-            .into_iter()
-            .filter(|(p, n)| n.job == hex && except != Some(p.as_path()))
-            .collect())
+    /// The part files of `job` that exist: its primary part and the
+    /// fallback parts of epochs up to `epoch`. Probed by name rather than
+    /// by listing `tmp/`, which cost more than the rest of a small job.
+    pub fn parts_of(&self, job: &JobKey, epoch: u64) -> Vec<PathBuf> {
+        std::iter::once(self.part_path(job))
+            .chain((1..=epoch).map(|e| self.fallback_part_path(job, e)))
+            .filter(|p| p.exists())
+            .collect()
     }
 }
 
@@ -348,12 +344,15 @@ pub type Chunk = Box<dyn AsRef<[u8]> + Send>;
 
 pub struct PartWriter {
     tx: Option<tokio::sync::mpsc::Sender<Chunk>>,
-    handle: Option<std::thread::JoinHandle<io::Result<(Digest32, u64)>>>,
+    handle: Option<tokio::task::JoinHandle<io::Result<(Digest32, u64)>>>,
 }
 
 /// Bodies shorter than this get no sidecar: restarting them costs less than
 /// the two file writes a sidecar needs.
 pub const SIDECAR_MIN: u64 = 256 << 10;
+
+/// Most bytes gathered from queued chunks into one write.
+const WRITE_GATHER: usize = 256 << 10;
 
 /// Bytes between early writebacks of a part (and sidecar updates).
 const SYNC_EVERY: u64 = 8 << 20;
@@ -420,7 +419,9 @@ impl PartWriter {
         // Bounded: a full queue means the disk is behind, and the sender
         // waits asynchronously (backpressure on the network read).
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(48);
-        let handle = std::thread::spawn(move || -> io::Result<(Digest32, u64)> {
+        // On the runtime's blocking pool, whose threads are reused: a thread
+        // of its own per part cost more than a small body's whole write.
+        let handle = tokio::task::spawn_blocking(move || -> io::Result<(Digest32, u64)> {
             use std::io::Seek;
             file.seek(io::SeekFrom::Start(offset))?;
             // Early writeback runs on its own thread, so the disk flushes
@@ -431,12 +432,23 @@ impl PartWriter {
             let mut sidecar = sidecar;
             let mut written = offset;
             let mut since_sync = 0u64;
-            while let Some(chunk) = rx.blocking_recv() {
-                let chunk = (*chunk).as_ref();
-                file.write_all(chunk)?;
-                hasher.update(chunk);
-                written += chunk.len() as u64;
-                since_sync += chunk.len() as u64;
+            // Chunks arrive in the sizes the socket delivers (often 8-16
+            // KiB); whatever is queued is gathered into one write, so a
+            // body costs a few system calls rather than one per chunk.
+            let mut buf: Vec<u8> = Vec::new();
+            while let Some(first) = rx.blocking_recv() {
+                buf.clear();
+                buf.extend_from_slice((*first).as_ref());
+                while buf.len() < WRITE_GATHER {
+                    match rx.try_recv() {
+                        Ok(more) => buf.extend_from_slice((*more).as_ref()),
+                        Err(_) => break,
+                    }
+                }
+                file.write_all(&buf)?;
+                hasher.update(&buf);
+                written += buf.len() as u64;
+                since_sync += buf.len() as u64;
                 if since_sync >= SYNC_EVERY {
                     if syncer.is_none() {
                         syncer = Some(Syncer::start(
@@ -481,19 +493,8 @@ impl PartWriter {
             .handle
             .take()
             .ok_or_else(|| io::Error::other("writer already finished"))?;
-        tokio::task::spawn_blocking(move || h.join())
-            .await
-            .map_err(io::Error::other)?
+        h.await
             .map_err(|_| io::Error::other("part writer thread panicked"))?
-    }
-}
-
-impl Drop for PartWriter {
-    fn drop(&mut self) {
-        drop(self.tx.take());
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
     }
 }
 
