@@ -551,28 +551,34 @@ pub(crate) fn plan(
 ) -> Result<Applied<Vec<PlanOutcome>>, StoreError> {
     let mut out = Vec::with_capacity(specs.len());
     let mut events = Vec::new();
+    // Plans come in runs: a first plan inserts, a re-run finds every key
+    // present. Whatever the last item found decides what to try first, so
+    // either run costs one statement per item.
+    let mut expect_existing = false;
     for spec in specs {
-        // Optimistic insert: new keys (the common case) cost one statement.
         let fresh = Job::planned(spec.clone(), max_attempts, now);
-        if insert_job(c, &fresh)? {
-            let (o, _, ev) = plan::decide(None, spec, max_attempts, now);
-            events.extend(ev);
-            out.push(o);
-            continue;
-        }
-        // Re-plans are mostly no-ops: compare fingerprints before loading
-        // the whole row (needed only to report a conflict).
-        let same: bool = c
-            .prepare_cached("SELECT fingerprint = ?2 FROM jobs WHERE key = ?1")
-            .map_err(map_err)?
-            .query_row(
-                params![
-                    fresh.key.digest().as_bytes().as_slice(),
-                    fresh.fingerprint.digest().as_bytes().as_slice()
-                ],
-                |r| r.get(0),
-            )
-            .map_err(map_err)?;
+        let same = if expect_existing {
+            same_fingerprint(c, &fresh)?
+        } else {
+            None
+        };
+        let same = match same {
+            Some(same) => same,
+            None if insert_job(c, &fresh)? => {
+                expect_existing = false;
+                let (o, _, ev) = plan::decide(None, spec, max_attempts, now);
+                events.extend(ev);
+                out.push(o);
+                continue;
+            }
+            None => {
+                expect_existing = true;
+                same_fingerprint(c, &fresh)?
+                    .ok_or_else(|| StoreError::Backend("a job vanished while planning".into()))?
+            }
+        };
+        // Re-plans are mostly no-ops: the whole row is loaded only to
+        // report a conflict.
         if same {
             out.push(PlanOutcome::Existing { job_key: fresh.key });
             continue;
@@ -586,6 +592,22 @@ pub(crate) fn plan(
         value: out,
         events: stamp(events, now),
     })
+}
+
+/// Whether the stored job under `fresh`'s key has its fingerprint; `None`
+/// when there is no such job.
+fn same_fingerprint(c: &Connection, fresh: &Job) -> Result<Option<bool>, StoreError> {
+    c.prepare_cached("SELECT fingerprint = ?2 FROM jobs WHERE key = ?1")
+        .map_err(map_err)?
+        .query_row(
+            params![
+                fresh.key.digest().as_bytes().as_slice(),
+                fresh.fingerprint.digest().as_bytes().as_slice()
+            ],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(map_err)
 }
 
 // Every `LIMIT ?n` in this file is written `LIMIT ?n + 0`: with a bare
