@@ -283,9 +283,15 @@ pub(crate) fn bump_counter(c: &Connection, name: &str) -> Result<(), StoreError>
     .map_err(map_err)
 }
 
-const JOB_COLS: &str = "key, fingerprint, work_id, artifact_id, url, expected_sha256, expected_type, state, \
-    lease_owner, lease_epoch, lease_expires_at, epoch, attempts, max_attempts, next_attempt_at, last_error, \
-    head, blob_sha256, blob_size, blob_path, duplicate_of, created_at, updated_at, first_leased_at, finished_at";
+/// A job row's columns, in `row_to_job`'s order. A macro, so queries are
+/// `concat!`ed at compile time instead of formatted on every call.
+macro_rules! job_cols {
+    () => {
+        "key, fingerprint, work_id, artifact_id, url, expected_sha256, expected_type, state, \
+         lease_owner, lease_epoch, lease_expires_at, epoch, attempts, max_attempts, next_attempt_at, last_error, \
+         head, blob_sha256, blob_size, blob_path, duplicate_of, created_at, updated_at, first_leased_at, finished_at"
+    };
+}
 
 fn corrupt(what: &str) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -506,7 +512,7 @@ fn update_job(c: &Connection, id: i64, old: &Job, new: &Job) -> Result<(), Store
 
 pub(crate) fn load_job(c: &Connection, key: &JobKey) -> Result<Option<Job>, StoreError> {
     let mut st = c
-        .prepare_cached(&format!("SELECT {JOB_COLS} FROM jobs WHERE key = ?1"))
+        .prepare_cached(concat!("SELECT ", job_cols!(), " FROM jobs WHERE key = ?1"))
         .map_err(map_err)?;
     st.query_row([key.digest().as_bytes().as_slice()], row_to_job)
         .optional()
@@ -523,16 +529,20 @@ fn row_to_job_id(r: &Row<'_>) -> rusqlite::Result<(i64, Job)> {
     Ok((r.get(JOB_ID_COL)?, row_to_job(r)?))
 }
 
-/// The column of `id` in `SELECT {JOB_COLS}, id`.
+/// The column of `id` in `SELECT job_cols!(), id`.
 const JOB_ID_COL: usize = 25;
 
 fn must_job_id(c: &Connection, key: &JobKey) -> Result<(i64, Job), StoreError> {
-    c.prepare_cached(&format!("SELECT {JOB_COLS}, id FROM jobs WHERE key = ?1"))
-        .map_err(map_err)?
-        .query_row([key.digest().as_bytes().as_slice()], row_to_job_id)
-        .optional()
-        .map_err(map_err)?
-        .ok_or(StoreError::NotFound(*key))
+    c.prepare_cached(concat!(
+        "SELECT ",
+        job_cols!(),
+        ", id FROM jobs WHERE key = ?1"
+    ))
+    .map_err(map_err)?
+    .query_row([key.digest().as_bytes().as_slice()], row_to_job_id)
+    .optional()
+    .map_err(map_err)?
+    .ok_or(StoreError::NotFound(*key))
 }
 
 fn stamp(events: Vec<EventKind>, now: Timestamp) -> Vec<Event> {
@@ -621,8 +631,10 @@ pub(crate) fn lease(
 ) -> Result<Applied<Vec<Job>>, StoreError> {
     let mut jobs = {
         let mut st = c
-            .prepare_cached(&format!(
-                "SELECT {JOB_COLS}, id FROM jobs WHERE due_at <= ?1 ORDER BY due_at, id LIMIT ?2 + 0"
+            .prepare_cached(concat!(
+                "SELECT ",
+                job_cols!(),
+                ", id FROM jobs WHERE due_at <= ?1 ORDER BY due_at, id LIMIT ?2 + 0"
             ))
             .map_err(map_err)?;
         let rows = st
@@ -633,9 +645,7 @@ pub(crate) fn lease(
     };
     if jobs.len() < req.limit && !req.dead_owners.is_empty() {
         let mut st = c
-            .prepare_cached(&format!(
-                "SELECT {JOB_COLS}, id FROM jobs WHERE lease_owner = ?1 AND due_at IS NOT NULL AND next_attempt_at <= ?2 ORDER BY id"
-            ))
+            .prepare_cached(concat!("SELECT ", job_cols!(), ", id FROM jobs WHERE lease_owner = ?1 AND due_at IS NOT NULL AND next_attempt_at <= ?2 ORDER BY id"))
             .map_err(map_err)?;
         for owner in &req.dead_owners {
             let rows = st
@@ -787,7 +797,11 @@ fn apply_in(
 }
 
 /// An op row's columns; its job key comes from the query's parameter.
-const OP_COLS: &str = "kind, epoch, owner, status, result, error, runs, started_at, finished_at";
+macro_rules! op_cols {
+    () => {
+        "kind, epoch, owner, status, result, error, runs, started_at, finished_at"
+    };
+}
 
 fn row_to_op(job: JobKey, r: &Row<'_>) -> rusqlite::Result<OpRecord> {
     let kind: String = r.get(0)?;
@@ -814,8 +828,10 @@ fn row_to_op(job: JobKey, r: &Row<'_>) -> rusqlite::Result<OpRecord> {
 
 fn load_op(c: &Connection, job_id: i64, op: &OpKey) -> Result<Option<OpRecord>, StoreError> {
     let mut st = c
-        .prepare_cached(&format!(
-            "SELECT {OP_COLS} FROM ops WHERE job_id = ?1 AND kind = ?2 AND epoch = ?3"
+        .prepare_cached(concat!(
+            "SELECT ",
+            op_cols!(),
+            " FROM ops WHERE job_id = ?1 AND kind = ?2 AND epoch = ?3"
         ))
         .map_err(map_err)?;
     st.query_row(params![job_id, op.kind.as_str(), i(op.epoch.0)], |r| {
@@ -995,8 +1011,10 @@ fn finish_op_in(
 
 pub(crate) fn load_ops(c: &Connection, key: &JobKey) -> Result<Vec<OpRecord>, StoreError> {
     let mut st = c
-        .prepare_cached(&format!(
-            "SELECT {OP_COLS} FROM ops WHERE job_id = (SELECT id FROM jobs WHERE key = ?1) ORDER BY id"
+        .prepare_cached(concat!(
+            "SELECT ",
+            op_cols!(),
+            " FROM ops WHERE job_id = (SELECT id FROM jobs WHERE key = ?1) ORDER BY id"
         ))
         .map_err(map_err)?;
     let rows = st
@@ -1013,8 +1031,10 @@ pub(crate) fn scan(
 ) -> Result<Vec<Job>, StoreError> {
     let after = after.map_or_else(Vec::new, |k| k.digest().as_bytes().to_vec());
     let mut st = c
-        .prepare_cached(&format!(
-            "SELECT {JOB_COLS} FROM jobs WHERE key > ?1 AND (?2 IS NULL OR state = ?2) ORDER BY key LIMIT ?3 + 0"
+        .prepare_cached(concat!(
+            "SELECT ",
+            job_cols!(),
+            " FROM jobs WHERE key > ?1 AND (?2 IS NULL OR state = ?2) ORDER BY key LIMIT ?3 + 0"
         ))
         .map_err(map_err)?;
     let rows = st
@@ -1028,9 +1048,7 @@ pub(crate) fn scan(
 
 pub(crate) fn finalized_by_url(c: &Connection, url: &str) -> Result<Option<Job>, StoreError> {
     let mut st = c
-        .prepare_cached(&format!(
-            "SELECT {JOB_COLS} FROM jobs INDEXED BY jobs_finalized_url WHERE url = ?1 AND state = 'finalized' LIMIT 1"
-        ))
+        .prepare_cached(concat!("SELECT ", job_cols!(), " FROM jobs INDEXED BY jobs_finalized_url WHERE url = ?1 AND state = 'finalized' LIMIT 1"))
         .map_err(map_err)?;
     st.query_row([url], row_to_job).optional().map_err(map_err)
 }
@@ -1041,9 +1059,7 @@ pub(crate) fn expired_leases(
     limit: usize,
 ) -> Result<Vec<Job>, StoreError> {
     let mut st = c
-        .prepare_cached(&format!(
-            "SELECT {JOB_COLS} FROM jobs INDEXED BY jobs_lease_owner WHERE lease_owner IS NOT NULL AND lease_expires_at <= ?1 LIMIT ?2 + 0"
-        ))
+        .prepare_cached(concat!("SELECT ", job_cols!(), " FROM jobs INDEXED BY jobs_lease_owner WHERE lease_owner IS NOT NULL AND lease_expires_at <= ?1 LIMIT ?2 + 0"))
         .map_err(map_err)?;
     let rows = st
         .query_map(params![now.as_millis(), i(limit as u64)], row_to_job)
