@@ -387,3 +387,109 @@ fn exec(tx: &Connection, req: &Req) -> Result<Res, StoreError> {
         Req::Steps { steps, now, .. } => Res::Steps(schema::run_steps(tx, steps, *now)?),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use idem_core::{Epoch, JobState, OpKind};
+
+    fn pending(req: Req) -> Pending {
+        Pending {
+            req,
+            slot: Arc::new(Mutex::new(None)),
+            caller: std::thread::current(),
+        }
+    }
+
+    /// A batch whose middle request fails after it wrote: the batch runs
+    /// again with savepoints, the failed request leaves nothing behind, and
+    /// the requests around it commit.
+    #[test]
+    fn a_request_failing_after_writing_rolls_back_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.db");
+        let conns = schema::open(&path, &crate::Options::default()).unwrap();
+        let conn = conns.0;
+        let now = Timestamp::from_millis(1_000);
+        let spec = |i: u32| {
+            JobSpec::new("w", &format!("a{i}"), &format!("http://h/{i}"), None, None).unwrap()
+        };
+        schema::plan(&conn, &[spec(1), spec(2)], 3, now).unwrap();
+        let lease = LeaseRequest {
+            owner: WorkerId::new("w"),
+            limit: 2,
+            ttl_ms: 60_000,
+            dead_owners: vec![],
+            commit: Commit::Durable,
+        };
+        let jobs = schema::lease(&conn, &lease, now).unwrap().value;
+        let (a, b) = (jobs[0].key, jobs[1].key);
+        let op = |key, epoch| OpKey {
+            job: key,
+            kind: OpKind::Head,
+            epoch,
+        };
+        let e = Epoch(1);
+        let owner = WorkerId::new("w");
+        let batch = vec![
+            pending(Req::BeginOp {
+                op: op(a, e),
+                owner: owner.clone(),
+                now,
+            }),
+            // Writes (begins a's STREAM op under the live epoch), then is
+            // refused (a stale epoch for b): must leave no trace.
+            pending(Req::Steps {
+                steps: vec![
+                    Step::BeginOp {
+                        op: OpKey {
+                            kind: OpKind::Stream,
+                            ..op(a, e)
+                        },
+                        owner: owner.clone(),
+                    },
+                    Step::BeginOp {
+                        op: op(b, Epoch(9)),
+                        owner: owner.clone(),
+                    },
+                ],
+                now,
+                commit: Commit::Deferred,
+            }),
+            pending(Req::BeginOp {
+                op: op(b, e),
+                owner: owner.clone(),
+                now,
+            }),
+        ];
+        let results = run_in_tx(&conn, &batch).unwrap();
+        assert!(results[0].is_ok());
+        assert!(results[1].as_ref().is_err_and(StoreError::is_fenced));
+        assert!(results[2].is_ok());
+        let kinds = |k| -> Vec<OpKind> {
+            schema::load_ops(&conn, &k)
+                .unwrap()
+                .into_iter()
+                .map(|o| o.key.kind)
+                .collect()
+        };
+        assert_eq!(
+            kinds(a),
+            vec![OpKind::Head],
+            "the refused request's write is gone"
+        );
+        assert_eq!(kinds(b), vec![OpKind::Head]);
+        let fenced: i64 = conn
+            .query_row(
+                "SELECT value FROM counters WHERE name = 'fenced_writes'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(fenced, 1, "counted once, not once per run of the batch");
+        assert_eq!(
+            schema::load_job(&conn, &a).unwrap().unwrap().state,
+            JobState::Leased
+        );
+    }
+}
