@@ -41,6 +41,16 @@ impl From<StoreError> for Abort {
     }
 }
 
+/// How a job's HEAD step starts: as a duplicate of content already held
+/// under its URL, or with its HEAD op begun.
+enum HeadStart {
+    Duplicate {
+        of: idem_core::JobKey,
+        blob: idem_core::BlobInfo,
+    },
+    Begun(idem_core::Applied<Vec<StepOutput>>),
+}
+
 enum StreamErr {
     Fetch(FetchError),
     Io(std::io::Error),
@@ -273,26 +283,57 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         epoch: Epoch,
     ) -> Result<(Job, Option<(OpKey, OpDecision)>), Abort> {
         let url = job.spec.url.to_string();
-        // Content we already hold under this URL: no request at all.
-        let u = url.clone();
-        if let Some(prev) = self.store_call(move |s| s.finalized_by_url(&u)).await? {
-            if let Some(blob) = prev.blob.filter(|b| self.out.root().join(&b.path).exists()) {
-                if prev.key != job.key {
-                    let cmd = Command::Duplicate {
-                        epoch,
-                        blob,
-                        of: Some(prev.key),
-                    };
-                    return Ok((self.apply(job.key, cmd).await?, None));
-                }
-            }
-        }
         let op = OpKey {
             job: job.key,
             kind: OpKind::Head,
             epoch,
         };
-        match self.begin(op).await? {
+        // Content we already hold under this URL needs no request at all;
+        // otherwise the HEAD op starts. One trip to the store for both.
+        let (key, root, owner, u, now) = (
+            job.key,
+            self.out.root().to_path_buf(),
+            self.owner.clone(),
+            url.clone(),
+            self.now(),
+        );
+        let start = self
+            .store_call(move |s| {
+                if let Some(prev) = s.finalized_by_url(&u)? {
+                    if let Some(blob) = prev.blob.filter(|b| root.join(&b.path).exists()) {
+                        if prev.key != key {
+                            return Ok(HeadStart::Duplicate { of: prev.key, blob });
+                        }
+                    }
+                }
+                let begin = vec![Step::BeginOp { op, owner }];
+                s.run_steps(begin, now, Commit::Deferred)
+                    .map(HeadStart::Begun)
+            })
+            .await?;
+        let decision = match start {
+            HeadStart::Duplicate { of, blob } => {
+                let cmd = Command::Duplicate {
+                    epoch,
+                    blob,
+                    of: Some(of),
+                };
+                return Ok((self.apply(job.key, cmd).await?, None));
+            }
+            HeadStart::Begun(a) => {
+                self.emit(&a.events);
+                a.value
+                    .into_iter()
+                    .find_map(|o| match o {
+                        StepOutput::Decision(d) => Some(d),
+                        StepOutput::Job(_) => None,
+                    })
+                    .ok_or_else(|| {
+                        Abort::Store(StoreError::Backend("begin returned no decision".into()))
+                    })?
+            }
+        };
+        match decision {
             OpDecision::Replay {
                 result: OpResult::Head(head),
                 ..
@@ -525,33 +566,39 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         // The commit that began FINALIZE proved the lease a moment ago; the
         // heartbeat's verdict is the last check before publishing.
         self.check(fenced)?;
-        let out = self.out.clone();
-        let p = part.to_path_buf();
-        let published =
-            tokio::task::spawn_blocking(move || files::publish(&out, &p, si.sha256, si.size))
-                .await
-                .map_err(|e| Abort::Store(StoreError::Backend(e.to_string())))?;
-        crashpoint("after_publish");
-        match published {
-            Ok(Published::New(blob)) => {
-                self.finish(
-                    fop,
-                    Ok(OpResult::Finalize(blob.clone())),
-                    Some(Command::Finalize { epoch, blob }),
-                )
-                .await
-            }
-            Ok(Published::AlreadyStored(blob)) => {
-                self.finish(
-                    fop,
-                    Ok(OpResult::Finalize(blob.clone())),
-                    Some(Command::Duplicate {
+        // Publishing and its commit in one blocking call: a small file's
+        // whole finalize is then one trip off the runtime.
+        let (out, p, clock) = (self.out.clone(), part.to_path_buf(), Arc::clone(&self.clock));
+        let store = Arc::clone(&self.store);
+        let done = tokio::task::spawn_blocking(move || {
+            let published = files::publish(&out, &p, si.sha256, si.size);
+            crashpoint("after_publish");
+            let (blob, then) = match published {
+                Ok(Published::New(blob)) => (blob.clone(), Command::Finalize { epoch, blob }),
+                Ok(Published::AlreadyStored(blob)) => (
+                    blob.clone(),
+                    Command::Duplicate {
                         epoch,
                         blob,
                         of: None,
-                    }),
-                )
-                .await
+                    },
+                ),
+                Err(e) => return Err(e),
+            };
+            Ok(store.finish_op(
+                &fop,
+                Ok(OpResult::Finalize(blob)),
+                Some(then),
+                clock.now(),
+            ))
+        })
+        .await
+        .map_err(|e| Abort::Store(StoreError::Backend(e.to_string())))?;
+        match done {
+            Ok(finished) => {
+                let a = finished?;
+                self.emit(&a.events);
+                Ok(a.value)
             }
             Err(e) => {
                 let err = JobError::retryable("io", format!("publishing {}: {e}", part.display()));
