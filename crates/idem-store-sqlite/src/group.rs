@@ -2,13 +2,17 @@
 //!
 //! A durable commit costs an fsync (about 0.15 ms to several ms); with
 //! sixteen workers each committing alone, the disk, not SQLite, is the
-//! ceiling. Here every caller queues its request and then waits for the
-//! writer connection. Whoever gets it drains the whole queue and runs it as
-//! one `BEGIN IMMEDIATE` transaction, each request inside its own savepoint
-//! (so a refused request rolls back alone), commits once, and fills every
-//! caller's reply slot. A caller whose request was run by another leader
-//! finds its reply waiting when it gets the lock. No caller is acknowledged
-//! before the commit that holds its write.
+//! ceiling. Here every caller queues its request and parks. The first
+//! caller to find no leader becomes one: it takes the whole queue, runs it
+//! as one `BEGIN IMMEDIATE` transaction, commits once, fsyncs the log once
+//! if any request in it must be durable, then fills each caller's reply
+//! slot and wakes that caller, and finally wakes the oldest queued caller
+//! to lead the next batch. No caller is acknowledged before the commit (and
+//! for a durable request, the fsync) that holds its write.
+//!
+//! Requests run without savepoints; a request refused after it wrote makes
+//! the leader roll the batch back and run it again with a savepoint per
+//! request, so the refused one rolls back alone (see `run_in_tx`).
 //!
 //! Between processes, writers take a blocking `flock` on a lock file beside
 //! the ledger before `BEGIN IMMEDIATE`. SQLite's own busy handler polls with
