@@ -943,7 +943,7 @@ fn begin_op_in(
     owner: &WorkerId,
     now: Timestamp,
 ) -> Result<Applied<OpDecision>, StoreError> {
-    // Only the fence is needed here: one column, not the whole row.
+    // Only the fence (and the rowid) is needed here, not the whole row.
     let (id, epoch) = jobs.fence(c, &op.job)?;
     check_epoch_fence(op.job, epoch, op)?;
     // A first start (the common case) is one insert; only an op that has
