@@ -568,7 +568,11 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         self.check(fenced)?;
         // Publishing and its commit in one blocking call: a small file's
         // whole finalize is then one trip off the runtime.
-        let (out, p, clock) = (self.out.clone(), part.to_path_buf(), Arc::clone(&self.clock));
+        let (out, p, clock) = (
+            self.out.clone(),
+            part.to_path_buf(),
+            Arc::clone(&self.clock),
+        );
         let store = Arc::clone(&self.store);
         let done = tokio::task::spawn_blocking(move || {
             let published = files::publish(&out, &p, si.sha256, si.size);
@@ -585,12 +589,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 ),
                 Err(e) => return Err(e),
             };
-            Ok(store.finish_op(
-                &fop,
-                Ok(OpResult::Finalize(blob)),
-                Some(then),
-                clock.now(),
-            ))
+            Ok(store.finish_op(&fop, Ok(OpResult::Finalize(blob)), Some(then), clock.now()))
         })
         .await
         .map_err(|e| Abort::Store(StoreError::Backend(e.to_string())))?;
