@@ -337,11 +337,12 @@ fn set_read_only(p: &Path) {
 #[cfg(not(unix))]
 fn set_read_only(_: &Path) {}
 
-/// Writes chunks to a part file and hashes them, on its own thread, so
-/// hashing and disk writes overlap with the network.
 /// A chunk of body, whatever buffer type the HTTP adapter hands out.
 pub type Chunk = Box<dyn AsRef<[u8]> + Send>;
 
+/// Writes chunks to a part file and hashes them on a thread of the
+/// runtime's blocking pool, so hashing and disk writes overlap with the
+/// network.
 pub struct PartWriter {
     tx: Option<tokio::sync::mpsc::Sender<Chunk>>,
     handle: Option<tokio::task::JoinHandle<io::Result<(Digest32, u64)>>>,
