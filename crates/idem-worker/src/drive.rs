@@ -257,6 +257,12 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         let a = self
             .store_call(move |s| s.run_steps(steps, now, commit))
             .await?;
+        Ok(self.outputs(a))
+    }
+
+    /// Emits the events of a `run_steps` call and returns the job after its
+    /// last job-returning step and its last op decision, if any.
+    fn outputs(&self, a: idem_core::Applied<Vec<StepOutput>>) -> (Option<Job>, Option<OpDecision>) {
         self.emit(&a.events);
         let mut job = None;
         let mut decision = None;
@@ -266,7 +272,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 StepOutput::Decision(d) => decision = Some(d),
             }
         }
-        Ok((job, decision))
+        (job, decision)
     }
 
     /// Deferred steps that lead a job to its next step; returns the job.
@@ -320,18 +326,9 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 };
                 return Ok((self.apply(job.key, cmd).await?, None));
             }
-            HeadStart::Begun(a) => {
-                self.emit(&a.events);
-                a.value
-                    .into_iter()
-                    .find_map(|o| match o {
-                        StepOutput::Decision(d) => Some(d),
-                        StepOutput::Job(_) => None,
-                    })
-                    .ok_or_else(|| {
-                        Abort::Store(StoreError::Backend("begin returned no decision".into()))
-                    })?
-            }
+            HeadStart::Begun(a) => self.outputs(a).1.ok_or_else(|| {
+                Abort::Store(StoreError::Backend("begin returned no decision".into()))
+            })?,
         };
         match decision {
             OpDecision::Replay {
