@@ -35,6 +35,20 @@ fn unknown_flag_is_a_usage_error() {
 }
 
 #[test]
+fn contradictory_durability_flags_are_a_usage_error() {
+    let out = Command::new(IDEM)
+        .args(["status", "--strict-sync", "--unsafe-fast-sync"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--strict-sync") && err.contains("--unsafe-fast-sync"),
+        "{err}"
+    );
+}
+
+#[test]
 fn malformed_lines_are_named_and_skipped() {
     let env = Env::new();
     let p = env.path("mixed.jsonl");
