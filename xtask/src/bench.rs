@@ -409,34 +409,149 @@ fn report(case: &str, tool: &str, t: &Timed, files: usize, bytes: u64) {
     );
 }
 
+/// nginx serving `dir` on 127.0.0.1, stopped on drop.
+struct Nginx {
+    child: std::process::Child,
+    conf: PathBuf,
+    prefix: PathBuf,
+    port: u16,
+}
+
+impl Nginx {
+    fn start(prefix: &Path, www: &Path) -> Result<Self> {
+        // A free port: bound and released; nginx takes it a moment later.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let tmp = prefix.join("nginx-tmp");
+        std::fs::create_dir_all(&tmp)?;
+        let t = tmp.display();
+        let conf = prefix.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "user root;\nworker_processes 1;\ndaemon off;\npid {pid};\nerror_log {err};\n\
+                 events {{ worker_connections 1024; }}\n\
+                 http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  keepalive_requests 1000000;\n\
+                   client_body_temp_path {t}/body;\n  proxy_temp_path {t}/proxy;\n  fastcgi_temp_path {t}/fastcgi;\n\
+                   uwsgi_temp_path {t}/uwsgi;\n  scgi_temp_path {t}/scgi;\n  default_type application/octet-stream;\n\
+                   server {{ listen 127.0.0.1:{port}; location /f/ {{ alias {www}/; }} }}\n}}\n",
+                pid = prefix.join("nginx.pid").display(),
+                err = prefix.join("nginx-error.log").display(),
+                www = www.display(),
+            ),
+        )?;
+        let child = Proc::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(prefix)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting nginx")?;
+        let me = Self {
+            child,
+            conf,
+            prefix: prefix.to_path_buf(),
+            port,
+        };
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("nginx did not start listening on port {port}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(me)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Proc::new("nginx")
+            .arg("-c")
+            .arg(&self.conf)
+            .arg("-p")
+            .arg(&self.prefix)
+            .args(["-s", "stop"])
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// The server every tool downloads from.
+enum Server {
+    Nginx(Nginx),
+    InProcess(idem_origin::Origin),
+}
+
+impl Server {
+    fn url(&self, path: &str) -> String {
+        match self {
+            Self::Nginx(n) => n.url(path),
+            Self::InProcess(o) => o.url(path),
+        }
+    }
+}
+
 pub(crate) fn download(root: &Path, quick: bool) -> Result<()> {
     let idem = release_idem(root)?;
-    if !have("aria2c") {
-        // Best effort: the bench installs its baselines where it can.
-        let _ = Proc::new("sh")
-            .args(["-c", "apt-get install -y -qq aria2 >/dev/null 2>&1"])
-            .status();
+    // Best effort: the bench installs its baselines and its server where it
+    // can (Debian packages).
+    for (tool, package) in [("aria2c", "aria2"), ("nginx", "nginx-light")] {
+        if !have(tool) {
+            let _ = Proc::new("sh")
+                .args([
+                    "-c",
+                    &format!("apt-get install -y -qq {package} >/dev/null 2>&1"),
+                ])
+                .status();
+        }
     }
+    // nginx (sendfile, its own process) unless asked for the in-process
+    // test origin, which at 1 GiB caps every tool near 300 MB/s.
+    let use_nginx =
+        have("nginx") && std::env::var_os("IDEM_BENCH_ORIGIN").is_none_or(|v| v != "test");
     let big = if quick { 256 << 20 } else { 1 << 30 };
     let cases: Vec<(String, usize, usize)> = vec![
         (format!("(a) 1 x {} MiB", big >> 20), 1, big),
         ("(b) 200 x 1 MiB".to_owned(), 200, 1 << 20),
         ("(c) 1000 x 1 KiB".to_owned(), 1000, 1 << 10),
     ];
-    println!("== download (local origin on 127.0.0.1; idem hashes, fsyncs, renames, commits; the others only write) ==");
+    println!(
+        "== download (from {} on 127.0.0.1; idem hashes, fsyncs, renames, commits; the others only write) ==",
+        if use_nginx { "nginx" } else { "the in-process test origin" }
+    );
     for (case, n, size) in cases {
-        let origin = idem_origin::Origin::start((0..n).map(|i| {
-            (
-                format!("f{i}.bin"),
-                idem_origin::content(i as u64 + 1, size),
-            )
-        }))?;
+        let scratch = tempfile::tempdir()?;
+        let s = scratch.path();
+        let origin = if use_nginx {
+            let www = s.join("www");
+            std::fs::create_dir_all(&www)?;
+            for i in 0..n {
+                std::fs::write(
+                    www.join(format!("f{i}.bin")),
+                    idem_origin::content(i as u64 + 1, size),
+                )?;
+            }
+            Server::Nginx(Nginx::start(s, &www)?)
+        } else {
+            Server::InProcess(idem_origin::Origin::start((0..n).map(|i| {
+                (
+                    format!("f{i}.bin"),
+                    idem_origin::content(i as u64 + 1, size),
+                )
+            }))?)
+        };
         let urls: Vec<String> = (0..n)
             .map(|i| origin.url(&format!("/f/f{i}.bin")))
             .collect();
         let bytes = (n * size) as u64;
-        let scratch = tempfile::tempdir()?;
-        let s = scratch.path();
         std::fs::write(s.join("urls.txt"), urls.join("\n") + "\n")?;
         // curl: one process, sequential, connection reused.
         let cfg: String = urls
