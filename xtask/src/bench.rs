@@ -363,6 +363,10 @@ fn timed(cmd: &mut Proc, scratch: &Path) -> Result<Timed> {
     let tfile = scratch.join("time.txt");
     let prog = cmd.get_program().to_owned();
     let args: Vec<_> = cmd.get_args().map(ToOwned::to_owned).collect();
+    // Every tool starts with nothing left to write back: otherwise the
+    // previous tool's hundreds of dirty megabytes go to the disk during the
+    // next run, and a tool that fsyncs (idem) waits behind them.
+    let _ = Proc::new("sync").status();
     let t = Instant::now();
     let out = Proc::new("/usr/bin/time")
         .arg("-f")
