@@ -154,7 +154,10 @@ impl OutDir {
         Ok(out)
     }
 
-    /// Sidecars whose part file is gone.
+    /// Sidecars whose part file is gone, and sidecar temp files nobody is
+    /// writing: a crash between writing one and renaming it into place
+    /// leaves it behind. A temp file of a part a live process holds is
+    /// left alone (that process may be writing it right now).
     pub fn orphan_sidecars(&self) -> io::Result<Vec<PathBuf>> {
         let mut out = Vec::new();
         for e in fs::read_dir(self.tmp_dir())? {
@@ -162,6 +165,12 @@ impl OutDir {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
             if let Some(part) = name.strip_suffix(".json") {
                 if part.ends_with(".part") && !p.with_file_name(part).exists() {
+                    out.push(p);
+                }
+            } else if let Some(part) = name.strip_suffix(".json.tmp") {
+                let part = p.with_file_name(part);
+                let unheld = !part.exists() || matches!(open_locked(&part, false), Ok(Some(_)));
+                if part.extension().is_some_and(|x| x == "part") && unheld {
                     out.push(p);
                 }
             }
@@ -203,9 +212,13 @@ pub fn read_sidecar(part: &Path) -> Option<Sidecar> {
 
 /// Writes the sidecar atomically (temp file + rename). Not fsynced: a lost
 /// update leaves an older, smaller `durable_bytes`, which is safe.
+fn sidecar_tmp_path(part: &Path) -> PathBuf {
+    OutDir::sidecar_path(part).with_extension("json.tmp")
+}
+
 pub fn write_sidecar(part: &Path, sc: &Sidecar) -> io::Result<()> {
     let path = OutDir::sidecar_path(part);
-    let tmp = path.with_extension("json.tmp");
+    let tmp = sidecar_tmp_path(part);
     fs::write(&tmp, serde_json::to_vec(sc).map_err(io::Error::other)?)?;
     fs::rename(&tmp, &path)
 }
@@ -213,6 +226,7 @@ pub fn write_sidecar(part: &Path, sc: &Sidecar) -> io::Result<()> {
 pub fn remove_part(part: &Path) {
     let _ = fs::remove_file(part);
     let _ = fs::remove_file(OutDir::sidecar_path(part));
+    let _ = fs::remove_file(sidecar_tmp_path(part));
 }
 
 /// Opens a part file for writing and takes its exclusive lock, or `None`
@@ -564,6 +578,31 @@ mod tests {
         let stored = out.blob_path(&sha);
         assert_eq!(fs::read(&stored).unwrap(), body);
         assert!(fs::metadata(&stored).unwrap().permissions().readonly());
+    }
+
+    /// A crash between writing a sidecar's temp file and renaming it leaves
+    /// the temp file: swept unless a live writer holds its part.
+    #[test]
+    fn stray_sidecar_temp_files_are_orphans_unless_their_part_is_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = OutDir::prepare(dir.path().join("out")).unwrap();
+        let gone = out.part_path(&idem_core::job_key_of("w", "gone"));
+        let idle = out.part_path(&idem_core::job_key_of("w", "idle"));
+        let held = out.part_path(&idem_core::job_key_of("w", "held"));
+        for p in [&idle, &held] {
+            fs::write(p, b"x").unwrap();
+        }
+        for p in [&gone, &idle, &held] {
+            fs::write(sidecar_tmp_path(p), b"{").unwrap();
+        }
+        let _lock = open_locked(&held, false).unwrap().unwrap();
+        let mut found = out.orphan_sidecars().unwrap();
+        found.sort();
+        let mut want = vec![sidecar_tmp_path(&gone), sidecar_tmp_path(&idle)];
+        want.sort();
+        assert_eq!(found, want);
+        remove_part(&idle);
+        assert!(!sidecar_tmp_path(&idle).exists() && !idle.exists());
     }
 
     #[test]
