@@ -167,9 +167,6 @@ impl Group {
             let n = q.pending.len().min(self.max_batch);
             let batch: Vec<Pending> = q.pending.drain(..n).collect();
             drop(q);
-            if std::env::var_os("IDEM_DEBUG_BATCH").is_some() {
-                eprintln!("batch {}", batch.len());
-            }
             let results = {
                 let w = lock(&self.writer);
                 let locked = self.lock_file.lock();

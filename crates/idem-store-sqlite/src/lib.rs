@@ -8,7 +8,7 @@
 //!   that upgrades to a write gets `SQLITE_BUSY` without waiting), and no
 //!   transaction is ever held across network or disk I/O: the engine calls
 //!   the store between effects, never during one;
-//! - `synchronous=FULL` by default, so an acknowledged write survives power
+//! - every acknowledged write is fsynced by default, so it survives power
 //!   loss; a job's intermediate records (lease, op starts, results that
 //!   lead to its next step), which the engine marks [`Commit::Deferred`],
 //!   commit without an fsync and reach the disk with the next durable
@@ -80,10 +80,11 @@ use std::path::{Path, PathBuf};
 /// How hard each commit is pushed to disk.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub enum Durability {
-    /// `synchronous=FULL` for every durable commit: every acknowledged write
-    /// survives power loss. A batch holding only [`Commit::Deferred`]
-    /// requests commits with `synchronous=NORMAL` and reaches the disk with
-    /// the next durable commit (see [`Commit`]).
+    /// Every durable commit is on disk before it is acknowledged: the
+    /// connection runs `synchronous=NORMAL` and the group commit fsyncs the
+    /// write-ahead log after any batch holding a durable request. A batch
+    /// of [`Commit::Deferred`] requests only reaches the disk with the next
+    /// durable commit (see [`Commit`]).
     #[default]
     Full,
     /// `synchronous=FULL` for every commit, deferred or not.

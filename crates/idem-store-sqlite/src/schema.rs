@@ -519,10 +519,6 @@ pub(crate) fn load_job(c: &Connection, key: &JobKey) -> Result<Option<Job>, Stor
         .map_err(map_err)
 }
 
-fn must_job(c: &Connection, key: &JobKey) -> Result<Job, StoreError> {
-    load_job(c, key)?.ok_or(StoreError::NotFound(*key))
-}
-
 /// A job row with its rowid, which the write path uses instead of the key
 /// (an integer lookup instead of a 32-byte one, for the row and its ops).
 fn row_to_job_id(r: &Row<'_>) -> rusqlite::Result<(i64, Job)> {
@@ -593,7 +589,7 @@ pub(crate) fn plan(
             out.push(PlanOutcome::Existing { job_key: fresh.key });
             continue;
         }
-        let existing = must_job(c, &fresh.key)?;
+        let (_, existing) = must_job_id(c, &fresh.key)?;
         let (o, _, ev) = plan::decide(Some(&existing), spec, max_attempts, now);
         events.extend(ev);
         out.push(o);
@@ -873,12 +869,7 @@ fn save_op(c: &Connection, job_id: i64, rec: &OpRecord) -> Result<(), StoreError
              started_at = excluded.started_at, finished_at = excluded.finished_at",
         )
         .map_err(map_err)?;
-    let result = rec
-        .result
-        .as_ref()
-        .map(serde_json::to_string)
-        .transpose()
-        .map_err(|e| StoreError::Backend(format!("serialising op result: {e}")))?;
+    let result = result_json(rec)?;
     st.execute(params![
         job_id,
         rec.key.kind.as_str(),
@@ -895,14 +886,18 @@ fn save_op(c: &Connection, job_id: i64, rec: &OpRecord) -> Result<(), StoreError
     .map_err(map_err)
 }
 
-/// Records a finished op's outcome on its existing row.
-fn save_op_outcome(c: &Connection, job_id: i64, rec: &OpRecord) -> Result<(), StoreError> {
-    let result = rec
-        .result
+/// An op's result as stored: JSON, never truncated.
+fn result_json(rec: &OpRecord) -> Result<Option<String>, StoreError> {
+    rec.result
         .as_ref()
         .map(serde_json::to_string)
         .transpose()
-        .map_err(|e| StoreError::Backend(format!("serialising op result: {e}")))?;
+        .map_err(|e| StoreError::Backend(format!("serialising op result: {e}")))
+}
+
+/// Records a finished op's outcome on its existing row.
+fn save_op_outcome(c: &Connection, job_id: i64, rec: &OpRecord) -> Result<(), StoreError> {
+    let result = result_json(rec)?;
     let n = c
         .prepare_cached(
             "UPDATE ops SET status = ?4, result = ?5, error = ?6, finished_at = ?7 \
