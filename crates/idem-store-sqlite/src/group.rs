@@ -19,6 +19,7 @@
 //! sleeps, so a process committing back to back starves the others; a
 //! blocked `flock` is woken by the kernel the moment the lock is released.
 
+use crate::cache::Cache;
 use crate::schema;
 use crate::Durability;
 use idem_core::ports::{Applied, Commit, LeaseRequest, Step, StepOutput, StoreError};
@@ -27,6 +28,7 @@ use idem_core::{
     WorkerId,
 };
 use rusqlite::Connection;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 pub(crate) enum Req {
@@ -95,10 +97,27 @@ struct Pending {
     caller: std::thread::Thread,
 }
 
+/// The write connection and what it remembers of its own writes.
+struct Writer {
+    conn: Connection,
+    cache: Cache,
+}
+
+impl Pending {
+    /// Fills the caller's reply slot and wakes it (one wake-up per request,
+    /// not one per waiting thread per batch).
+    fn answer(self, r: Result<Res, StoreError>) {
+        *lock(&self.slot) = Some(r);
+        self.caller.unpark();
+    }
+}
+
 pub(crate) struct Group {
-    writer: Mutex<Connection>,
-    /// The ledger's write-ahead log, opened at the first durable batch.
-    wal: Mutex<Option<std::fs::File>>,
+    writer: Mutex<Writer>,
+    /// The ledger's write-ahead log and how far it is known durable.
+    wal: Mutex<Wal>,
+    /// Commits so far, numbered from 1.
+    committed: AtomicU64,
     wal_path: std::path::PathBuf,
     durability: Durability,
     /// Cross-process writer lock (flock), taken around each transaction.
@@ -106,6 +125,14 @@ pub(crate) struct Group {
     reader: Mutex<Connection>,
     queue: Mutex<Queue>,
     max_batch: usize,
+}
+
+#[derive(Default)]
+struct Wal {
+    /// Opened at the first durable batch.
+    file: Option<std::fs::File>,
+    /// Every commit numbered up to this is on disk.
+    synced: u64,
 }
 
 #[derive(Default)]
@@ -130,8 +157,12 @@ impl Group {
         let mut wal_path = db.as_os_str().to_owned();
         wal_path.push("-wal");
         Self {
-            writer: Mutex::new(conns.0),
-            wal: Mutex::new(None),
+            writer: Mutex::new(Writer {
+                conn: conns.0,
+                cache: Cache::default(),
+            }),
+            wal: Mutex::new(Wal::default()),
+            committed: AtomicU64::new(0),
             wal_path: wal_path.into(),
             durability,
             lock_file: conns.2,
@@ -167,45 +198,65 @@ impl Group {
             let n = q.pending.len().min(self.max_batch);
             let batch: Vec<Pending> = q.pending.drain(..n).collect();
             drop(q);
-            let results = {
-                let w = lock(&self.writer);
+            let (results, seq) = {
+                let mut w = lock(&self.writer);
                 let locked = self.lock_file.lock();
-                let r = run_in_tx(&w, &batch);
+                let r = run_in_tx(&mut w, &batch);
                 if locked.is_ok() {
                     let _ = self.lock_file.unlock();
                 }
-                r
+                // Numbered while the writer is still ours, so commit numbers
+                // follow the order of the commits in the log.
+                (r, self.committed.fetch_add(1, Ordering::AcqRel) + 1)
             };
-            // The fsync runs outside the writer locks: another process can
-            // commit meanwhile (its own fsync covers this batch's frames
-            // too). Leadership passes on only afterwards, so the callers
-            // answered here join the next batch rather than trickle in.
-            let results = results.and_then(|r| {
-                if self.durability == Durability::Full && batch.iter().any(|p| p.req.durable()) {
-                    self.sync_wal()?;
+            // The next batch may run while this one's fsync is in flight.
+            {
+                let mut q = lock(&self.queue);
+                q.leader = false;
+                if let Some(next) = q.pending.first() {
+                    next.caller.unpark();
                 }
-                Ok(r)
-            });
-            let results = match results {
-                Ok(results) => results,
-                Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
-            };
-            // Wake each caller answered here (one wake-up per request, not
-            // one per waiting thread per batch), then hand leadership to the
-            // oldest queued caller.
-            for (p, r) in batch.into_iter().zip(results) {
-                *lock(&p.slot) = Some(r);
-                p.caller.unpark();
             }
-            let mut q = lock(&self.queue);
-            q.leader = false;
-            if let Some(next) = q.pending.first() {
-                next.caller.unpark();
+            // The fsync runs outside the writer locks: other batches (and
+            // other processes) commit meanwhile, and one fsync covers every
+            // commit that finished before it began. A deferred request was
+            // promised a commit, not an fsync: it is answered at once, so
+            // its caller's next request can join the next batch.
+            match results {
+                Ok(results) => {
+                    let sync = self.durability == Durability::Full
+                        && batch.iter().any(|p| p.req.durable());
+                    let mut waiting = Vec::new();
+                    for (p, r) in batch.into_iter().zip(results) {
+                        if sync && p.req.durable() {
+                            waiting.push((p, r));
+                        } else {
+                            p.answer(r);
+                        }
+                    }
+                    if !waiting.is_empty() {
+                        let synced = self.sync_through(seq);
+                        for (p, r) in waiting {
+                            p.answer(match &synced {
+                                Ok(()) => r,
+                                Err(e) => Err(e.clone()),
+                            });
+                        }
+                    }
+                }
+                Err(e) => {
+                    for p in batch {
+                        p.answer(Err(e.clone()));
+                    }
+                }
             }
         }
     }
 
-    /// Makes every commit so far durable: an fsync of the write-ahead log.
+    /// Makes commit number `seq` durable: an fsync of the write-ahead log,
+    /// unless one that began after that commit has already finished. At
+    /// most one fsync runs at a time; whoever waits for it and finds their
+    /// commit covered returns without another.
     ///
     /// Under [`Durability::Full`] the connection runs `synchronous=NORMAL`
     /// and a batch holding any durable request is followed by this fsync
@@ -214,20 +265,26 @@ impl Group {
     /// next durable one, in order. (Switching `synchronous` per batch would
     /// do the same, but every switch makes SQLite re-prepare all cached
     /// statements, and SQLite's own sync holds the write lock meanwhile.)
-    fn sync_wal(&self) -> Result<(), StoreError> {
+    fn sync_through(&self, seq: u64) -> Result<(), StoreError> {
         let mut wal = lock(&self.wal);
-        if wal.is_none() {
+        if wal.synced >= seq {
+            return Ok(());
+        }
+        // Every commit numbered up to here has written its frames.
+        let target = self.committed.load(Ordering::Acquire);
+        if wal.file.is_none() {
             let f = std::fs::File::open(&self.wal_path).map_err(|e| {
                 StoreError::Backend(format!("opening {}: {e}", self.wal_path.display()))
             })?;
-            *wal = Some(f);
+            wal.file = Some(f);
         }
-        match wal.as_ref() {
-            Some(f) => f.sync_data().map_err(|e| {
+        if let Some(f) = wal.file.as_ref() {
+            f.sync_data().map_err(|e| {
                 StoreError::Backend(format!("fsync of {}: {e}", self.wal_path.display()))
-            }),
-            None => Ok(()),
+            })?;
         }
+        wal.synced = target;
+        Ok(())
     }
 
     pub(crate) fn read<T>(
@@ -249,16 +306,28 @@ impl Group {
 /// no rollback. Only when a request fails after writing does the batch roll
 /// back and run again, each request in its own savepoint.
 fn run_in_tx(
-    conn: &Connection,
+    w: &mut Writer,
     batch: &[Pending],
 ) -> Result<Vec<Result<Res, StoreError>>, StoreError> {
-    begin_immediate(conn)?;
-    match run_requests(conn, batch, false) {
+    let r = try_tx(w, batch);
+    if r.is_err() {
+        // Whatever the cache learnt in a transaction that did not commit
+        // may not be on disk.
+        w.cache.forget();
+    }
+    r
+}
+
+fn try_tx(w: &mut Writer, batch: &[Pending]) -> Result<Vec<Result<Res, StoreError>>, StoreError> {
+    let Writer { conn, cache } = w;
+    begin(conn, cache)?;
+    match run_requests(conn, cache, batch, false) {
         Ok(Some(results)) => commit(conn).map(|()| results),
         Ok(None) => {
             rollback(conn);
-            begin_immediate(conn)?;
-            match run_requests(conn, batch, true) {
+            cache.forget();
+            begin(conn, cache)?;
+            match run_requests(conn, cache, batch, true) {
                 Ok(Some(results)) => commit(conn).map(|()| results),
                 Ok(None) => {
                     rollback(conn);
@@ -279,10 +348,21 @@ fn run_in_tx(
     }
 }
 
+/// Opens the write transaction and checks the cache against it.
+fn begin(conn: &Connection, cache: &mut Cache) -> Result<(), StoreError> {
+    begin_immediate(conn)?;
+    if let Err(e) = cache.validate(conn) {
+        rollback(conn);
+        return Err(schema::map_err(e));
+    }
+    Ok(())
+}
+
 /// Runs every request; `None` when one failed after writing and there was
 /// no savepoint to undo it.
 fn run_requests(
     conn: &Connection,
+    cache: &mut Cache,
     batch: &[Pending],
     savepoints: bool,
 ) -> Result<Option<Vec<Result<Res, StoreError>>>, StoreError> {
@@ -292,10 +372,11 @@ fn run_requests(
             sql(conn, "SAVEPOINT req")?;
         }
         let before = conn.total_changes();
-        let r = exec(conn, &p.req);
+        let r = exec(conn, cache, &p.req);
         if let Err(e) = &r {
             if savepoints {
                 sql(conn, "ROLLBACK TO req")?;
+                cache.forget();
             } else if conn.total_changes() != before || !is_decision(e) {
                 return Ok(None);
             }
@@ -360,18 +441,20 @@ fn begin_immediate(conn: &Connection) -> Result<(), StoreError> {
     }
 }
 
-fn exec(tx: &Connection, req: &Req) -> Result<Res, StoreError> {
+fn exec(tx: &Connection, cache: &mut Cache, req: &Req) -> Result<Res, StoreError> {
     Ok(match req {
         Req::Plan {
             specs,
             max_attempts,
             now,
         } => Res::Plan(schema::plan(tx, specs, *max_attempts, *now)?),
-        Req::Lease { req, now } => Res::Lease(schema::lease(tx, req, *now)?),
+        Req::Lease { req, now } => Res::Lease(schema::lease(tx, cache, req, *now)?),
         Req::Apply { key, cmd, now } => {
-            Res::Job(Box::new(schema::apply(tx, key, cmd.clone(), *now)?))
+            Res::Job(Box::new(schema::apply(tx, cache, key, cmd.clone(), *now)?))
         }
-        Req::BeginOp { op, owner, now } => Res::Begin(schema::begin_op(tx, op, owner, *now)?),
+        Req::BeginOp { op, owner, now } => {
+            Res::Begin(schema::begin_op(tx, cache, op, owner, *now)?)
+        }
         Req::FinishOp {
             op,
             outcome,
@@ -379,13 +462,14 @@ fn exec(tx: &Connection, req: &Req) -> Result<Res, StoreError> {
             now,
         } => Res::Job(Box::new(schema::finish_op(
             tx,
+            cache,
             op,
             outcome.clone(),
             then.clone(),
             *now,
         )?)),
-        Req::AbandonDeadOps { now } => Res::Count(schema::abandon_dead_ops(tx, *now)?),
-        Req::Steps { steps, now, .. } => Res::Steps(schema::run_steps(tx, steps, *now)?),
+        Req::AbandonDeadOps { now } => Res::Count(schema::abandon_dead_ops(tx, cache, *now)?),
+        Req::Steps { steps, now, .. } => Res::Steps(schema::run_steps(tx, cache, steps, *now)?),
     })
 }
 
@@ -423,7 +507,13 @@ mod tests {
             dead_owners: vec![],
             commit: Commit::Durable,
         };
-        let jobs = schema::lease(&conn, &lease, now).unwrap().value;
+        let mut w = Writer {
+            conn,
+            cache: Cache::default(),
+        };
+        let jobs = schema::lease(&w.conn, &mut w.cache, &lease, now)
+            .unwrap()
+            .value;
         let (a, b) = (jobs[0].key, jobs[1].key);
         let op = |key, epoch| OpKey {
             job: key,
@@ -463,12 +553,13 @@ mod tests {
                 now,
             }),
         ];
-        let results = run_in_tx(&conn, &batch).unwrap();
+        let results = run_in_tx(&mut w, &batch).unwrap();
+        let conn = &w.conn;
         assert!(results[0].is_ok());
         assert!(results[1].as_ref().is_err_and(StoreError::is_fenced));
         assert!(results[2].is_ok());
         let kinds = |k| -> Vec<OpKind> {
-            schema::load_ops(&conn, &k)
+            schema::load_ops(conn, &k)
                 .unwrap()
                 .into_iter()
                 .map(|o| o.key.kind)
@@ -489,7 +580,7 @@ mod tests {
             .unwrap();
         assert_eq!(fenced, 1, "counted once, not once per run of the batch");
         assert_eq!(
-            schema::load_job(&conn, &a).unwrap().unwrap().state,
+            schema::load_job(conn, &a).unwrap().unwrap().state,
             JobState::Leased
         );
     }

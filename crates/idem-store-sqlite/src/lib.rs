@@ -25,7 +25,17 @@
 //!   transaction, commits once, fsyncs once, and only then acknowledges
 //!   each caller. A request refused after it wrote (rare: most refusals are
 //!   decided before any write) makes the batch roll back and run again with
-//!   a savepoint per request, so it rolls back alone.
+//!   a savepoint per request, so it rolls back alone. Deferred requests are
+//!   answered right after the commit; the leader then hands leadership on
+//!   and waits for the log's fsync, so the next batch runs while the disk
+//!   works. One fsync runs at a time and covers every commit before it;
+//! - the writer remembers the job rows and op records it wrote (a job's
+//!   next step needs exactly those) and skips reading them back. It trusts
+//!   them only while `PRAGMA data_version`, read under the write lock at
+//!   every transaction, says no other connection has committed; any
+//!   rollback forgets them. The conformance suite runs a third time with
+//!   every call alternating between two handles on one file to hold it to
+//!   that.
 //!
 //! Every decision (plan, acquire, transition, op replay) is the core's; this
 //! crate only loads rows, calls the core, and writes rows back.
@@ -61,6 +71,7 @@
 //! step forwards can expire leases early, which fencing makes safe: the old
 //! holder's writes are refused.
 
+mod cache;
 mod group;
 mod schema;
 

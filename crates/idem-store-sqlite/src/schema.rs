@@ -3,6 +3,7 @@
 //! Calls here run inside the transaction (and savepoint) the group commit
 //! opened; they load rows, ask the core what to do, and write rows back.
 
+use crate::cache::Cache;
 use crate::{Durability, Options};
 use idem_core::ledger::{self, OpStatus};
 use idem_core::mem::{check_epoch_fence, check_op_fence, failure_reason};
@@ -622,6 +623,7 @@ fn same_fingerprint(c: &Connection, fresh: &Job) -> Result<Option<bool>, StoreEr
 // query itself).
 pub(crate) fn lease(
     c: &Connection,
+    cache: &mut Cache,
     req: &LeaseRequest,
     now: Timestamp,
 ) -> Result<Applied<Vec<Job>>, StoreError> {
@@ -673,6 +675,7 @@ pub(crate) fn lease(
         )
         .map_err(|e| refused(job.key, e))?;
         update_job(c, id, &job, &t.job)?;
+        cache.put_row(id, t.job.clone());
         events.extend(t.events);
         if let Some(l) = &t.job.lease {
             // The previous holders' unfinished ops died with their epochs
@@ -688,6 +691,9 @@ pub(crate) fn lease(
                 .execute(params![id, i(l.epoch.0), now.as_millis()])
                 .map_err(map_err)? as u64
             };
+            if n > 0 {
+                cache.forget_ops_of(id);
+            }
             events.extend(ledger::abandoned_event(Some(t.job.key), n));
             leased.push(t.job);
         }
@@ -701,20 +707,28 @@ pub(crate) fn lease(
 /// The job rows one request reads and changes, each written back once, at
 /// the end, with only its changed columns: a request that moves a job
 /// through several steps reads and writes its row once.
-#[derive(Default)]
-struct Jobs {
+struct Jobs<'a> {
+    /// What the writer already knows; written through at `flush`.
+    cache: &'a mut Cache,
     /// (rowid, as loaded, current)
     rows: Vec<(i64, Job, Job)>,
     /// Rows whose lease epoch alone was read: (key, rowid, lease epoch).
     fences: Vec<(JobKey, i64, Option<Epoch>)>,
 }
 
-impl Jobs {
+impl Jobs<'_> {
     fn get(&mut self, c: &Connection, key: &JobKey) -> Result<(i64, &mut Job), StoreError> {
         let i = match self.rows.iter().position(|(_, j, _)| j.key == *key) {
             Some(i) => i,
             None => {
-                let (id, j) = must_job_id(c, key)?;
+                let (id, j) = match self.cache.row(key) {
+                    Some((id, j)) => (id, j.clone()),
+                    None => {
+                        let (id, j) = must_job_id(c, key)?;
+                        self.cache.put_row(id, j.clone());
+                        (id, j)
+                    }
+                };
                 self.rows.push((id, j.clone(), j));
                 self.rows.len() - 1
             }
@@ -732,6 +746,9 @@ impl Jobs {
         if let Some((_, id, e)) = self.fences.iter().find(|(k, _, _)| k == key) {
             return Ok((*id, *e));
         }
+        if let Some((id, j)) = self.cache.row(key) {
+            return Ok((id, j.lease.as_ref().map(|l| l.epoch)));
+        }
         let row: Option<(i64, Option<i64>)> = c
             .prepare_cached("SELECT id, lease_epoch FROM jobs WHERE key = ?1")
             .map_err(map_err)?
@@ -744,24 +761,31 @@ impl Jobs {
             return Err(StoreError::NotFound(*key));
         };
         let epoch = epoch.and_then(|e| u64::try_from(e).ok()).map(Epoch);
+        self.cache.put_id(*key, id);
         self.fences.push((*key, id, epoch));
         Ok((id, epoch))
     }
 
     fn flush(self, c: &Connection) -> Result<(), StoreError> {
-        for (id, old, new) in &self.rows {
-            update_job(c, *id, old, new)?;
+        for (id, old, new) in self.rows {
+            update_job(c, id, &old, &new)?;
+            self.cache.put_row(id, new);
         }
         Ok(())
     }
 }
 
-/// Runs `f` with a fresh job cache and writes the cache back after it.
+/// Runs `f` with the request's rows and writes them back after it.
 fn with_jobs<T>(
     c: &Connection,
-    f: impl FnOnce(&mut Jobs) -> Result<T, StoreError>,
+    cache: &mut Cache,
+    f: impl FnOnce(&mut Jobs<'_>) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    let mut jobs = Jobs::default();
+    let mut jobs = Jobs {
+        cache,
+        rows: Vec::new(),
+        fences: Vec::new(),
+    };
     let v = f(&mut jobs)?;
     jobs.flush(c)?;
     Ok(v)
@@ -769,16 +793,17 @@ fn with_jobs<T>(
 
 pub(crate) fn apply(
     c: &Connection,
+    cache: &mut Cache,
     key: &JobKey,
     cmd: Command,
     now: Timestamp,
 ) -> Result<Applied<Job>, StoreError> {
-    with_jobs(c, |jobs| apply_in(c, jobs, key, cmd, now))
+    with_jobs(c, cache, |jobs| apply_in(c, jobs, key, cmd, now))
 }
 
 fn apply_in(
     c: &Connection,
-    jobs: &mut Jobs,
+    jobs: &mut Jobs<'_>,
     key: &JobKey,
     cmd: Command,
     now: Timestamp,
@@ -822,7 +847,15 @@ fn row_to_op(job: JobKey, r: &Row<'_>) -> rusqlite::Result<OpRecord> {
     })
 }
 
-fn load_op(c: &Connection, job_id: i64, op: &OpKey) -> Result<Option<OpRecord>, StoreError> {
+fn load_op(
+    c: &Connection,
+    cache: &mut Cache,
+    job_id: i64,
+    op: &OpKey,
+) -> Result<Option<OpRecord>, StoreError> {
+    if let Some(rec) = cache.op(job_id, op) {
+        return Ok(Some(rec.clone()));
+    }
     let mut st = c
         .prepare_cached(concat!(
             "SELECT ",
@@ -830,15 +863,25 @@ fn load_op(c: &Connection, job_id: i64, op: &OpKey) -> Result<Option<OpRecord>, 
             " FROM ops WHERE job_id = ?1 AND kind = ?2 AND epoch = ?3"
         ))
         .map_err(map_err)?;
-    st.query_row(params![job_id, op.kind.as_str(), i(op.epoch.0)], |r| {
-        row_to_op(op.job, r)
-    })
-    .optional()
-    .map_err(map_err)
+    let rec = st
+        .query_row(params![job_id, op.kind.as_str(), i(op.epoch.0)], |r| {
+            row_to_op(op.job, r)
+        })
+        .optional()
+        .map_err(map_err)?;
+    if let Some(rec) = &rec {
+        cache.put_op(job_id, rec.clone());
+    }
+    Ok(rec)
 }
 
 /// Inserts a new op row; false when the op has a row already.
-fn insert_op(c: &Connection, job_id: i64, rec: &OpRecord) -> Result<bool, StoreError> {
+fn insert_op(
+    c: &Connection,
+    cache: &mut Cache,
+    job_id: i64,
+    rec: &OpRecord,
+) -> Result<bool, StoreError> {
     let n = c
         .prepare_cached(
             "INSERT INTO ops (job_id, kind, epoch, owner, status, runs, started_at) \
@@ -856,10 +899,18 @@ fn insert_op(c: &Connection, job_id: i64, rec: &OpRecord) -> Result<bool, StoreE
             ])
         })
         .map_err(map_err)?;
+    if n == 1 {
+        cache.put_op(job_id, rec.clone());
+    }
     Ok(n == 1)
 }
 
-fn save_op(c: &Connection, job_id: i64, rec: &OpRecord) -> Result<(), StoreError> {
+fn save_op(
+    c: &Connection,
+    cache: &mut Cache,
+    job_id: i64,
+    rec: &OpRecord,
+) -> Result<(), StoreError> {
     let mut st = c
         .prepare_cached(
             "INSERT INTO ops (job_id, kind, epoch, owner, status, result, error, runs, started_at, finished_at) \
@@ -882,8 +933,9 @@ fn save_op(c: &Connection, job_id: i64, rec: &OpRecord) -> Result<(), StoreError
         rec.started_at.as_millis(),
         rec.finished_at.map(Timestamp::as_millis),
     ])
-    .map(|_| ())
-    .map_err(map_err)
+    .map_err(map_err)?;
+    cache.put_op(job_id, rec.clone());
+    Ok(())
 }
 
 /// An op's result as stored: JSON, never truncated.
@@ -896,8 +948,13 @@ fn result_json(rec: &OpRecord) -> Result<Option<String>, StoreError> {
 }
 
 /// Records a finished op's outcome on its existing row.
-fn save_op_outcome(c: &Connection, job_id: i64, rec: &OpRecord) -> Result<(), StoreError> {
-    let result = result_json(rec)?;
+fn save_op_outcome(
+    c: &Connection,
+    cache: &mut Cache,
+    job_id: i64,
+    rec: OpRecord,
+) -> Result<(), StoreError> {
+    let result = result_json(&rec)?;
     let n = c
         .prepare_cached(
             "UPDATE ops SET status = ?4, result = ?5, error = ?6, finished_at = ?7 \
@@ -916,6 +973,7 @@ fn save_op_outcome(c: &Connection, job_id: i64, rec: &OpRecord) -> Result<(), St
         })
         .map_err(map_err)?;
     if n == 1 {
+        cache.put_op(job_id, rec);
         Ok(())
     } else {
         Err(StoreError::OpNotStarted(rec.key.to_string()))
@@ -924,16 +982,17 @@ fn save_op_outcome(c: &Connection, job_id: i64, rec: &OpRecord) -> Result<(), St
 
 pub(crate) fn begin_op(
     c: &Connection,
+    cache: &mut Cache,
     op: &OpKey,
     owner: &WorkerId,
     now: Timestamp,
 ) -> Result<Applied<OpDecision>, StoreError> {
-    with_jobs(c, |jobs| begin_op_in(c, jobs, op, owner, now))
+    with_jobs(c, cache, |jobs| begin_op_in(c, jobs, op, owner, now))
 }
 
 fn begin_op_in(
     c: &Connection,
-    jobs: &mut Jobs,
+    jobs: &mut Jobs<'_>,
     op: &OpKey,
     owner: &WorkerId,
     now: Timestamp,
@@ -943,14 +1002,16 @@ fn begin_op_in(
     check_epoch_fence(op.job, epoch, op)?;
     // A first start (the common case) is one insert; only an op that has
     // a row already needs reading.
-    let decision = if insert_op(c, id, &ledger::started(*op, owner.clone(), None, now))? {
+    let fresh = ledger::started(*op, owner.clone(), None, now);
+    let decision = if insert_op(c, jobs.cache, id, &fresh)? {
         ledger::begin_op(None)
     } else {
-        let existing = load_op(c, id, op)?;
+        let existing = load_op(c, jobs.cache, id, op)?;
         let decision = ledger::begin_op(existing.as_ref());
         match &decision {
             OpDecision::Run => save_op(
                 c,
+                jobs.cache,
                 id,
                 &ledger::started(*op, owner.clone(), existing.as_ref(), now),
             )?,
@@ -967,17 +1028,20 @@ fn begin_op_in(
 
 pub(crate) fn finish_op(
     c: &Connection,
+    cache: &mut Cache,
     op: &OpKey,
     outcome: Result<OpResult, JobError>,
     then: Option<Command>,
     now: Timestamp,
 ) -> Result<Applied<Job>, StoreError> {
-    with_jobs(c, |jobs| finish_op_in(c, jobs, op, outcome, then, now))
+    with_jobs(c, cache, |jobs| {
+        finish_op_in(c, jobs, op, outcome, then, now)
+    })
 }
 
 fn finish_op_in(
     c: &Connection,
-    jobs: &mut Jobs,
+    jobs: &mut Jobs<'_>,
     op: &OpKey,
     outcome: Result<OpResult, JobError>,
     then: Option<Command>,
@@ -985,21 +1049,24 @@ fn finish_op_in(
 ) -> Result<Applied<Job>, StoreError> {
     let (id, job) = jobs.get(c, &op.job)?;
     check_op_fence(job, op)?;
-    let rec = match load_op(c, id, op)? {
+    let rec = match load_op(c, jobs.cache, id, op)? {
         Some(r) if r.status == OpStatus::Started => r,
         _ => return Err(StoreError::OpNotStarted(op.to_string())),
     };
+    // The row is the request's already: this finds it again, no SQL.
+    let (_, job) = jobs.get(c, &op.job)?;
     let mut events = Vec::new();
     if let Some(cmd) = then {
         let t = transition(job, cmd, now).map_err(|e| refused(op.job, e))?;
         *job = t.job;
         events = t.events;
     }
+    let value = job.clone();
     let (rec, completed) = ledger::finished(rec, outcome, now);
     events.insert(0, completed);
-    save_op_outcome(c, id, &rec)?;
+    save_op_outcome(c, jobs.cache, id, rec)?;
     Ok(Applied {
-        value: job.clone(),
+        value,
         events: stamp(events, now),
     })
 }
@@ -1074,7 +1141,11 @@ pub(crate) fn lease_owners(c: &Connection, now: Timestamp) -> Result<Vec<WorkerI
     rows.map(|r| r.map(WorkerId).map_err(map_err)).collect()
 }
 
-pub(crate) fn abandon_dead_ops(c: &Connection, now: Timestamp) -> Result<Applied<u64>, StoreError> {
+pub(crate) fn abandon_dead_ops(
+    c: &Connection,
+    cache: &mut Cache,
+    now: Timestamp,
+) -> Result<Applied<u64>, StoreError> {
     // A started op is dead when its job's live lease (if any) has another epoch.
     let n = c
         .execute(
@@ -1083,6 +1154,9 @@ pub(crate) fn abandon_dead_ops(c: &Connection, now: Timestamp) -> Result<Applied
             [now.as_millis()],
         )
         .map_err(map_err)? as u64;
+    if n > 0 {
+        cache.forget_ops();
+    }
     let events = ledger::abandoned_event(None, n)
         .map(|e| e.at(now))
         .into_iter()
@@ -1176,12 +1250,13 @@ pub(crate) fn status(c: &Connection, now: Timestamp) -> Result<StatusCounts, Sto
 /// the whole request back if any step fails.
 pub(crate) fn run_steps(
     c: &Connection,
+    cache: &mut Cache,
     steps: &[Step],
     now: Timestamp,
 ) -> Result<Applied<Vec<StepOutput>>, StoreError> {
     let mut out = Vec::with_capacity(steps.len());
     let mut events = Vec::new();
-    with_jobs(c, |jobs| {
+    with_jobs(c, cache, |jobs| {
         for step in steps {
             match step {
                 Step::Apply { key, cmd } => {

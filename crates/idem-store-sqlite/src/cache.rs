@@ -1,0 +1,109 @@
+//! The writer's memory of the rows it wrote, so a job's next step skips the
+//! reads that would fetch them back.
+//!
+//! A job's life on the write path is: leased (its row read, then written),
+//! then three ops begun and finished, each reading back the job row, its
+//! lease fence and the op that this same connection wrote moments before.
+//! Those reads were a third of the writer's work per job. Here the writer
+//! keeps what it wrote and trusts it while nothing else has written:
+//!
+//! - a job's rowid never changes and no job is ever deleted, so the map
+//!   from key to rowid is always valid;
+//! - job rows and op records are valid only while no other connection has
+//!   committed since this one last did. `PRAGMA data_version` changes
+//!   exactly when another connection commits; it is read after every
+//!   `BEGIN IMMEDIATE` (the write lock is then ours, so nobody can commit
+//!   behind our back until we do), and any change forgets every row and op;
+//! - every write through this connection goes through the cache (it is
+//!   write-through: the SQL always runs), or forgets what it may have
+//!   changed; a transaction or savepoint rolled back forgets everything.
+//!
+//! So a cached row is always the row on disk as this transaction sees it,
+//! and fencing decisions made from it are the ones the database would give.
+//! The maps are bounded: a full map is emptied, which costs only reads.
+
+use idem_core::{Job, JobKey, OpKey, OpKind, OpRecord};
+use rusqlite::Connection;
+use std::collections::HashMap;
+
+/// Most entries per map: far more than the jobs in flight in one process.
+const CAP: usize = 16_384;
+
+#[derive(Default)]
+pub(crate) struct Cache {
+    /// `PRAGMA data_version` when the rows below were last known valid.
+    data_version: Option<i64>,
+    ids: HashMap<JobKey, i64>,
+    rows: HashMap<i64, Job>,
+    ops: HashMap<(i64, OpKind, u64), OpRecord>,
+}
+
+impl Cache {
+    /// Forgets rows and ops if another connection committed since our last
+    /// transaction. Call with the write lock held (after `BEGIN IMMEDIATE`).
+    pub(crate) fn validate(&mut self, c: &Connection) -> rusqlite::Result<()> {
+        let v: i64 = c
+            .prepare_cached("PRAGMA data_version")?
+            .query_row([], |r| r.get(0))?;
+        if self.data_version != Some(v) {
+            self.forget();
+            self.data_version = Some(v);
+        }
+        Ok(())
+    }
+
+    /// Forgets every row and op (after a rollback, or a write that bypassed
+    /// the cache). Rowids stay: they never change.
+    pub(crate) fn forget(&mut self) {
+        self.rows.clear();
+        self.ops.clear();
+    }
+
+    pub(crate) fn id(&self, key: &JobKey) -> Option<i64> {
+        self.ids.get(key).copied()
+    }
+
+    pub(crate) fn row(&self, key: &JobKey) -> Option<(i64, &Job)> {
+        let id = self.id(key)?;
+        self.rows.get(&id).map(|j| (id, j))
+    }
+
+    pub(crate) fn put_id(&mut self, key: JobKey, id: i64) {
+        if self.ids.len() >= CAP {
+            self.ids.clear();
+        }
+        self.ids.insert(key, id);
+    }
+
+    /// Records `job` as the row `id` now holds.
+    pub(crate) fn put_row(&mut self, id: i64, job: Job) {
+        self.put_id(job.key, id);
+        if self.rows.len() >= CAP {
+            self.rows.clear();
+        }
+        self.rows.insert(id, job);
+    }
+
+    pub(crate) fn op(&self, job_id: i64, op: &OpKey) -> Option<&OpRecord> {
+        self.ops.get(&(job_id, op.kind, op.epoch.0))
+    }
+
+    /// Records `rec` as the op row of job `job_id` now holds.
+    pub(crate) fn put_op(&mut self, job_id: i64, rec: OpRecord) {
+        if self.ops.len() >= CAP {
+            self.ops.clear();
+        }
+        self.ops
+            .insert((job_id, rec.key.kind, rec.key.epoch.0), rec);
+    }
+
+    /// Forgets the ops of one job (a bulk update changed some of them).
+    pub(crate) fn forget_ops_of(&mut self, job_id: i64) {
+        self.ops.retain(|k, _| k.0 != job_id);
+    }
+
+    /// Forgets every op (a bulk update over all jobs).
+    pub(crate) fn forget_ops(&mut self) {
+        self.ops.clear();
+    }
+}
