@@ -8,12 +8,14 @@
 //! keeps what it wrote and trusts it while nothing else has written:
 //!
 //! - a job's rowid never changes and no job is ever deleted, so the map
-//!   from key to rowid is always valid;
+//!   from key to rowid stays valid while nothing is rolled back (a
+//!   rolled-back plan can free a rowid for another job, so a rollback
+//!   forgets it too, and a row is only returned under the key it holds);
 //! - job rows and op records are valid only while no other connection has
 //!   committed since this one last did. `PRAGMA data_version` changes
 //!   exactly when another connection commits; it is read after every
 //!   `BEGIN IMMEDIATE` (the write lock is then ours, so nobody can commit
-//!   behind our back until we do), and any change forgets every row and op;
+//!   behind our back until we do), and any change forgets everything;
 //! - every write through this connection goes through the cache (it is
 //!   write-through: the SQL always runs), or forgets what it may have
 //!   changed; a transaction or savepoint rolled back forgets everything.
@@ -39,7 +41,7 @@ pub(crate) struct Cache {
 }
 
 impl Cache {
-    /// Forgets rows and ops if another connection committed since our last
+    /// Forgets everything if another connection committed since our last
     /// transaction. Call with the write lock held (after `BEGIN IMMEDIATE`).
     pub(crate) fn validate(&mut self, c: &Connection) -> rusqlite::Result<()> {
         let v: i64 = c
@@ -52,20 +54,24 @@ impl Cache {
         Ok(())
     }
 
-    /// Forgets every row and op (after a rollback, or a write that bypassed
-    /// the cache). Rowids stay: they never change.
+    /// Forgets everything (after a rollback, or a commit by another
+    /// connection).
     pub(crate) fn forget(&mut self) {
+        self.ids.clear();
         self.rows.clear();
         self.ops.clear();
     }
 
-    pub(crate) fn id(&self, key: &JobKey) -> Option<i64> {
+    fn id(&self, key: &JobKey) -> Option<i64> {
         self.ids.get(key).copied()
     }
 
     pub(crate) fn row(&self, key: &JobKey) -> Option<(i64, &Job)> {
         let id = self.id(key)?;
-        self.rows.get(&id).map(|j| (id, j))
+        self.rows
+            .get(&id)
+            .filter(|j| j.key == *key)
+            .map(|j| (id, j))
     }
 
     pub(crate) fn put_id(&mut self, key: JobKey, id: i64) {
@@ -105,5 +111,31 @@ impl Cache {
     /// Forgets every op (a bulk update over all jobs).
     pub(crate) fn forget_ops(&mut self) {
         self.ops.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use idem_core::{JobSpec, Timestamp};
+
+    fn job(a: &str) -> Job {
+        let spec = JobSpec::new("w", a, &format!("http://h/{a}"), None, None).unwrap();
+        Job::planned(spec, 3, Timestamp::from_millis(0))
+    }
+
+    /// A rowid the map still gives for one key while another job holds it
+    /// (a rolled-back plan freed it) must not hand that other job's row
+    /// over: fencing would read the wrong lease.
+    #[test]
+    fn a_row_is_only_returned_under_its_own_key() {
+        let (a, b) = (job("a"), job("b"));
+        let mut c = Cache::default();
+        c.put_id(a.key, 7);
+        c.put_row(7, b.clone());
+        assert!(c.row(&a.key).is_none());
+        assert_eq!(c.row(&b.key).map(|(id, j)| (id, j.key)), Some((7, b.key)));
+        c.forget();
+        assert!(c.row(&b.key).is_none());
     }
 }
