@@ -4,11 +4,13 @@
 //! sixteen workers each committing alone, the disk, not SQLite, is the
 //! ceiling. Here every caller queues its request and parks. The first
 //! caller to find no leader becomes one: it takes the whole queue, runs it
-//! as one `BEGIN IMMEDIATE` transaction, commits once, fsyncs the log once
-//! if any request in it must be durable, then fills each caller's reply
-//! slot and wakes that caller, and finally wakes the oldest queued caller
-//! to lead the next batch. No caller is acknowledged before the commit (and
-//! for a durable request, the fsync) that holds its write.
+//! as one `BEGIN IMMEDIATE` transaction and commits once. It then wakes the
+//! oldest queued caller to lead the next batch, answers the deferred
+//! requests (a commit is all they were promised), waits for an fsync of
+//! the log that began after its commit (one runs at a time and covers every
+//! commit before it, so concurrent batches share it), and answers the
+//! durable ones. No caller is acknowledged before the commit (and for a
+//! durable request, the fsync) that holds its write.
 //!
 //! Requests run without savepoints; a request refused after it wrote makes
 //! the leader roll the batch back and run it again with a savepoint per
@@ -260,7 +262,7 @@ impl Group {
     ///
     /// Under [`Durability::Full`] the connection runs `synchronous=NORMAL`
     /// and a batch holding any durable request is followed by this fsync
-    /// before anyone in it is acknowledged. In WAL mode it covers every
+    /// before any durable request in it is acknowledged. In WAL mode it covers every
     /// frame written so far, so deferred commits reach the disk with the
     /// next durable one, in order. (Switching `synchronous` per batch would
     /// do the same, but every switch makes SQLite re-prepare all cached
