@@ -50,6 +50,7 @@ macro_rules! conformance_tests {
             expired_leases_are_listed,
             live_lease_owners_are_listed,
             steps_are_all_or_nothing,
+            op_begun_and_finished_in_one_request_is_recorded_once,
             operator_retry_restarts_a_failed_job
         );
     };
@@ -866,6 +867,79 @@ pub fn steps_are_all_or_nothing(s: &dyn Store) {
         "the first step was rolled back too"
     );
     assert_eq!(s.status(t(3)).unwrap().fenced_writes, 1);
+}
+
+/// An effect recorded once it is done (the engine's HEAD): begin and finish
+/// in one request. The result is exactly the two steps' result, one
+/// committed row, and every refusal leaves nothing behind.
+pub fn op_begun_and_finished_in_one_request_is_recorded_once(s: &dyn Store) {
+    use idem_core::{Step, StepOutput};
+    let k = plan_n(s, 1, t(0))[0];
+    let (_, e) = lease(s, "w1", 1, 60, t(0))[0];
+    let record = |epoch: Epoch, then: Command| {
+        vec![
+            Step::BeginOp {
+                op: op(k, OpKind::Head, epoch),
+                owner: w("w1"),
+            },
+            Step::FinishOp {
+                op: op(k, OpKind::Head, epoch),
+                outcome: Ok(OpResult::Head(head())),
+                then: Some(then),
+            },
+        ]
+    };
+    let head_done = |epoch| Command::HeadDone {
+        epoch,
+        head: head(),
+    };
+    // A stale epoch is fenced and writes nothing.
+    let stale = s.run_steps(
+        record(Epoch(e.0 + 1), head_done(Epoch(e.0 + 1))),
+        t(1),
+        idem_core::Commit::Durable,
+    );
+    assert!(stale.unwrap_err().is_fenced());
+    // A refused transition takes the op row back with it.
+    let blob = BlobInfo::new(Digest32::of(b"x"), 1);
+    let refused = s.run_steps(
+        record(e, Command::Finalize { epoch: e, blob }),
+        t(1),
+        idem_core::Commit::Durable,
+    );
+    assert!(refused.is_err());
+    assert!(s.ops(&k).unwrap().is_empty(), "nothing recorded");
+    assert_eq!(state(s, k), JobState::Leased);
+    // A failed try of the same op (its row exists) is run again.
+    let ho = op(k, OpKind::Head, e);
+    s.begin_op(&ho, &w("w1"), t(1)).unwrap();
+    s.finish_op(&ho, Err(JobError::retryable("reset", "x")), None, t(1))
+        .unwrap();
+    let r = s
+        .run_steps(record(e, head_done(e)), t(2), idem_core::Commit::Deferred)
+        .unwrap();
+    assert_eq!(r.value.len(), 2);
+    assert_eq!(r.value[0], StepOutput::Decision(OpDecision::Run));
+    assert!(matches!(&r.value[1], StepOutput::Job(j) if j.state == JobState::HeadDone));
+    let kinds: Vec<&str> = r.events.iter().map(|ev| ev.kind.name()).collect();
+    assert_eq!(
+        &kinds[..2],
+        ["operation_started", "operation_completed"],
+        "{kinds:?}"
+    );
+    let ops = s.ops(&k).unwrap();
+    assert_eq!(ops.len(), 1, "{ops:?}");
+    assert_eq!(ops[0].status, OpStatus::Committed);
+    assert_eq!(ops[0].result, Some(OpResult::Head(head())));
+    assert_eq!(ops[0].runs, 2);
+    assert_eq!((ops[0].started_at, ops[0].finished_at), (t(2), Some(t(2))));
+    // Recording it again is refused (it replays; it cannot finish twice).
+    let before = s.job(&k).unwrap();
+    assert!(s
+        .run_steps(record(e, head_done(e)), t(3), idem_core::Commit::Durable)
+        .is_err());
+    assert_eq!(s.job(&k).unwrap(), before);
+    assert_eq!(s.ops(&k).unwrap(), ops);
 }
 
 pub fn operator_retry_restarts_a_failed_job(s: &dyn Store) {

@@ -875,17 +875,19 @@ fn load_op(
     Ok(rec)
 }
 
-/// Inserts a new op row; false when the op has a row already.
+/// Inserts a new op row (started, or already finished); false when the op
+/// has a row already.
 fn insert_op(
     c: &Connection,
     cache: &mut Cache,
     job_id: i64,
     rec: &OpRecord,
 ) -> Result<bool, StoreError> {
+    let result = result_json(rec)?;
     let n = c
         .prepare_cached(
-            "INSERT INTO ops (job_id, kind, epoch, owner, status, runs, started_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (job_id, kind, epoch) DO NOTHING",
+            "INSERT INTO ops (job_id, kind, epoch, owner, status, result, error, runs, started_at, finished_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (job_id, kind, epoch) DO NOTHING",
         )
         .and_then(|mut st| {
             st.execute(params![
@@ -894,8 +896,11 @@ fn insert_op(
                 i(rec.key.epoch.0),
                 rec.owner.as_str(),
                 rec.status.as_str(),
+                result,
+                rec.error,
                 rec.runs,
                 rec.started_at.as_millis(),
+                rec.finished_at.map(Timestamp::as_millis),
             ])
         })
         .map_err(map_err)?;
@@ -1069,6 +1074,45 @@ fn finish_op_in(
         value,
         events: stamp(events, now),
     })
+}
+
+/// An op begun and finished in one request: an effect with nothing to
+/// fence beforehand (HEAD changes nothing anywhere) recorded once it is
+/// done. One insert of the finished row, where the two steps would insert a
+/// started row and then update it. `None` (nothing written) when the op has
+/// a row already: the caller then runs the two steps, which decide about it.
+fn record_op_in(
+    c: &Connection,
+    jobs: &mut Jobs<'_>,
+    op: &OpKey,
+    owner: &WorkerId,
+    outcome: &Result<OpResult, JobError>,
+    then: Option<&Command>,
+    now: Timestamp,
+) -> Result<Option<Applied<[StepOutput; 2]>>, StoreError> {
+    let (id, job) = jobs.get(c, &op.job)?;
+    check_op_fence(job, op)?;
+    let started = ledger::started(*op, owner.clone(), None, now);
+    let (rec, completed) = ledger::finished(started, outcome.clone(), now);
+    if !insert_op(c, jobs.cache, id, &rec)? {
+        return Ok(None);
+    }
+    let mut events = vec![ledger::begin_event(op, &OpDecision::Run), completed];
+    // The row is the request's already: this finds it again, no SQL.
+    let (_, job) = jobs.get(c, &op.job)?;
+    if let Some(cmd) = then {
+        // A refusal fails the request, which rolls the insert back with it.
+        let t = transition(job, cmd.clone(), now).map_err(|e| refused(op.job, e))?;
+        *job = t.job;
+        events.extend(t.events);
+    }
+    Ok(Some(Applied {
+        value: [
+            StepOutput::Decision(OpDecision::Run),
+            StepOutput::Job(Box::new(job.clone())),
+        ],
+        events: stamp(events, now),
+    }))
 }
 
 pub(crate) fn load_ops(c: &Connection, key: &JobKey) -> Result<Vec<OpRecord>, StoreError> {
@@ -1257,7 +1301,29 @@ pub(crate) fn run_steps(
     let mut out = Vec::with_capacity(steps.len());
     let mut events = Vec::new();
     with_jobs(c, cache, |jobs| {
-        for step in steps {
+        let mut i = 0;
+        while i < steps.len() {
+            let step = &steps[i];
+            i += 1;
+            if let (
+                Step::BeginOp { op, owner },
+                Some(Step::FinishOp {
+                    op: fop,
+                    outcome,
+                    then,
+                }),
+            ) = (step, steps.get(i))
+            {
+                if op == fop {
+                    if let Some(a) = record_op_in(c, jobs, op, owner, outcome, then.as_ref(), now)?
+                    {
+                        i += 1;
+                        events.extend(a.events);
+                        out.extend(a.value);
+                        continue;
+                    }
+                }
+            }
             match step {
                 Step::Apply { key, cmd } => {
                     let a = apply_in(c, jobs, key, cmd.clone(), now)?;

@@ -9,10 +9,10 @@ use idem_core::{
     WorkerId,
 };
 
-/// Runs a leased job to `finalized` with the engine's four commits after the
-/// lease: begin HEAD; HEAD's result + stream start + begin STREAM; STREAM's
-/// result + begin FINALIZE (these three deferred, as the engine's are); and
-/// FINALIZE's result, durable.
+/// Runs a leased job to `finalized` with the engine's three commits after
+/// the lease: HEAD's record (begun and finished at once) + stream start +
+/// begin STREAM; STREAM's result + begin FINALIZE (these two deferred, as the
+/// engine's are); and FINALIZE's result, durable.
 pub fn null_job<S: Store + ?Sized>(
     store: &S,
     owner: &WorkerId,
@@ -30,15 +30,11 @@ pub fn null_job<S: Store + ?Sized>(
         ..HeadInfo::default()
     };
     store.run_steps(
-        vec![Step::BeginOp {
-            op: op(OpKind::Head),
-            owner: owner.clone(),
-        }],
-        now(),
-        Commit::Deferred,
-    )?;
-    store.run_steps(
         vec![
+            Step::BeginOp {
+                op: op(OpKind::Head),
+                owner: owner.clone(),
+            },
             Step::FinishOp {
                 op: op(OpKind::Head),
                 outcome: Ok(OpResult::Head(head.clone())),

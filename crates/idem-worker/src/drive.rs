@@ -1,8 +1,10 @@
 //! One leased job, driven from its last committed step to a terminal state
 //! (or back to `planned` with a retry scheduled).
 //!
-//! Every effect is bracketed by the op ledger: `begin_op` before, and
-//! `finish_op` (op result plus state transition, atomically) after. A
+//! Every effect that writes is bracketed by the op ledger: `begin_op`
+//! before, and `finish_op` (op result plus state transition, atomically)
+//! after. HEAD, which writes nothing, is begun and finished in one commit
+//! once it has answered. A
 //! heartbeat renews the lease meanwhile; if a renewal is refused, the job
 //! stops at the next chunk and publishes nothing.
 
@@ -39,16 +41,6 @@ impl From<StoreError> for Abort {
             Self::Store(e)
         }
     }
-}
-
-/// How a job's HEAD step starts: as a duplicate of content already held
-/// under its URL, or with its HEAD op begun.
-enum HeadStart {
-    Duplicate {
-        of: idem_core::JobKey,
-        blob: idem_core::BlobInfo,
-    },
-    Begun(idem_core::Applied<Vec<StepOutput>>),
 }
 
 enum StreamErr {
@@ -172,6 +164,23 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         Ok(a.value)
     }
 
+    /// The command that ends the attempt with `error`: a retry scheduled
+    /// with backoff, or failure for good.
+    fn fail_command(&self, job: &Job, epoch: Epoch, error: &JobError) -> Command {
+        let mut rng = SplitMix64::new(self.next_seed() ^ u64::from(job.attempts));
+        let retry_at = self.cfg.retry.decide(
+            job.attempts.min(job.max_attempts),
+            error,
+            &mut rng,
+            self.now(),
+        );
+        Command::Fail {
+            epoch,
+            error: error.clone(),
+            retry_at,
+        }
+    }
+
     /// Ends the attempt with `error`: retry later, or fail for good.
     async fn fail(
         &self,
@@ -180,17 +189,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         op: Option<OpKey>,
         error: JobError,
     ) -> Result<Job, Abort> {
-        let now = self.now();
-        let mut rng = SplitMix64::new(self.next_seed() ^ u64::from(job.attempts));
-        let retry_at =
-            self.cfg
-                .retry
-                .decide(job.attempts.min(job.max_attempts), &error, &mut rng, now);
-        let cmd = Command::Fail {
-            epoch,
-            error: error.clone(),
-            retry_at,
-        };
+        let cmd = self.fail_command(job, epoch, &error);
         match op {
             Some(op) => self.finish(op, Err(error), Some(cmd)).await,
             None => self.apply(job.key, cmd).await,
@@ -283,6 +282,9 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         Ok((j, d))
     }
 
+    /// HEAD, recorded once it is done: it changes nothing anywhere, so
+    /// there is no intent to record (or lease to prove) before it, and its
+    /// begin, result and the move to streaming share one commit.
     async fn step_head(
         &self,
         job: &Job,
@@ -294,86 +296,90 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             kind: OpKind::Head,
             epoch,
         };
-        // Content we already hold under this URL needs no request at all;
-        // otherwise the HEAD op starts. One trip to the store for both.
-        let (key, root, owner, u, now) = (
-            job.key,
-            self.out.root().to_path_buf(),
-            self.owner.clone(),
-            url.clone(),
-            self.now(),
-        );
-        let start = self
+        // Content we already hold under this URL needs no request at all.
+        let (key, root, u) = (job.key, self.out.root().to_path_buf(), url.clone());
+        let dup = self
             .store_call(move |s| {
-                if let Some(prev) = s.finalized_by_url(&u)? {
-                    if let Some(blob) = prev.blob.filter(|b| root.join(&b.path).exists()) {
-                        if prev.key != key {
-                            return Ok(HeadStart::Duplicate { of: prev.key, blob });
-                        }
-                    }
-                }
-                let begin = vec![Step::BeginOp { op, owner }];
-                s.run_steps(begin, now, Commit::Deferred)
-                    .map(HeadStart::Begun)
+                Ok(s.finalized_by_url(&u)?.and_then(|prev| {
+                    prev.blob
+                        .filter(|b| prev.key != key && root.join(&b.path).exists())
+                        .map(|blob| (prev.key, blob))
+                }))
             })
             .await?;
-        let decision = match start {
-            HeadStart::Duplicate { of, blob } => {
-                let cmd = Command::Duplicate {
-                    epoch,
-                    blob,
-                    of: Some(of),
-                };
-                return Ok((self.apply(job.key, cmd).await?, None));
-            }
-            HeadStart::Begun(a) => self.outputs(a).1.ok_or_else(|| {
-                Abort::Store(StoreError::Backend("begin returned no decision".into()))
-            })?,
+        if let Some((of, blob)) = dup {
+            let cmd = Command::Duplicate {
+                epoch,
+                blob,
+                of: Some(of),
+            };
+            return Ok((self.apply(job.key, cmd).await?, None));
+        }
+        let began = self.now();
+        let res = {
+            let _permit = self.host_permit(&job.spec.url.host()).await;
+            self.http.head(&url).await
         };
-        match decision {
-            OpDecision::Replay {
-                result: OpResult::Head(head),
-                ..
-            } => Ok((
-                self.apply(job.key, Command::HeadDone { epoch, head })
-                    .await?,
-                None,
-            )),
-            OpDecision::Replay { .. } | OpDecision::Run => {
-                let res = {
-                    let _permit = self.host_permit(&job.spec.url.host()).await;
-                    self.http.head(&url).await
+        let elapsed_ms = self.now().millis_since(began);
+        let begin = Step::BeginOp {
+            op,
+            owner: self.owner.clone(),
+        };
+        let (steps, sop) = match res.and_then(|h| self.check_head(job, h)) {
+            Ok(head) => {
+                // HEAD's record, the move to streaming and STREAM's start.
+                let sop = OpKey {
+                    job: job.key,
+                    kind: OpKind::Stream,
+                    epoch,
                 };
-                match res.and_then(|h| self.check_head(job, h)) {
-                    Ok(head) => {
-                        // HEAD's result, the move to streaming and STREAM's
-                        // start: one durable commit.
-                        let sop = OpKey {
-                            job: job.key,
-                            kind: OpKind::Stream,
-                            epoch,
-                        };
-                        let (j, d) = self
-                            .job_steps(
-                                vec![Step::FinishOp {
-                                    op,
-                                    outcome: Ok(OpResult::Head(head.clone())),
-                                    then: Some(Command::HeadDone { epoch, head }),
-                                }]
-                                .into_iter()
-                                .chain(self.stream_start(job.key, sop))
-                                .collect(),
-                            )
-                            .await?;
-                        Ok((j, d.map(|d| (sop, d))))
-                    }
-                    Err(e) => Ok((
-                        self.fail(job, epoch, Some(op), e.to_job_error()).await?,
-                        None,
-                    )),
-                }
+                let finish = Step::FinishOp {
+                    op,
+                    outcome: Ok(OpResult::Head(head.clone())),
+                    then: Some(Command::HeadDone { epoch, head }),
+                };
+                let steps = [begin, finish]
+                    .into_iter()
+                    .chain(self.stream_start(job.key, sop))
+                    .collect();
+                (steps, Some(sop))
+            }
+            Err(e) => {
+                let error = e.to_job_error();
+                let then = Some(self.fail_command(job, epoch, &error));
+                let finish = Step::FinishOp {
+                    op,
+                    outcome: Err(error),
+                    then,
+                };
+                (vec![begin, finish], None)
+            }
+        };
+        let now = self.now();
+        // A failed HEAD ends the attempt: durable, as `fail` is.
+        let commit = if sop.is_some() {
+            Commit::Deferred
+        } else {
+            Commit::Durable
+        };
+        let mut a = self
+            .store_call(move |s| s.run_steps(steps, now, commit))
+            .await?;
+        // The op was recorded after the fact; its duration is the request's.
+        for ev in &mut a.events {
+            if let EventKind::OperationCompleted {
+                op: OpKind::Head,
+                elapsed_ms: e,
+                ..
+            } = &mut ev.kind
+            {
+                *e = elapsed_ms;
             }
         }
+        let (j, d) = self.outputs(a);
+        let j =
+            j.ok_or_else(|| Abort::Store(StoreError::Backend("steps returned no job".into())))?;
+        Ok((j, sop.zip(d)))
     }
 
     fn check_head(&self, job: &Job, head: HeadInfo) -> Result<HeadInfo, FetchError> {
