@@ -50,7 +50,9 @@ enum StreamErr {
 }
 
 impl<S: Store + 'static, H: Http> Engine<S, H> {
-    pub(crate) async fn run_job(self: Arc<Self>, job: Job) {
+    /// Drives one leased job; `dup` is content already held under its URL
+    /// (looked up with the lease, see [`duplicate_of`]).
+    pub(crate) async fn run_job(self: Arc<Self>, job: Job, dup: Option<Held>) {
         let Some(epoch) = job.lease.as_ref().map(|l| l.epoch) else {
             return;
         };
@@ -58,7 +60,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         self.progress.in_flight.fetch_add(1, Ordering::SeqCst);
         let fenced = Arc::new(AtomicBool::new(false));
         let hb = tokio::spawn(Arc::clone(&self).heartbeat(key, epoch, Arc::clone(&fenced)));
-        let r = self.drive(job, epoch, &fenced).await;
+        let r = self.drive(job, epoch, &fenced, dup).await;
         hb.abort();
         match r {
             Ok(state) => self.count_outcome(state),
@@ -181,6 +183,25 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         }
     }
 
+    /// Blocking: ends the attempt with `error` (retry later, or fail for
+    /// good), finishing `op` with it when one was begun.
+    fn fail_now(
+        &self,
+        job: &Job,
+        epoch: Epoch,
+        op: Option<OpKey>,
+        error: JobError,
+    ) -> Result<Job, Abort> {
+        let cmd = self.fail_command(job, epoch, &error);
+        let now = self.now();
+        let a = match op {
+            Some(op) => self.store.finish_op(&op, Err(error), Some(cmd), now)?,
+            None => self.store.apply(&job.key, cmd, now)?,
+        };
+        self.emit(&a.events);
+        Ok(a.value)
+    }
+
     /// Ends the attempt with `error`: retry later, or fail for good.
     async fn fail(
         &self,
@@ -197,19 +218,23 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
     }
 
     pub(crate) async fn drive(
-        &self,
+        self: &Arc<Self>,
         mut job: Job,
         epoch: Epoch,
-        fenced: &AtomicBool,
+        fenced: &Arc<AtomicBool>,
+        mut dup: Option<Held>,
     ) -> Result<JobState, Abort> {
-        // An op already begun by the previous step's commit (see `steps`).
+        // An op already begun by the previous step's commit (see `steps`),
+        // and the part prepared in the same trip off the runtime.
         let mut begun: Option<(OpKey, OpDecision)> = None;
+        let mut prepared: Option<std::io::Result<Prepared>> = None;
         loop {
             self.check(fenced)?;
             job = match job.state {
                 JobState::Leased => {
-                    let (j, b) = self.step_head(&job, epoch).await?;
+                    let (j, b, p) = self.step_head(&job, epoch, dup.take()).await?;
                     begun = b;
+                    prepared = p;
                     j
                 }
                 JobState::HeadDone => {
@@ -225,7 +250,10 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                     begun = d.map(|d| (sop, d));
                     j
                 }
-                JobState::Streaming => self.step_body(&job, epoch, fenced, begun.take()).await?,
+                JobState::Streaming => {
+                    self.step_body(&job, epoch, fenced, begun.take(), prepared.take())
+                        .await?
+                }
                 done => return Ok(done),
             };
         }
@@ -289,7 +317,15 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         &self,
         job: &Job,
         epoch: Epoch,
-    ) -> Result<(Job, Option<(OpKey, OpDecision)>), Abort> {
+        dup: Option<Held>,
+    ) -> Result<
+        (
+            Job,
+            Option<(OpKey, OpDecision)>,
+            Option<std::io::Result<Prepared>>,
+        ),
+        Abort,
+    > {
         let url = job.spec.url.to_string();
         let op = OpKey {
             job: job.key,
@@ -297,23 +333,13 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             epoch,
         };
         // Content we already hold under this URL needs no request at all.
-        let (key, root, u) = (job.key, self.out.root().to_path_buf(), url.clone());
-        let dup = self
-            .store_call(move |s| {
-                Ok(s.finalized_by_url(&u)?.and_then(|prev| {
-                    prev.blob
-                        .filter(|b| prev.key != key && root.join(&b.path).exists())
-                        .map(|blob| (prev.key, blob))
-                }))
-            })
-            .await?;
-        if let Some((of, blob)) = dup {
+        if let Some(Held { of, blob }) = dup {
             let cmd = Command::Duplicate {
                 epoch,
                 blob,
                 of: Some(of),
             };
-            return Ok((self.apply(job.key, cmd).await?, None));
+            return Ok((self.apply(job.key, cmd).await?, None, None));
         }
         let began = self.now();
         let res = {
@@ -362,8 +388,25 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         } else {
             Commit::Durable
         };
-        let mut a = self
-            .store_call(move |s| s.run_steps(steps, now, commit))
+        // When streaming starts, its part is prepared in the same trip.
+        let prep = sop.map(|sop| {
+            let (out, key, url) = (self.out.clone(), job.key, url.clone());
+            move |head: &HeadInfo| prepare_part(&out, key, sop.epoch, &url, head)
+        });
+        let (mut a, prepared) = self
+            .store_call(move |s| {
+                let a = s.run_steps(steps, now, commit)?;
+                let run = matches!(a.value.last(), Some(StepOutput::Decision(OpDecision::Run)));
+                let head = a.value.iter().find_map(|o| match o {
+                    StepOutput::Job(j) => j.head.clone(),
+                    StepOutput::Decision(_) => None,
+                });
+                let prepared = match (prep, head) {
+                    (Some(prep), Some(head)) if run => Some(prep(&head)),
+                    _ => None,
+                };
+                Ok((a, prepared))
+            })
             .await?;
         // The op was recorded after the fact; its duration is the request's.
         for ev in &mut a.events {
@@ -379,7 +422,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         let (j, d) = self.outputs(a);
         let j =
             j.ok_or_else(|| Abort::Store(StoreError::Backend("steps returned no job".into())))?;
-        Ok((j, sop.zip(d)))
+        Ok((j, sop.zip(d), prepared))
     }
 
     fn check_head(&self, job: &Job, head: HeadInfo) -> Result<HeadInfo, FetchError> {
@@ -410,11 +453,12 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
 
     /// STREAM then FINALIZE, reusing what earlier holders committed.
     async fn step_body(
-        &self,
+        self: &Arc<Self>,
         job: &Job,
         epoch: Epoch,
-        fenced: &AtomicBool,
+        fenced: &Arc<AtomicBool>,
         begun: Option<(OpKey, OpDecision)>,
+        prepared: Option<std::io::Result<Prepared>>,
     ) -> Result<Job, Abort> {
         let key = job.key;
         // Earlier holders' work matters only when this holder took over.
@@ -472,86 +516,121 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             Some((op, d)) if op == sop => d,
             _ => self.begin(sop).await?,
         };
-        let fop = OpKey {
-            job: key,
-            kind: OpKind::Finalize,
-            epoch,
-        };
+        if let OpDecision::Replay {
+            result: OpResult::Stream(si),
+            ..
+        } = decision
+        {
+            if primary.exists() {
+                return self
+                    .finalize(job, epoch, primary, Landed::Synced(si), fenced, false)
+                    .await;
+            }
+        }
         // The part this holder writes (decided when streaming starts).
         let mut chosen: Option<std::path::PathBuf> = None;
-        let (si, fdecision) = match decision {
-            OpDecision::Replay {
-                result: OpResult::Stream(si),
-                ..
-            } if primary.exists() => (si, None),
-            _ => match self.stream(job, epoch, fenced, &mut chosen).await {
-                Ok(si) => {
-                    // STREAM's result and FINALIZE's start: one commit, which
-                    // also proves the lease is still ours right before publishing.
-                    let (_, d) = self
-                        .steps(
-                            vec![
-                                Step::FinishOp {
-                                    op: sop,
-                                    outcome: Ok(OpResult::Stream(si.clone())),
-                                    then: None,
-                                },
-                                Step::BeginOp {
-                                    op: fop,
-                                    owner: self.owner.clone(),
-                                },
-                            ],
-                            Commit::Deferred,
-                        )
-                        .await?;
-                    crashpoint("after_stream_commit");
-                    (si, d)
-                }
-                Err(StreamErr::Abort(a)) => return Err(a),
-                Err(StreamErr::Fetch(e)) => {
-                    return self.fail(job, epoch, Some(sop), e.to_job_error()).await
-                }
-                Err(StreamErr::Io(e)) => {
-                    // A part that failed to write (a full disk, an I/O
-                    // error) is not worth resuming and may be holding the
-                    // space other jobs need.
-                    let part = chosen.clone().unwrap_or_else(|| primary.clone());
-                    files::remove_part(&part);
-                    let err = JobError::retryable("io", format!("writing {}: {e}", part.display()));
-                    return self.fail(job, epoch, Some(sop), err).await;
-                }
-            },
-        };
-        let part = chosen.unwrap_or(primary);
-        self.finalize(job, epoch, &part, si, fenced, fdecision)
-            .await
+        match self.stream(job, epoch, fenced, &mut chosen, prepared).await {
+            Ok(landed) => {
+                let part = chosen.unwrap_or(primary);
+                self.finalize(job, epoch, part, landed, fenced, true).await
+            }
+            Err(StreamErr::Abort(a)) => Err(a),
+            Err(StreamErr::Fetch(e)) => self.fail(job, epoch, Some(sop), e.to_job_error()).await,
+            Err(StreamErr::Io(e)) => {
+                // A part that failed to write (a full disk, an I/O error) is
+                // not worth resuming and may be holding the space other jobs
+                // need.
+                let part = chosen.unwrap_or(primary);
+                files::remove_part(&part);
+                let err = JobError::retryable("io", format!("writing {}: {e}", part.display()));
+                self.fail(job, epoch, Some(sop), err).await
+            }
+        }
     }
 
+    /// Everything after the body has landed, in one trip off the runtime
+    /// (a small file's whole finish is then one hand-off, not four).
     async fn finalize(
+        self: &Arc<Self>,
+        job: &Job,
+        epoch: Epoch,
+        part: std::path::PathBuf,
+        landed: Landed,
+        fenced: &Arc<AtomicBool>,
+        streamed: bool,
+    ) -> Result<Job, Abort> {
+        let (me, job, fenced) = (Arc::clone(self), job.clone(), Arc::clone(fenced));
+        tokio::task::spawn_blocking(move || {
+            me.finalize_now(&job, epoch, &part, landed, &fenced, streamed)
+        })
+        .await
+        .map_err(|e| Abort::Store(StoreError::Backend(e.to_string())))?
+    }
+
+    /// Blocking: a held body's write and fsync; when this holder streamed,
+    /// STREAM's result and FINALIZE's start (one commit, which also proves
+    /// the lease is still ours right before publishing); the checks;
+    /// publishing; FINALIZE's result.
+    fn finalize_now(
         &self,
         job: &Job,
         epoch: Epoch,
         part: &Path,
-        si: StreamInfo,
+        landed: Landed,
         fenced: &AtomicBool,
-        decision: Option<OpDecision>,
+        streamed: bool,
     ) -> Result<Job, Abort> {
         let key = job.key;
-        let fop = OpKey {
+        let op = |kind| OpKey {
             job: key,
-            kind: OpKind::Finalize,
+            kind,
             epoch,
         };
-        let decision = match decision {
-            Some(d) => d,
-            None => self.begin(fop).await?,
+        let (sop, fop) = (op(OpKind::Stream), op(OpKind::Finalize));
+        let si = match landed {
+            Landed::Synced(si) => si,
+            Landed::Held { file, bytes } => {
+                if let Err(e) = files::write_whole(&file, &bytes) {
+                    files::remove_part(part);
+                    let err = JobError::retryable("io", format!("writing {}: {e}", part.display()));
+                    return self.fail_now(job, epoch, Some(sop), err);
+                }
+                StreamInfo {
+                    sha256: idem_core::Digest32::of(&bytes),
+                    size: bytes.len() as u64,
+                    resumed_from: 0,
+                }
+            }
         };
+        let owner = self.owner.clone();
+        let mut steps = vec![Step::BeginOp { op: fop, owner }];
+        if streamed {
+            steps.insert(
+                0,
+                Step::FinishOp {
+                    op: sop,
+                    outcome: Ok(OpResult::Stream(si.clone())),
+                    then: None,
+                },
+            );
+        }
+        let a = self.store.run_steps(steps, self.now(), Commit::Deferred)?;
+        if streamed {
+            crashpoint("after_stream_commit");
+        }
+        let decision = self.outputs(a).1.ok_or_else(|| {
+            Abort::Store(StoreError::Backend("begin returned no decision".into()))
+        })?;
         if let OpDecision::Replay {
             result: OpResult::Finalize(blob),
             ..
         } = decision
         {
-            return self.apply(key, Command::Finalize { epoch, blob }).await;
+            let a = self
+                .store
+                .apply(&key, Command::Finalize { epoch, blob }, self.now())?;
+            self.emit(&a.events);
+            return Ok(a.value);
         }
         if let Some(want) = job.spec.sha256 {
             if want != si.sha256 {
@@ -563,82 +642,77 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                         job.spec.url, si.sha256
                     ),
                 );
-                return self.fail(job, epoch, Some(fop), err).await;
+                return self.fail_now(job, epoch, Some(fop), err);
             }
         }
         // The commit that began FINALIZE proved the lease a moment ago; the
         // heartbeat's verdict is the last check before publishing.
         self.check(fenced)?;
-        // Publishing and its commit in one blocking call: a small file's
-        // whole finalize is then one trip off the runtime.
-        let (out, p, clock) = (
-            self.out.clone(),
-            part.to_path_buf(),
-            Arc::clone(&self.clock),
-        );
-        let store = Arc::clone(&self.store);
-        let done = tokio::task::spawn_blocking(move || {
-            let published = files::publish(&out, &p, si.sha256, si.size);
-            crashpoint("after_publish");
-            let (blob, then) = match published {
-                Ok(Published::New(blob)) => (blob.clone(), Command::Finalize { epoch, blob }),
-                Ok(Published::AlreadyStored(blob)) => (
-                    blob.clone(),
-                    Command::Duplicate {
-                        epoch,
-                        blob,
-                        of: None,
-                    },
-                ),
-                Err(e) => return Err(e),
-            };
-            Ok(store.finish_op(&fop, Ok(OpResult::Finalize(blob)), Some(then), clock.now()))
-        })
-        .await
-        .map_err(|e| Abort::Store(StoreError::Backend(e.to_string())))?;
-        match done {
-            Ok(finished) => {
-                let a = finished?;
-                self.emit(&a.events);
-                Ok(a.value)
-            }
+        let published = files::publish(&self.out, part, si.sha256, si.size);
+        crashpoint("after_publish");
+        let (blob, then) = match published {
+            Ok(Published::New(blob)) => (blob.clone(), Command::Finalize { epoch, blob }),
+            Ok(Published::AlreadyStored(blob)) => (
+                blob.clone(),
+                Command::Duplicate {
+                    epoch,
+                    blob,
+                    of: None,
+                },
+            ),
             Err(e) => {
                 let err = JobError::retryable("io", format!("publishing {}: {e}", part.display()));
-                self.fail(job, epoch, Some(fop), err).await
+                return self.fail_now(job, epoch, Some(fop), err);
             }
-        }
+        };
+        let a = self
+            .store
+            .finish_op(&fop, Ok(OpResult::Finalize(blob)), Some(then), self.now())?;
+        self.emit(&a.events);
+        Ok(a.value)
     }
 
-    /// Streams the body into `part`, resuming an earlier holder's part when
-    /// it can be locked and its validators still match.
+    /// Streams the body into this holder's part, resuming an earlier
+    /// holder's part when it can be locked and its validators still match.
+    /// A small body is held in memory and written by `finalize`.
     async fn stream(
         &self,
         job: &Job,
         epoch: Epoch,
         fenced: &AtomicBool,
         chosen: &mut Option<std::path::PathBuf>,
-    ) -> Result<StreamInfo, StreamErr> {
+        prepared: Option<std::io::Result<Prepared>>,
+    ) -> Result<Landed, StreamErr> {
         let url = job.spec.url.to_string();
         let head = job.head.clone().unwrap_or_default();
-        let (part, file, mut offset, mut sidecar, mut hasher) = {
-            let out = self.out.clone();
-            let key = job.key;
-            let url = url.clone();
-            let head = head.clone();
-            tokio::task::spawn_blocking(move || prepare_part(&out, key, epoch, &url, &head))
-                .await
-                .map_err(|e| StreamErr::Io(std::io::Error::other(e)))?
-                .map_err(StreamErr::Io)?
+        let prepared = match prepared {
+            Some(p) => p,
+            None => {
+                let out = self.out.clone();
+                let key = job.key;
+                let url = url.clone();
+                let head = head.clone();
+                tokio::task::spawn_blocking(move || prepare_part(&out, key, epoch, &url, &head))
+                    .await
+                    .map_err(|e| StreamErr::Io(std::io::Error::other(e)))?
+            }
         };
+        let Prepared {
+            part,
+            file,
+            mut offset,
+            mut sidecar,
+            mut hasher,
+        } = prepared.map_err(StreamErr::Io)?;
         *chosen = Some(part.clone());
         let part = part.as_path();
         if offset > 0 && sidecar.length == Some(offset) {
             // A complete body from an earlier holder: nothing to fetch.
-            return Ok(StreamInfo {
+            return Ok(Landed::Synced(StreamInfo {
                 sha256: idem_core::Digest32::from_bytes(hasher.finalize().into()),
                 size: offset,
                 resumed_from: offset,
-            });
+            }));
         }
         let resume = sidecar.if_range().filter(|_| offset > 0).map(|v| Resume {
             offset,
@@ -694,21 +768,36 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         if let Some(sc) = &sidecar {
             files::write_sidecar(part, sc).map_err(StreamErr::Io)?;
         }
-        let mut writer =
-            files::PartWriter::start(file, part.to_path_buf(), offset, hasher, sidecar);
+        // A small body (known length, nothing to resume) is held in memory:
+        // its write, fsync and commits then take one hand-off in all.
+        let held = total.filter(|t| offset == 0 && *t < files::SIDECAR_MIN);
+        let mut sink = match held {
+            Some(t) => Sink::Held {
+                file,
+                bytes: Vec::with_capacity(usize::try_from(t).unwrap_or(0)),
+                limit: t,
+            },
+            None => Sink::Writer(files::PartWriter::start(
+                file,
+                part.to_path_buf(),
+                offset,
+                hasher,
+                sidecar,
+            )),
+        };
         // Minimum throughput: a server that trickles bytes never trips the
         // read timeout, so measure progress over whole windows.
         let mut window_start = std::time::Instant::now();
         let mut window_bytes = 0u64;
         loop {
             if let Err(a) = self.check(fenced) {
-                drop(writer);
+                drop(sink);
                 return Err(StreamErr::Abort(a));
             }
             if let Some((min, secs)) = self.cfg.min_speed {
                 if window_start.elapsed() >= Duration::from_secs(secs) {
                     if window_bytes < min.saturating_mul(secs) {
-                        let _ = writer.finish().await;
+                        sink.keep().await;
                         return Err(StreamErr::Fetch(FetchError::new(
                             FetchErrorKind::Timeout,
                             format!("{url}: {window_bytes} bytes in {secs} s, below the minimum of {min} bytes/s"),
@@ -723,19 +812,48 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                     let n = c.as_ref().len() as u64;
                     window_bytes += n;
                     self.progress.bytes.fetch_add(n, Ordering::Relaxed);
-                    if !writer.write(Box::new(c)).await {
-                        break;
+                    match &mut sink {
+                        Sink::Writer(w) => {
+                            if !w.write(Box::new(c)).await {
+                                break;
+                            }
+                        }
+                        Sink::Held { bytes, limit, .. } => {
+                            if bytes.len() as u64 + n > *limit {
+                                return Err(StreamErr::Fetch(FetchError::new(
+                                    FetchErrorKind::Truncated,
+                                    format!(
+                                        "{url}: body runs past its Content-Length of {limit} bytes"
+                                    ),
+                                )));
+                            }
+                            bytes.extend_from_slice(c.as_ref());
+                        }
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
                     // Keep what arrived (fsynced, recorded) for the next attempt.
-                    let _ = writer.finish().await;
+                    sink.keep().await;
                     return Err(StreamErr::Fetch(e));
                 }
             }
         }
-        let (sha256, size) = writer.finish().await.map_err(StreamErr::Io)?;
+        let landed = match sink {
+            Sink::Writer(w) => {
+                let (sha256, size) = w.finish().await.map_err(StreamErr::Io)?;
+                Landed::Synced(StreamInfo {
+                    sha256,
+                    size,
+                    resumed_from: offset,
+                })
+            }
+            Sink::Held { file, bytes, .. } => Landed::Held { file, bytes },
+        };
+        let size = match &landed {
+            Landed::Synced(si) => si.size,
+            Landed::Held { bytes, .. } => bytes.len() as u64,
+        };
         if let Some(total) = total {
             if size != total {
                 return Err(StreamErr::Fetch(FetchError::new(
@@ -744,11 +862,55 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 )));
             }
         }
-        Ok(StreamInfo {
-            sha256,
-            size,
-            resumed_from: offset,
-        })
+        Ok(landed)
+    }
+}
+
+/// Content already held under a job's URL: another job's finalized blob.
+pub(crate) struct Held {
+    of: idem_core::JobKey,
+    blob: idem_core::BlobInfo,
+}
+
+/// Blocking: the content another job finalized under `job`'s URL whose
+/// blob is still on disk. Looked up in the lease's trip off the runtime; a
+/// failed lookup counts as none (publishing still stores content once).
+pub(crate) fn duplicate_of<S: Store + ?Sized>(store: &S, root: &Path, job: &Job) -> Option<Held> {
+    if job.state != JobState::Leased {
+        return None;
+    }
+    let prev = store.finalized_by_url(job.spec.url.as_str()).ok()??;
+    prev.blob
+        .filter(|b| prev.key != job.key && root.join(&b.path).exists())
+        .map(|blob| Held { of: prev.key, blob })
+}
+
+/// Where a body landed: in its part, fsynced (hashed as it was written), or
+/// held in memory (a small body) with its part open and locked.
+enum Landed {
+    Synced(StreamInfo),
+    Held { file: std::fs::File, bytes: Vec<u8> },
+}
+
+/// Where the bytes of a body go while it streams.
+enum Sink {
+    Writer(files::PartWriter),
+    Held {
+        file: std::fs::File,
+        bytes: Vec<u8>,
+        /// The body's Content-Length.
+        limit: u64,
+    },
+}
+
+impl Sink {
+    /// Keeps what arrived before a failure: a streamed part is flushed and
+    /// fsynced for the next attempt; a held body is dropped (small bodies
+    /// restart from zero).
+    async fn keep(self) {
+        if let Self::Writer(w) = self {
+            let _ = w.finish().await;
+        }
     }
 }
 
@@ -761,18 +923,27 @@ fn crashpoint(name: &str) {
     }
 }
 
+/// This holder's part: its path, the locked file, the resume offset, the
+/// sidecar and the hash of the prefix already on disk.
+pub(crate) struct Prepared {
+    part: std::path::PathBuf,
+    file: std::fs::File,
+    offset: u64,
+    sidecar: Sidecar,
+    hasher: Sha256,
+}
+
 /// Chooses and opens this holder's part, adopting the best earlier part of
 /// the same job that nobody holds and whose validators match. The part is
 /// `<job>.part`, or `<job>.e<epoch>.part` while a paused holder still locks
-/// that one. Returns the path, the locked file, the resume offset, the
-/// sidecar and the hash of the prefix.
+/// that one.
 fn prepare_part(
     out: &OutDir,
     key: idem_core::JobKey,
     epoch: Epoch,
     url: &str,
     head: &HeadInfo,
-) -> std::io::Result<(std::path::PathBuf, std::fs::File, u64, Sidecar, Sha256)> {
+) -> std::io::Result<Prepared> {
     let fresh = Sidecar {
         url: url.to_owned(),
         etag: head.etag.clone(),
@@ -835,13 +1006,31 @@ fn prepare_part(
         f.set_len(offset)?;
         if files::hash_prefix(&mut f, offset, &mut hasher).is_err() {
             f.set_len(0)?;
-            return Ok((target, f, 0, fresh, Sha256::new()));
+            return Ok(Prepared {
+                part: target,
+                file: f,
+                offset: 0,
+                sidecar: fresh,
+                hasher: Sha256::new(),
+            });
         }
-        return Ok((target, f, offset, sc, hasher));
+        return Ok(Prepared {
+            part: target,
+            file: f,
+            offset,
+            sidecar: sc,
+            hasher,
+        });
     }
     let f = files::open_locked(&target, true)?.ok_or_else(|| {
         std::io::Error::other(format!("{} is locked by another process", target.display()))
     })?;
     f.set_len(0)?;
-    Ok((target, f, 0, fresh, hasher))
+    Ok(Prepared {
+        part: target,
+        file: f,
+        offset: 0,
+        sidecar: fresh,
+        hasher,
+    })
 }

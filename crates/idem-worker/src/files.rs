@@ -223,6 +223,14 @@ pub fn write_sidecar(part: &Path, sc: &Sidecar) -> io::Result<()> {
     fs::rename(&tmp, &path)
 }
 
+/// Writes a whole small body into its (empty, locked) part at offset 0
+/// and fsyncs it.
+pub fn write_whole(file: &File, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    file.write_all_at(bytes, 0)?;
+    file.sync_all()
+}
+
 pub fn remove_part(part: &Path) {
     let _ = fs::remove_file(part);
     let _ = fs::remove_file(OutDir::sidecar_path(part));

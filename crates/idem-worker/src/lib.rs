@@ -310,8 +310,20 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 };
                 let now = self.now();
                 let asked = std::time::Instant::now();
-                match self.store_call(move |s| s.lease(&req, now)).await {
-                    Ok(applied) => {
+                let root = self.out.root().to_path_buf();
+                let leased = self
+                    .store_call(move |s| {
+                        let a = s.lease(&req, now)?;
+                        let dups: Vec<_> = a
+                            .value
+                            .iter()
+                            .map(|j| drive::duplicate_of(s, &root, j))
+                            .collect();
+                        Ok((a, dups))
+                    })
+                    .await;
+                match leased {
+                    Ok((applied, dups)) => {
                         let elapsed_ms =
                             u64::try_from(asked.elapsed().as_millis()).unwrap_or(u64::MAX);
                         self.emit(&[idem_core::EventKind::LeaseCall {
@@ -321,10 +333,10 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                         }
                         .at(self.now())]);
                         self.emit(&applied.events);
-                        for job in applied.value {
+                        for (job, dup) in applied.value.into_iter().zip(dups) {
                             leased_any = true;
                             let me = Arc::clone(self);
-                            tasks.spawn(async move { me.run_job(job).await });
+                            tasks.spawn(async move { me.run_job(job, dup).await });
                         }
                     }
                     Err(e) if e.is_transient() => {}
