@@ -9,10 +9,10 @@ use idem_core::{
     WorkerId,
 };
 
-/// Runs a leased job to `finalized` with the engine's three commits after
-/// the lease: HEAD's record (begun and finished at once) + stream start +
-/// begin STREAM; STREAM's result + begin FINALIZE (these two deferred, as the
-/// engine's are); and FINALIZE's result, durable.
+/// Runs a leased job to `finalized` with the engine's two commits after the
+/// lease for a small body: HEAD's and STREAM's records (each begun and
+/// finished at once) + the moves to streaming + begin FINALIZE, deferred as
+/// the engine's is; and FINALIZE's result, durable.
 pub fn null_job<S: Store + ?Sized>(
     store: &S,
     owner: &WorkerId,
@@ -29,50 +29,42 @@ pub fn null_job<S: Store + ?Sized>(
         status: 200,
         ..HeadInfo::default()
     };
-    store.run_steps(
-        vec![
-            Step::BeginOp {
-                op: op(OpKind::Head),
-                owner: owner.clone(),
-            },
-            Step::FinishOp {
-                op: op(OpKind::Head),
-                outcome: Ok(OpResult::Head(head.clone())),
-                then: Some(Command::HeadDone { epoch: e, head }),
-            },
-            Step::Apply {
-                key: job.key,
-                cmd: Command::StreamStarted { epoch: e },
-            },
-            Step::BeginOp {
-                op: op(OpKind::Stream),
-                owner: owner.clone(),
-            },
-        ],
-        now(),
-        Commit::Deferred,
-    )?;
     let blob = BlobInfo::new(Digest32::of(job.key.digest().as_bytes()), 32);
     let si = StreamInfo {
         sha256: blob.sha256,
         size: 32,
         resumed_from: 0,
     };
-    store.run_steps(
-        vec![
-            Step::FinishOp {
-                op: op(OpKind::Stream),
-                outcome: Ok(OpResult::Stream(si)),
-                then: None,
-            },
+    let record = |kind, outcome, then| {
+        [
             Step::BeginOp {
-                op: op(OpKind::Finalize),
+                op: op(kind),
                 owner: owner.clone(),
             },
-        ],
-        now(),
-        Commit::Deferred,
-    )?;
+            Step::FinishOp {
+                op: op(kind),
+                outcome: Ok(outcome),
+                then,
+            },
+        ]
+    };
+    let steps = record(
+        OpKind::Head,
+        OpResult::Head(head.clone()),
+        Some(Command::HeadDone { epoch: e, head }),
+    )
+    .into_iter()
+    .chain([Step::Apply {
+        key: job.key,
+        cmd: Command::StreamStarted { epoch: e },
+    }])
+    .chain(record(OpKind::Stream, OpResult::Stream(si), None))
+    .chain([Step::BeginOp {
+        op: op(OpKind::Finalize),
+        owner: owner.clone(),
+    }])
+    .collect();
+    store.run_steps(steps, now(), Commit::Deferred)?;
     store.finish_op(
         &op(OpKind::Finalize),
         Ok(OpResult::Finalize(blob.clone())),

@@ -52,7 +52,7 @@ enum StreamErr {
 impl<S: Store + 'static, H: Http> Engine<S, H> {
     /// Drives one leased job; `dup` is content already held under its URL
     /// (looked up with the lease, see [`duplicate_of`]).
-    pub(crate) async fn run_job(self: Arc<Self>, job: Job, dup: Option<Held>) {
+    pub(crate) async fn run_job(self: Arc<Self>, job: Job, dup: Option<Stored>) {
         let Some(epoch) = job.lease.as_ref().map(|l| l.epoch) else {
             return;
         };
@@ -184,22 +184,25 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
     }
 
     /// Blocking: ends the attempt with `error` (retry later, or fail for
-    /// good), finishing `op` with it when one was begun.
+    /// good), finishing `op` with it after the steps of `prefix` (what had
+    /// not been recorded yet).
     fn fail_now(
         &self,
         job: &Job,
         epoch: Epoch,
-        op: Option<OpKey>,
+        mut prefix: Vec<Step>,
+        op: OpKey,
         error: JobError,
     ) -> Result<Job, Abort> {
-        let cmd = self.fail_command(job, epoch, &error);
-        let now = self.now();
-        let a = match op {
-            Some(op) => self.store.finish_op(&op, Err(error), Some(cmd), now)?,
-            None => self.store.apply(&job.key, cmd, now)?,
-        };
-        self.emit(&a.events);
-        Ok(a.value)
+        let then = Some(self.fail_command(job, epoch, &error));
+        prefix.push(Step::FinishOp {
+            op,
+            outcome: Err(error),
+            then,
+        });
+        let a = self.store.run_steps(prefix, self.now(), Commit::Durable)?;
+        let (j, _) = self.outputs(a);
+        j.ok_or_else(|| Abort::Store(StoreError::Backend("steps returned no job".into())))
     }
 
     /// Ends the attempt with `error`: retry later, or fail for good.
@@ -222,7 +225,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         mut job: Job,
         epoch: Epoch,
         fenced: &Arc<AtomicBool>,
-        mut dup: Option<Held>,
+        mut dup: Option<Stored>,
     ) -> Result<JobState, Abort> {
         // An op already begun by the previous step's commit (see `steps`),
         // and the part prepared in the same trip off the runtime.
@@ -232,7 +235,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             self.check(fenced)?;
             job = match job.state {
                 JobState::Leased => {
-                    let (j, b, p) = self.step_head(&job, epoch, dup.take()).await?;
+                    let (j, b, p) = self.step_head(&job, epoch, fenced, dup.take()).await?;
                     begun = b;
                     prepared = p;
                     j
@@ -314,10 +317,11 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
     /// there is no intent to record (or lease to prove) before it, and its
     /// begin, result and the move to streaming share one commit.
     async fn step_head(
-        &self,
+        self: &Arc<Self>,
         job: &Job,
         epoch: Epoch,
-        dup: Option<Held>,
+        fenced: &Arc<AtomicBool>,
+        dup: Option<Stored>,
     ) -> Result<
         (
             Job,
@@ -333,7 +337,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             epoch,
         };
         // Content we already hold under this URL needs no request at all.
-        if let Some(Held { of, blob }) = dup {
+        if let Some(Stored { of, blob }) = dup {
             let cmd = Command::Duplicate {
                 epoch,
                 blob,
@@ -352,6 +356,28 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             owner: self.owner.clone(),
         };
         let (steps, sop) = match res.and_then(|h| self.check_head(job, h)) {
+            Ok(head) if head.content_length.is_some_and(|n| n < files::SIDECAR_MIN) => {
+                if let Some(j) = self
+                    .step_small(job, epoch, fenced, &head, elapsed_ms)
+                    .await?
+                {
+                    return Ok((j, None, None));
+                }
+                let sop = OpKey {
+                    job: job.key,
+                    kind: OpKind::Stream,
+                    epoch,
+                };
+                let steps = self
+                    .head_record(job.key, op, head)
+                    .into_iter()
+                    .chain([Step::BeginOp {
+                        op: sop,
+                        owner: self.owner.clone(),
+                    }])
+                    .collect();
+                (steps, Some(sop))
+            }
             Ok(head) => {
                 // HEAD's record, the move to streaming and STREAM's start.
                 let sop = OpKey {
@@ -409,20 +435,155 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             })
             .await?;
         // The op was recorded after the fact; its duration is the request's.
-        for ev in &mut a.events {
-            if let EventKind::OperationCompleted {
-                op: OpKind::Head,
-                elapsed_ms: e,
-                ..
-            } = &mut ev.kind
-            {
-                *e = elapsed_ms;
-            }
+        Timing {
+            head_ms: elapsed_ms,
+            body_ms: 0,
         }
+        .apply(&mut a.events);
         let (j, d) = self.outputs(a);
         let j =
             j.ok_or_else(|| Abort::Store(StoreError::Backend("steps returned no job".into())))?;
         Ok((j, sop.zip(d), prepared))
+    }
+
+    /// HEAD begun and finished with `head`, and the move to streaming.
+    fn head_record(&self, key: idem_core::JobKey, op: OpKey, head: HeadInfo) -> [Step; 3] {
+        [
+            Step::BeginOp {
+                op,
+                owner: self.owner.clone(),
+            },
+            Step::FinishOp {
+                op,
+                outcome: Ok(OpResult::Head(head.clone())),
+                then: Some(Command::HeadDone {
+                    epoch: op.epoch,
+                    head,
+                }),
+            },
+            Step::Apply {
+                key,
+                cmd: Command::StreamStarted { epoch: op.epoch },
+            },
+        ]
+    }
+
+    /// A small body (HEAD said under 256 KiB, so nothing would be resumed):
+    /// fetched into memory, then HEAD's record, the body's and FINALIZE's
+    /// start are one commit, made after the part's write and right before
+    /// publishing. A job then costs three commits (lease, that one, and
+    /// FINALIZE's result) and one hand-off after HEAD. `None`: the GET's
+    /// answer was not small after all; nothing was recorded and the job
+    /// streams as a large one (its HEAD is recorded then).
+    async fn step_small(
+        self: &Arc<Self>,
+        job: &Job,
+        epoch: Epoch,
+        fenced: &Arc<AtomicBool>,
+        head: &HeadInfo,
+        head_ms: u64,
+    ) -> Result<Option<Job>, Abort> {
+        let op = |kind| OpKey {
+            job: job.key,
+            kind,
+            epoch,
+        };
+        let record = self.head_record(job.key, op(OpKind::Head), head.clone());
+        self.check(fenced)?;
+        let began = self.now();
+        let fetched = self.fetch_small(job, fenced).await;
+        let timing = Timing {
+            head_ms,
+            body_ms: self.now().millis_since(began),
+        };
+        match fetched {
+            Ok(Some(bytes)) => self
+                .finalize(
+                    job,
+                    epoch,
+                    Landed::Held { bytes, part: None },
+                    fenced,
+                    Finish::Recorded(record.to_vec(), timing),
+                )
+                .await
+                .map(Some),
+            Ok(None) => Ok(None),
+            Err(StreamErr::Abort(a)) => Err(a),
+            Err(StreamErr::Fetch(e)) => {
+                let error = e.to_job_error();
+                let then = Some(self.fail_command(job, epoch, &error));
+                let steps = record
+                    .into_iter()
+                    .chain([
+                        Step::BeginOp {
+                            op: op(OpKind::Stream),
+                            owner: self.owner.clone(),
+                        },
+                        Step::FinishOp {
+                            op: op(OpKind::Stream),
+                            outcome: Err(error),
+                            then,
+                        },
+                    ])
+                    .collect();
+                let now = self.now();
+                let mut a = self
+                    .store_call(move |s| s.run_steps(steps, now, Commit::Durable))
+                    .await?;
+                timing.apply(&mut a.events);
+                let (j, _) = self.outputs(a);
+                j.map(Some).ok_or_else(|| {
+                    Abort::Store(StoreError::Backend("steps returned no job".into()))
+                })
+            }
+            Err(StreamErr::Io(e)) => Err(Abort::Store(StoreError::Backend(e.to_string()))),
+        }
+    }
+
+    /// GETs a small body into memory; `None` when the answer is not small.
+    async fn fetch_small(
+        &self,
+        job: &Job,
+        fenced: &AtomicBool,
+    ) -> Result<Option<Vec<u8>>, StreamErr> {
+        let url = job.spec.url.to_string();
+        let _permit = self.host_permit(&job.spec.url.host()).await;
+        let GetResponse {
+            head: got, body, ..
+        } = self.http.get(&url, None).await.map_err(StreamErr::Fetch)?;
+        self.check_type(job, &got).map_err(StreamErr::Fetch)?;
+        let Some(limit) = got.content_length.filter(|n| *n < files::SIDECAR_MIN) else {
+            return Ok(None);
+        };
+        let mut sink = Sink::Held {
+            bytes: Vec::with_capacity(usize::try_from(limit).unwrap_or(0)),
+            limit,
+        };
+        self.read_body(&url, body, fenced, &mut sink).await?;
+        match sink {
+            Sink::Held { bytes, .. } if bytes.len() as u64 == limit => Ok(Some(bytes)),
+            Sink::Held { bytes, .. } => Err(StreamErr::Fetch(FetchError::new(
+                FetchErrorKind::Truncated,
+                format!("{url}: body ended at {} of {limit} bytes", bytes.len()),
+            ))),
+            Sink::Writer(_) => Ok(None),
+        }
+    }
+
+    /// A GET's content type against the job's expected one.
+    fn check_type(&self, job: &Job, got: &HeadInfo) -> Result<(), FetchError> {
+        if let (Some(want), Some(ct)) = (
+            job.spec.content_type.as_deref(),
+            got.content_type.as_deref(),
+        ) {
+            if !media_type_matches(want, ct) {
+                return Err(FetchError::new(
+                    FetchErrorKind::Policy,
+                    format!("{}: content type {ct:?}, expected {want:?}", job.spec.url),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn check_head(&self, job: &Job, head: HeadInfo) -> Result<HeadInfo, FetchError> {
@@ -522,8 +683,9 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         } = decision
         {
             if primary.exists() {
+                let landed = Landed::Synced { part: primary, si };
                 return self
-                    .finalize(job, epoch, primary, Landed::Synced(si), fenced, false)
+                    .finalize(job, epoch, landed, fenced, Finish::Replayed)
                     .await;
             }
         }
@@ -531,8 +693,8 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         let mut chosen: Option<std::path::PathBuf> = None;
         match self.stream(job, epoch, fenced, &mut chosen, prepared).await {
             Ok(landed) => {
-                let part = chosen.unwrap_or(primary);
-                self.finalize(job, epoch, part, landed, fenced, true).await
+                self.finalize(job, epoch, landed, fenced, Finish::Streamed)
+                    .await
             }
             Err(StreamErr::Abort(a)) => Err(a),
             Err(StreamErr::Fetch(e)) => self.fail(job, epoch, Some(sop), e.to_job_error()).await,
@@ -554,31 +716,27 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         self: &Arc<Self>,
         job: &Job,
         epoch: Epoch,
-        part: std::path::PathBuf,
         landed: Landed,
         fenced: &Arc<AtomicBool>,
-        streamed: bool,
+        finish: Finish,
     ) -> Result<Job, Abort> {
         let (me, job, fenced) = (Arc::clone(self), job.clone(), Arc::clone(fenced));
-        tokio::task::spawn_blocking(move || {
-            me.finalize_now(&job, epoch, &part, landed, &fenced, streamed)
-        })
-        .await
-        .map_err(|e| Abort::Store(StoreError::Backend(e.to_string())))?
+        tokio::task::spawn_blocking(move || me.finalize_now(&job, epoch, landed, &fenced, finish))
+            .await
+            .map_err(|e| Abort::Store(StoreError::Backend(e.to_string())))?
     }
 
-    /// Blocking: a held body's write and fsync; when this holder streamed,
-    /// STREAM's result and FINALIZE's start (one commit, which also proves
-    /// the lease is still ours right before publishing); the checks;
-    /// publishing; FINALIZE's result.
+    /// Blocking: a held body's write and fsync; the commit that records
+    /// what `finish` says is not yet recorded and begins FINALIZE (which
+    /// also proves the lease is still ours right before publishing); the
+    /// checks; publishing; FINALIZE's result.
     fn finalize_now(
         &self,
         job: &Job,
         epoch: Epoch,
-        part: &Path,
         landed: Landed,
         fenced: &AtomicBool,
-        streamed: bool,
+        finish: Finish,
     ) -> Result<Job, Abort> {
         let key = job.key;
         let op = |kind| OpKey {
@@ -587,37 +745,77 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             epoch,
         };
         let (sop, fop) = (op(OpKind::Stream), op(OpKind::Finalize));
-        let si = match landed {
-            Landed::Synced(si) => si,
-            Landed::Held { file, bytes } => {
-                if let Err(e) = files::write_whole(&file, &bytes) {
-                    files::remove_part(part);
-                    let err = JobError::retryable("io", format!("writing {}: {e}", part.display()));
-                    return self.fail_now(job, epoch, Some(sop), err);
-                }
-                StreamInfo {
-                    sha256: idem_core::Digest32::of(&bytes),
-                    size: bytes.len() as u64,
-                    resumed_from: 0,
+        let owner = self.owner.clone();
+        // What must be in the ledger before STREAM can be finished.
+        let prefix = |finish: &Finish| match finish {
+            Finish::Recorded(record, _) => record
+                .iter()
+                .cloned()
+                .chain([Step::BeginOp {
+                    op: sop,
+                    owner: owner.clone(),
+                }])
+                .collect(),
+            Finish::Streamed | Finish::Replayed => Vec::new(),
+        };
+        let (part, si) = match landed {
+            Landed::Synced { part, si } => (part, si),
+            Landed::Held { bytes, part } => {
+                let opened = match part {
+                    Some(pf) => Ok(pf),
+                    None => prepare_part(
+                        &self.out,
+                        key,
+                        epoch,
+                        job.spec.url.as_str(),
+                        &HeadInfo::default(),
+                    )
+                    .map(|p| (p.part, p.file)),
+                };
+                let written = opened.and_then(|(path, file)| {
+                    files::write_whole(&file, &bytes)
+                        .map(|()| path.clone())
+                        .map_err(|e| {
+                            files::remove_part(&path);
+                            std::io::Error::new(
+                                e.kind(),
+                                format!("writing {}: {e}", path.display()),
+                            )
+                        })
+                });
+                match written {
+                    Ok(path) => (
+                        path,
+                        StreamInfo {
+                            sha256: idem_core::Digest32::of(&bytes),
+                            size: bytes.len() as u64,
+                            resumed_from: 0,
+                        },
+                    ),
+                    Err(e) => {
+                        let err = JobError::retryable("io", e.to_string());
+                        return self.fail_now(job, epoch, prefix(&finish), sop, err);
+                    }
                 }
             }
         };
-        let owner = self.owner.clone();
-        let mut steps = vec![Step::BeginOp { op: fop, owner }];
-        if streamed {
-            steps.insert(
-                0,
-                Step::FinishOp {
-                    op: sop,
-                    outcome: Ok(OpResult::Stream(si.clone())),
-                    then: None,
-                },
-            );
+        let mut steps = prefix(&finish);
+        if !matches!(finish, Finish::Replayed) {
+            steps.push(Step::FinishOp {
+                op: sop,
+                outcome: Ok(OpResult::Stream(si.clone())),
+                then: None,
+            });
         }
-        let a = self.store.run_steps(steps, self.now(), Commit::Deferred)?;
-        if streamed {
+        steps.push(Step::BeginOp { op: fop, owner });
+        let mut a = self.store.run_steps(steps, self.now(), Commit::Deferred)?;
+        if let Finish::Recorded(_, timing) = &finish {
+            timing.apply(&mut a.events);
+        }
+        if !matches!(finish, Finish::Replayed) {
             crashpoint("after_stream_commit");
         }
+        let part = part.as_path();
         let decision = self.outputs(a).1.ok_or_else(|| {
             Abort::Store(StoreError::Backend("begin returned no decision".into()))
         })?;
@@ -642,7 +840,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                         job.spec.url, si.sha256
                     ),
                 );
-                return self.fail_now(job, epoch, Some(fop), err);
+                return self.fail_now(job, epoch, Vec::new(), fop, err);
             }
         }
         // The commit that began FINALIZE proved the lease a moment ago; the
@@ -662,7 +860,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             ),
             Err(e) => {
                 let err = JobError::retryable("io", format!("publishing {}: {e}", part.display()));
-                return self.fail_now(job, epoch, Some(fop), err);
+                return self.fail_now(job, epoch, Vec::new(), fop, err);
             }
         };
         let a = self
@@ -708,11 +906,13 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         let part = part.as_path();
         if offset > 0 && sidecar.length == Some(offset) {
             // A complete body from an earlier holder: nothing to fetch.
-            return Ok(Landed::Synced(StreamInfo {
+            let si = StreamInfo {
                 sha256: idem_core::Digest32::from_bytes(hasher.finalize().into()),
                 size: offset,
                 resumed_from: offset,
-            }));
+            };
+            let part = part.to_path_buf();
+            return Ok(Landed::Synced { part, si });
         }
         let resume = sidecar.if_range().filter(|_| offset > 0).map(|v| Resume {
             offset,
@@ -728,7 +928,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         let GetResponse {
             head: got,
             offset: start,
-            mut body,
+            body,
         } = self
             .http
             .get(&url, resume.as_ref())
@@ -741,17 +941,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             file.set_len(0).map_err(StreamErr::Io)?;
         }
         let total = got.content_length.map(|n| n + offset);
-        if let (Some(want), Some(ct)) = (
-            job.spec.content_type.as_deref(),
-            got.content_type.as_deref(),
-        ) {
-            if !media_type_matches(want, ct) {
-                return Err(StreamErr::Fetch(FetchError::new(
-                    FetchErrorKind::Policy,
-                    format!("{url}: content type {ct:?}, expected {want:?}"),
-                )));
-            }
-        }
+        self.check_type(job, &got).map_err(StreamErr::Fetch)?;
         sidecar = Sidecar {
             url: url.clone(),
             etag: got.etag.clone().or(sidecar.etag),
@@ -771,88 +961,48 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         // A small body (known length, nothing to resume) is held in memory:
         // its write, fsync and commits then take one hand-off in all.
         let held = total.filter(|t| offset == 0 && *t < files::SIDECAR_MIN);
-        let mut sink = match held {
-            Some(t) => Sink::Held {
-                file,
-                bytes: Vec::with_capacity(usize::try_from(t).unwrap_or(0)),
-                limit: t,
-            },
-            None => Sink::Writer(files::PartWriter::start(
-                file,
-                part.to_path_buf(),
-                offset,
-                hasher,
-                sidecar,
-            )),
+        let (mut sink, mut file) = match held {
+            Some(t) => (
+                Sink::Held {
+                    bytes: Vec::with_capacity(usize::try_from(t).unwrap_or(0)),
+                    limit: t,
+                },
+                Some(file),
+            ),
+            None => (
+                Sink::Writer(files::PartWriter::start(
+                    file,
+                    part.to_path_buf(),
+                    offset,
+                    hasher,
+                    sidecar,
+                )),
+                None,
+            ),
         };
-        // Minimum throughput: a server that trickles bytes never trips the
-        // read timeout, so measure progress over whole windows.
-        let mut window_start = std::time::Instant::now();
-        let mut window_bytes = 0u64;
-        loop {
-            if let Err(a) = self.check(fenced) {
-                drop(sink);
-                return Err(StreamErr::Abort(a));
+        if let Err(e) = self.read_body(&url, body, fenced, &mut sink).await {
+            if matches!(e, StreamErr::Fetch(_)) {
+                // Keep what arrived (fsynced, recorded) for the next attempt.
+                sink.keep().await;
             }
-            if let Some((min, secs)) = self.cfg.min_speed {
-                if window_start.elapsed() >= Duration::from_secs(secs) {
-                    if window_bytes < min.saturating_mul(secs) {
-                        sink.keep().await;
-                        return Err(StreamErr::Fetch(FetchError::new(
-                            FetchErrorKind::Timeout,
-                            format!("{url}: {window_bytes} bytes in {secs} s, below the minimum of {min} bytes/s"),
-                        )));
-                    }
-                    window_start = std::time::Instant::now();
-                    window_bytes = 0;
-                }
-            }
-            match body.next_chunk().await {
-                Ok(Some(c)) => {
-                    let n = c.as_ref().len() as u64;
-                    window_bytes += n;
-                    self.progress.bytes.fetch_add(n, Ordering::Relaxed);
-                    match &mut sink {
-                        Sink::Writer(w) => {
-                            if !w.write(Box::new(c)).await {
-                                break;
-                            }
-                        }
-                        Sink::Held { bytes, limit, .. } => {
-                            if bytes.len() as u64 + n > *limit {
-                                return Err(StreamErr::Fetch(FetchError::new(
-                                    FetchErrorKind::Truncated,
-                                    format!(
-                                        "{url}: body runs past its Content-Length of {limit} bytes"
-                                    ),
-                                )));
-                            }
-                            bytes.extend_from_slice(c.as_ref());
-                        }
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    // Keep what arrived (fsynced, recorded) for the next attempt.
-                    sink.keep().await;
-                    return Err(StreamErr::Fetch(e));
-                }
-            }
+            return Err(e);
         }
-        let landed = match sink {
+        let (landed, size) = match sink {
             Sink::Writer(w) => {
                 let (sha256, size) = w.finish().await.map_err(StreamErr::Io)?;
-                Landed::Synced(StreamInfo {
+                let si = StreamInfo {
                     sha256,
                     size,
                     resumed_from: offset,
-                })
+                };
+                let part = part.to_path_buf();
+                (Landed::Synced { part, si }, size)
             }
-            Sink::Held { file, bytes, .. } => Landed::Held { file, bytes },
-        };
-        let size = match &landed {
-            Landed::Synced(si) => si.size,
-            Landed::Held { bytes, .. } => bytes.len() as u64,
+            Sink::Held { bytes, .. } => {
+                let size = bytes.len() as u64;
+                let part = file.take().map(|f| (part.to_path_buf(), f));
+                (Landed::Held { bytes, part }, size)
+            }
         };
         if let Some(total) = total {
             if size != total {
@@ -864,10 +1014,63 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         }
         Ok(landed)
     }
+
+    /// Reads `body` to its end into `sink`, stopping when the lease is
+    /// lost, the run stops, or the server is slower than the minimum speed.
+    async fn read_body<B: Body>(
+        &self,
+        url: &str,
+        mut body: B,
+        fenced: &AtomicBool,
+        sink: &mut Sink,
+    ) -> Result<(), StreamErr> {
+        // Minimum throughput: a server that trickles bytes never trips the
+        // read timeout, so measure progress over whole windows.
+        let mut window_start = std::time::Instant::now();
+        let mut window_bytes = 0u64;
+        loop {
+            self.check(fenced).map_err(StreamErr::Abort)?;
+            if let Some((min, secs)) = self.cfg.min_speed {
+                if window_start.elapsed() >= Duration::from_secs(secs) {
+                    if window_bytes < min.saturating_mul(secs) {
+                        return Err(StreamErr::Fetch(FetchError::new(
+                            FetchErrorKind::Timeout,
+                            format!("{url}: {window_bytes} bytes in {secs} s, below the minimum of {min} bytes/s"),
+                        )));
+                    }
+                    window_start = std::time::Instant::now();
+                    window_bytes = 0;
+                }
+            }
+            let Some(c) = body.next_chunk().await.map_err(StreamErr::Fetch)? else {
+                return Ok(());
+            };
+            let n = c.as_ref().len() as u64;
+            window_bytes += n;
+            self.progress.bytes.fetch_add(n, Ordering::Relaxed);
+            match sink {
+                Sink::Writer(w) => {
+                    // A writer that stopped reports why at `finish`.
+                    if !w.write(Box::new(c)).await {
+                        return Ok(());
+                    }
+                }
+                Sink::Held { bytes, limit } => {
+                    if bytes.len() as u64 + n > *limit {
+                        return Err(StreamErr::Fetch(FetchError::new(
+                            FetchErrorKind::Truncated,
+                            format!("{url}: body runs past its Content-Length of {limit} bytes"),
+                        )));
+                    }
+                    bytes.extend_from_slice(c.as_ref());
+                }
+            }
+        }
+    }
 }
 
 /// Content already held under a job's URL: another job's finalized blob.
-pub(crate) struct Held {
+pub(crate) struct Stored {
     of: idem_core::JobKey,
     blob: idem_core::BlobInfo,
 }
@@ -875,28 +1078,66 @@ pub(crate) struct Held {
 /// Blocking: the content another job finalized under `job`'s URL whose
 /// blob is still on disk. Looked up in the lease's trip off the runtime; a
 /// failed lookup counts as none (publishing still stores content once).
-pub(crate) fn duplicate_of<S: Store + ?Sized>(store: &S, root: &Path, job: &Job) -> Option<Held> {
+pub(crate) fn duplicate_of<S: Store + ?Sized>(store: &S, root: &Path, job: &Job) -> Option<Stored> {
     if job.state != JobState::Leased {
         return None;
     }
     let prev = store.finalized_by_url(job.spec.url.as_str()).ok()??;
     prev.blob
         .filter(|b| prev.key != job.key && root.join(&b.path).exists())
-        .map(|blob| Held { of: prev.key, blob })
+        .map(|blob| Stored { of: prev.key, blob })
 }
 
 /// Where a body landed: in its part, fsynced (hashed as it was written), or
-/// held in memory (a small body) with its part open and locked.
+/// held in memory (a small body), with its part if one is open already.
 enum Landed {
-    Synced(StreamInfo),
-    Held { file: std::fs::File, bytes: Vec<u8> },
+    Synced {
+        part: std::path::PathBuf,
+        si: StreamInfo,
+    },
+    Held {
+        bytes: Vec<u8>,
+        part: Option<(std::path::PathBuf, std::fs::File)>,
+    },
+}
+
+/// What the commit before publishing must record besides FINALIZE's start.
+enum Finish {
+    /// STREAM was committed by an earlier call: nothing.
+    Replayed,
+    /// STREAM is begun: its result.
+    Streamed,
+    /// Nothing since the lease (a small body): these steps (HEAD's record
+    /// and the move to streaming), then STREAM begun and finished.
+    Recorded(Vec<Step>, Timing),
+}
+
+/// How long the effects recorded after the fact took: their ops are begun
+/// and finished in one commit, so the ledger alone would say zero.
+#[derive(Clone, Copy)]
+struct Timing {
+    head_ms: u64,
+    body_ms: u64,
+}
+
+impl Timing {
+    fn apply(self, events: &mut [idem_core::Event]) {
+        for ev in events {
+            if let EventKind::OperationCompleted { op, elapsed_ms, .. } = &mut ev.kind {
+                match op {
+                    OpKind::Head => *elapsed_ms = self.head_ms,
+                    OpKind::Stream => *elapsed_ms = self.body_ms,
+                    OpKind::Finalize => {}
+                }
+            }
+        }
+    }
 }
 
 /// Where the bytes of a body go while it streams.
 enum Sink {
     Writer(files::PartWriter),
     Held {
-        file: std::fs::File,
         bytes: Vec<u8>,
         /// The body's Content-Length.
         limit: u64,
