@@ -161,10 +161,10 @@ impl OutDir {
         Ok(out)
     }
 
-    /// Sidecars whose part file is gone, and sidecar temp files nobody is
-    /// writing: a crash between writing one and renaming it into place
-    /// leaves it behind. A temp file of a part a live process holds is
-    /// left alone (that process may be writing it right now).
+    /// Sidecars whose part file is gone (a crash while a part was being
+    /// removed), and the sidecar temp files of earlier versions, which
+    /// staged sidecars and left one behind when they crashed before the
+    /// rename. A temp file of a part a live process holds is left alone.
     pub fn orphan_sidecars(&self) -> io::Result<Vec<PathBuf>> {
         let mut out = Vec::new();
         for e in fs::read_dir(self.tmp_dir())? {
@@ -217,17 +217,23 @@ pub fn read_sidecar(part: &Path) -> Option<Sidecar> {
     serde_json::from_slice(&text).ok()
 }
 
-/// Writes the sidecar atomically (temp file + rename). Not fsynced: a lost
-/// update leaves an older, smaller `durable_bytes`, which is safe.
+/// Where earlier versions staged a sidecar before renaming it into place;
+/// leftovers are swept by the reconciler.
+#[cfg(test)]
 fn sidecar_tmp_path(part: &Path) -> PathBuf {
     OutDir::sidecar_path(part).with_extension("json.tmp")
 }
 
+/// Writes the sidecar in place. Neither staged nor fsynced: a torn write is
+/// never valid JSON (the object closes at its end), so it reads as no
+/// sidecar and the part restarts from zero; a lost update leaves an older,
+/// smaller `durable_bytes`. Both are safe, and a staged write and rename
+/// cost more than the body of a small part.
 pub fn write_sidecar(part: &Path, sc: &Sidecar) -> io::Result<()> {
-    let path = OutDir::sidecar_path(part);
-    let tmp = sidecar_tmp_path(part);
-    fs::write(&tmp, serde_json::to_vec(sc).map_err(io::Error::other)?)?;
-    fs::rename(&tmp, &path)
+    fs::write(
+        OutDir::sidecar_path(part),
+        serde_json::to_vec(sc).map_err(io::Error::other)?,
+    )
 }
 
 /// Writes a whole small body into its (empty, locked) part at offset 0
@@ -241,7 +247,6 @@ pub fn write_whole(file: &File, bytes: &[u8]) -> io::Result<()> {
 pub fn remove_part(part: &Path) {
     let _ = fs::remove_file(part);
     let _ = fs::remove_file(OutDir::sidecar_path(part));
-    let _ = fs::remove_file(sidecar_tmp_path(part));
 }
 
 /// Opens a part file for writing and takes its exclusive lock, or `None`
@@ -513,9 +518,15 @@ impl PartWriter {
                     since_sync = 0;
                 }
             }
+            // Without early writebacks (a body under SYNC_EVERY) the
+            // sidecar keeps `durable_bytes` 0: its only reader after this
+            // point is a holder after a power loss in the moment before
+            // STREAM's commit, and refetching so little costs less than a
+            // write per part.
+            let record_durable = syncer.is_some();
             drop(syncer);
             file.sync_all()?;
-            if let Some(sc) = sidecar.as_mut() {
+            if let Some(sc) = sidecar.as_mut().filter(|_| record_durable) {
                 sc.durable_bytes = written;
                 write_sidecar(&part, sc)?;
             }
@@ -595,8 +606,8 @@ mod tests {
         assert!(fs::metadata(&stored).unwrap().permissions().readonly());
     }
 
-    /// A crash between writing a sidecar's temp file and renaming it leaves
-    /// the temp file: swept unless a live writer holds its part.
+    /// Earlier versions left a sidecar temp file when they crashed before
+    /// renaming it: swept unless a live writer holds its part.
     #[test]
     fn stray_sidecar_temp_files_are_orphans_unless_their_part_is_held() {
         let dir = tempfile::tempdir().unwrap();
@@ -617,7 +628,7 @@ mod tests {
         want.sort();
         assert_eq!(found, want);
         remove_part(&idle);
-        assert!(!sidecar_tmp_path(&idle).exists() && !idle.exists());
+        assert!(!OutDir::sidecar_path(&idle).exists() && !idle.exists());
     }
 
     #[test]
