@@ -9,7 +9,7 @@
 
 use anyhow::{bail, Context, Result};
 use idem_core::ports::Store;
-use idem_core::{JobSpec, LeaseRequest, Timestamp, WorkerId};
+use idem_core::{JobSpec, Timestamp, WorkerId};
 use idem_store_sqlite::{Durability, Options, SqliteStore};
 use rusqlite::params;
 use std::path::{Path, PathBuf};
@@ -171,22 +171,8 @@ fn idem_job_loop(
                 let store = &store;
                 s.spawn(move || -> Result<()> {
                     let owner = WorkerId::new(format!("bench-{w}"));
-                    loop {
-                        let req = LeaseRequest {
-                            owner: owner.clone(),
-                            limit: batch,
-                            ttl_ms: 600_000,
-                            dead_owners: vec![],
-                            commit: idem_core::Commit::Deferred,
-                        };
-                        let got = store.lease(&req, now())?.value;
-                        if got.is_empty() {
-                            return Ok(());
-                        }
-                        for j in &got {
-                            idem_worker::drill::null_job(store, &owner, j, now)?;
-                        }
-                    }
+                    idem_worker::drill::run_worker(store, &owner, batch, now, |_| {})?;
+                    Ok(())
                 })
             })
             .collect();

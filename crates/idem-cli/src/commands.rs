@@ -663,7 +663,7 @@ pub(crate) fn export(g: &Global, a: &ExportArgs) -> anyhow::Result<u8> {
 /// ops begun and committed, job finalized. Exercises exactly the ledger
 /// writes of a real download, with no network or files.
 pub(crate) fn ledger_drill(g: &Global, a: &DrillArgs) -> anyhow::Result<u8> {
-    use idem_core::{LeaseRequest, WorkerId};
+    use idem_core::WorkerId;
     let store = open_store(g)?;
     let started = std::time::Instant::now();
     let done = std::sync::atomic::AtomicU64::new(0);
@@ -676,26 +676,14 @@ pub(crate) fn ledger_drill(g: &Global, a: &DrillArgs) -> anyhow::Result<u8> {
             let owner = WorkerId::new(format!("{me}#{t}"));
             handles.push(scope.spawn(move || -> anyhow::Result<()> {
                 let out = std::io::stdout();
-                loop {
-                    let req = LeaseRequest {
-                        owner: owner.clone(),
-                        limit: a.batch.max(1),
-                        ttl_ms: 60_000,
-                        dead_owners: vec![],
-                        commit: idem_core::Commit::Deferred,
-                    };
-                    let jobs = store.lease(&req, now())?.value;
-                    if jobs.is_empty() {
-                        return Ok(());
+                let mut printed = Ok(());
+                idem_worker::drill::run_worker(store, &owner, a.batch, now, |j| {
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if a.print_keys && printed.is_ok() {
+                        printed = writeln!(out.lock(), "{}", j.key);
                     }
-                    for j in jobs {
-                        idem_worker::drill::null_job(store, &owner, &j, now)?;
-                        done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if a.print_keys {
-                            writeln!(out.lock(), "{}", j.key)?;
-                        }
-                    }
-                }
+                })?;
+                Ok(printed?)
             }));
         }
         for h in handles {

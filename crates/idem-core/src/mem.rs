@@ -166,6 +166,69 @@ impl MemStore {
 }
 
 impl MemStore {
+    fn lease_in(
+        g: &mut Inner,
+        req: &LeaseRequest,
+        now: Timestamp,
+    ) -> Result<Applied<Vec<Job>>, StoreError> {
+        let mut candidates: Vec<&Job> = g
+            .jobs
+            .values()
+            .filter(|j| {
+                j.is_acquirable(now)
+                    || (!j.state.is_terminal()
+                        && j.next_attempt_at <= now
+                        && j.lease
+                            .as_ref()
+                            .is_some_and(|l| req.dead_owners.contains(&l.owner)))
+            })
+            .collect();
+        candidates.sort_by_key(|j| (j.next_attempt_at, j.created_at, j.key));
+        let keys: Vec<JobKey> = candidates.iter().take(req.limit).map(|j| j.key).collect();
+        let mut leased = Vec::new();
+        let mut events = Vec::new();
+        for key in keys {
+            let mut job = g.jobs[&key].clone();
+            if job.lease.as_ref().is_some_and(|l| l.is_live(now)) {
+                // A dead owner's live lease: expire it now so acquire may proceed.
+                if let Some(l) = job.lease.as_mut() {
+                    l.expires_at = now;
+                }
+            }
+            let t = transition(
+                &job,
+                Command::Acquire {
+                    owner: req.owner.clone(),
+                    ttl_ms: req.ttl_ms,
+                },
+                now,
+            )
+            .map_err(|e| refused(key, e))?;
+            events.extend(t.events);
+            if let Some(l) = &t.job.lease {
+                // The previous holders' unfinished ops died with their epochs.
+                let mut n = 0;
+                for rec in g.ops.values_mut() {
+                    if rec.key.job == key
+                        && rec.status == OpStatus::Started
+                        && rec.key.epoch < l.epoch
+                    {
+                        rec.status = OpStatus::Abandoned;
+                        rec.finished_at = Some(now);
+                        n += 1;
+                    }
+                }
+                events.extend(ledger::abandoned_event(Some(key), n));
+                leased.push(t.job.clone());
+            }
+            g.jobs.insert(key, t.job);
+        }
+        Ok(Applied {
+            value: leased,
+            events: stamp(events, now),
+        })
+    }
+
     fn steps_in(
         g: &mut Inner,
         steps: Vec<Step>,
@@ -189,6 +252,11 @@ impl MemStore {
                     let a = Self::finish_in(g, &op, outcome, then, now)?;
                     events.extend(a.events);
                     out.push(StepOutput::Job(Box::new(a.value)));
+                }
+                Step::Lease(req) => {
+                    let a = Self::lease_in(g, &req, now)?;
+                    events.extend(a.events);
+                    out.push(StepOutput::Leased(a.value));
                 }
             }
         }
@@ -246,63 +314,7 @@ impl Store for MemStore {
     }
 
     fn lease(&self, req: &LeaseRequest, now: Timestamp) -> Result<Applied<Vec<Job>>, StoreError> {
-        let mut g = self.lock();
-        let mut candidates: Vec<&Job> = g
-            .jobs
-            .values()
-            .filter(|j| {
-                j.is_acquirable(now)
-                    || (!j.state.is_terminal()
-                        && j.next_attempt_at <= now
-                        && j.lease
-                            .as_ref()
-                            .is_some_and(|l| req.dead_owners.contains(&l.owner)))
-            })
-            .collect();
-        candidates.sort_by_key(|j| (j.next_attempt_at, j.created_at, j.key));
-        let keys: Vec<JobKey> = candidates.iter().take(req.limit).map(|j| j.key).collect();
-        let mut leased = Vec::new();
-        let mut events = Vec::new();
-        for key in keys {
-            let mut job = g.jobs[&key].clone();
-            if job.lease.as_ref().is_some_and(|l| l.is_live(now)) {
-                // A dead owner's live lease: expire it now so acquire may proceed.
-                if let Some(l) = job.lease.as_mut() {
-                    l.expires_at = now;
-                }
-            }
-            let t = transition(
-                &job,
-                Command::Acquire {
-                    owner: req.owner.clone(),
-                    ttl_ms: req.ttl_ms,
-                },
-                now,
-            )
-            .map_err(|e| refused(key, e))?;
-            events.extend(t.events);
-            if let Some(l) = &t.job.lease {
-                // The previous holders' unfinished ops died with their epochs.
-                let mut n = 0;
-                for rec in g.ops.values_mut() {
-                    if rec.key.job == key
-                        && rec.status == OpStatus::Started
-                        && rec.key.epoch < l.epoch
-                    {
-                        rec.status = OpStatus::Abandoned;
-                        rec.finished_at = Some(now);
-                        n += 1;
-                    }
-                }
-                events.extend(ledger::abandoned_event(Some(key), n));
-                leased.push(t.job.clone());
-            }
-            g.jobs.insert(key, t.job);
-        }
-        Ok(Applied {
-            value: leased,
-            events: stamp(events, now),
-        })
+        Self::lease_in(&mut self.lock(), req, now)
     }
 
     fn apply(

@@ -166,13 +166,19 @@ pub enum Step {
         outcome: Result<OpResult, JobError>,
         then: Option<Command>,
     },
+    /// Leases as [`Store::lease`] does (its `commit` is ignored: the call's
+    /// applies). A worker finishing one job takes its next in the same
+    /// write, after the steps before it.
+    Lease(LeaseRequest),
 }
 
-/// What a step returned: the job after it, or an op decision.
+/// What a step returned: the job after it, an op decision, or the jobs a
+/// lease step took.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StepOutput {
     Job(Box<Job>),
     Decision(OpDecision),
+    Leased(Vec<Job>),
 }
 
 /// The store port.

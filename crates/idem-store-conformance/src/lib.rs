@@ -51,6 +51,7 @@ macro_rules! conformance_tests {
             live_lease_owners_are_listed,
             steps_are_all_or_nothing,
             op_begun_and_finished_in_one_request_is_recorded_once,
+            a_lease_step_sees_the_steps_before_it_and_rolls_back_with_them,
             operator_retry_restarts_a_failed_job
         );
     };
@@ -940,6 +941,62 @@ pub fn op_begun_and_finished_in_one_request_is_recorded_once(s: &dyn Store) {
         .is_err());
     assert_eq!(s.job(&k).unwrap(), before);
     assert_eq!(s.ops(&k).unwrap(), ops);
+}
+
+/// A worker takes its next job in the write that finishes its last: the
+/// lease step sees what the steps before it did, and a refused step takes
+/// the lease back with it.
+pub fn a_lease_step_sees_the_steps_before_it_and_rolls_back_with_them(s: &dyn Store) {
+    use idem_core::{Step, StepOutput};
+    let keys = plan_n(s, 2, t(0));
+    let (k, e) = lease(s, "w1", 1, 60, t(0))[0];
+    let other = keys.into_iter().find(|x| *x != k).expect("two jobs");
+    let next = |limit| {
+        Step::Lease(LeaseRequest {
+            owner: w("w1"),
+            limit,
+            ttl_ms: 60_000,
+            dead_owners: vec![],
+            commit: idem_core::Commit::Deferred,
+        })
+    };
+    let stale = Step::Apply {
+        key: k,
+        cmd: Command::StreamStarted {
+            epoch: Epoch(e.0 + 1),
+        },
+    };
+    let bad = s.run_steps(vec![stale, next(1)], t(1), idem_core::Commit::Durable);
+    assert!(bad.unwrap_err().is_fenced());
+    assert_eq!(state(s, other), JobState::Planned, "the lease rolled back");
+    // Released, then leased in one write: the lease sees the release.
+    let release = Step::Apply {
+        key: k,
+        cmd: Command::Release {
+            owner: w("w1"),
+            epoch: e,
+        },
+    };
+    let r = s
+        .run_steps(vec![release, next(2)], t(2), idem_core::Commit::Durable)
+        .unwrap();
+    assert_eq!(r.value.len(), 2);
+    assert!(matches!(&r.value[0], StepOutput::Job(j) if j.state == JobState::Planned));
+    let StepOutput::Leased(jobs) = &r.value[1] else {
+        panic!(
+            "a lease step answers with the jobs it took: {:?}",
+            r.value[1]
+        );
+    };
+    let mut got: Vec<(JobKey, Option<Epoch>)> = jobs
+        .iter()
+        .map(|j| (j.key, j.lease.as_ref().map(|l| l.epoch)))
+        .collect();
+    got.sort();
+    let mut want = vec![(k, Some(Epoch(e.0 + 1))), (other, Some(Epoch(1)))];
+    want.sort();
+    assert_eq!(got, want);
+    assert_eq!(state(s, other), JobState::Leased);
 }
 
 pub fn operator_retry_restarts_a_failed_job(s: &dyn Store) {

@@ -1291,7 +1291,8 @@ pub(crate) fn status(c: &Connection, now: Timestamp) -> Result<StatusCounts, Sto
 }
 
 /// Runs steps in order inside the caller's savepoint: the group commit rolls
-/// the whole request back if any step fails.
+/// the whole request back if any step fails. The steps between two lease
+/// steps share their rows, written back before a lease reads the table.
 pub(crate) fn run_steps(
     c: &Connection,
     cache: &mut Cache,
@@ -1300,49 +1301,81 @@ pub(crate) fn run_steps(
 ) -> Result<Applied<Vec<StepOutput>>, StoreError> {
     let mut out = Vec::with_capacity(steps.len());
     let mut events = Vec::new();
-    with_jobs(c, cache, |jobs| {
-        let mut i = 0;
-        while i < steps.len() {
-            let step = &steps[i];
-            i += 1;
-            if let (
-                Step::BeginOp { op, owner },
-                Some(Step::FinishOp {
-                    op: fop,
-                    outcome,
-                    then,
-                }),
-            ) = (step, steps.get(i))
-            {
-                if op == fop {
-                    if let Some(a) = record_op_in(c, jobs, op, owner, outcome, then.as_ref(), now)?
-                    {
-                        i += 1;
-                        events.extend(a.events);
-                        out.extend(a.value);
-                        continue;
-                    }
-                }
+    let mut rest = steps;
+    loop {
+        let cut = rest
+            .iter()
+            .position(|s| matches!(s, Step::Lease(_)))
+            .unwrap_or(rest.len());
+        let (segment, tail) = rest.split_at(cut);
+        if !segment.is_empty() {
+            with_jobs(c, cache, |jobs| {
+                run_segment(c, jobs, segment, now, &mut out, &mut events)
+            })?;
+        }
+        match tail.split_first() {
+            Some((Step::Lease(req), more)) => {
+                let a = lease(c, cache, req, now)?;
+                events.extend(a.events);
+                out.push(StepOutput::Leased(a.value));
+                rest = more;
             }
-            match step {
-                Step::Apply { key, cmd } => {
-                    let a = apply_in(c, jobs, key, cmd.clone(), now)?;
+            _ => return Ok(Applied { value: out, events }),
+        }
+    }
+}
+
+/// Steps without a lease among them, against one set of rows.
+fn run_segment(
+    c: &Connection,
+    jobs: &mut Jobs<'_>,
+    steps: &[Step],
+    now: Timestamp,
+    out: &mut Vec<StepOutput>,
+    events: &mut Vec<Event>,
+) -> Result<(), StoreError> {
+    let mut i = 0;
+    while i < steps.len() {
+        let step = &steps[i];
+        i += 1;
+        if let (
+            Step::BeginOp { op, owner },
+            Some(Step::FinishOp {
+                op: fop,
+                outcome,
+                then,
+            }),
+        ) = (step, steps.get(i))
+        {
+            if op == fop {
+                if let Some(a) = record_op_in(c, jobs, op, owner, outcome, then.as_ref(), now)? {
+                    i += 1;
                     events.extend(a.events);
-                    out.push(StepOutput::Job(Box::new(a.value)));
-                }
-                Step::BeginOp { op, owner } => {
-                    let a = begin_op_in(c, jobs, op, owner, now)?;
-                    events.extend(a.events);
-                    out.push(StepOutput::Decision(a.value));
-                }
-                Step::FinishOp { op, outcome, then } => {
-                    let a = finish_op_in(c, jobs, op, outcome.clone(), then.clone(), now)?;
-                    events.extend(a.events);
-                    out.push(StepOutput::Job(Box::new(a.value)));
+                    out.extend(a.value);
+                    continue;
                 }
             }
         }
-        Ok(())
-    })?;
-    Ok(Applied { value: out, events })
+        match step {
+            Step::Apply { key, cmd } => {
+                let a = apply_in(c, jobs, key, cmd.clone(), now)?;
+                events.extend(a.events);
+                out.push(StepOutput::Job(Box::new(a.value)));
+            }
+            Step::BeginOp { op, owner } => {
+                let a = begin_op_in(c, jobs, op, owner, now)?;
+                events.extend(a.events);
+                out.push(StepOutput::Decision(a.value));
+            }
+            Step::FinishOp { op, outcome, then } => {
+                let a = finish_op_in(c, jobs, op, outcome.clone(), then.clone(), now)?;
+                events.extend(a.events);
+                out.push(StepOutput::Job(Box::new(a.value)));
+            }
+            Step::Lease(_) => {
+                return Err(StoreError::Backend("a lease step inside a segment".into()))
+            }
+        }
+    }
+    Ok(())
 }

@@ -3,22 +3,56 @@
 //! ledger-drill` (the multi-process test) and `cargo xtask bench`, so both
 //! measure what the engine really does.
 
-use idem_core::ports::{Commit, Step, Store, StoreError};
+use idem_core::ports::{Commit, LeaseRequest, Step, StepOutput, Store, StoreError};
 use idem_core::{
     BlobInfo, Command, Digest32, HeadInfo, Job, OpKey, OpKind, OpResult, StreamInfo, Timestamp,
     WorkerId,
 };
 
+/// One worker's loop: lease `batch` jobs, run each with [`null_job`], and
+/// take the next batch in the write that finishes the last one, as the
+/// engine's workers do. Calls `done` per finished job; returns when nothing
+/// is due.
+pub fn run_worker<S: Store + ?Sized>(
+    store: &S,
+    owner: &WorkerId,
+    batch: usize,
+    now: impl Fn() -> Timestamp,
+    mut done: impl FnMut(&Job),
+) -> Result<(), StoreError> {
+    let req = LeaseRequest {
+        owner: owner.clone(),
+        limit: batch.max(1),
+        ttl_ms: 600_000,
+        dead_owners: vec![],
+        commit: Commit::Deferred,
+    };
+    let mut jobs = store.lease(&req, now())?.value;
+    while !jobs.is_empty() {
+        let last = jobs.len() - 1;
+        let mut next = Vec::new();
+        for (i, j) in jobs.iter().enumerate() {
+            let then = (i == last).then(|| req.clone());
+            next = null_job(store, owner, j, &now, then)?;
+            done(j);
+        }
+        jobs = next;
+    }
+    Ok(())
+}
+
 /// Runs a leased job to `finalized` with the engine's two commits after the
 /// lease for a small body: HEAD's and STREAM's records (each begun and
 /// finished at once) + the moves to streaming + begin FINALIZE, deferred as
-/// the engine's is; and FINALIZE's result, durable.
+/// the engine's is; and FINALIZE's result, durable, with `next` leased in
+/// the same write (returned).
 pub fn null_job<S: Store + ?Sized>(
     store: &S,
     owner: &WorkerId,
     job: &Job,
     now: impl Fn() -> Timestamp,
-) -> Result<(), StoreError> {
+    next: Option<LeaseRequest>,
+) -> Result<Vec<Job>, StoreError> {
     let e = job.lease.as_ref().map(|l| l.epoch).unwrap_or_default();
     let op = |kind| OpKey {
         job: job.key,
@@ -65,11 +99,20 @@ pub fn null_job<S: Store + ?Sized>(
     }])
     .collect();
     store.run_steps(steps, now(), Commit::Deferred)?;
-    store.finish_op(
-        &op(OpKind::Finalize),
-        Ok(OpResult::Finalize(blob.clone())),
-        Some(Command::Finalize { epoch: e, blob }),
-        now(),
-    )?;
-    Ok(())
+    let finish = Step::FinishOp {
+        op: op(OpKind::Finalize),
+        outcome: Ok(OpResult::Finalize(blob.clone())),
+        then: Some(Command::Finalize { epoch: e, blob }),
+    };
+    let steps = std::iter::once(finish)
+        .chain(next.map(Step::Lease))
+        .collect();
+    let a = store.run_steps(steps, now(), Commit::Durable)?;
+    Ok(a.value
+        .into_iter()
+        .find_map(|o| match o {
+            StepOutput::Leased(jobs) => Some(jobs),
+            _ => None,
+        })
+        .unwrap_or_default())
 }

@@ -50,17 +50,25 @@ enum StreamErr {
 }
 
 impl<S: Store + 'static, H: Http> Engine<S, H> {
-    /// Drives one leased job; `dup` is content already held under its URL
-    /// (looked up with the lease, see [`duplicate_of`]).
+    /// Drives one leased job, then each job it leased as it finished (a
+    /// worker takes its next job in the write that finishes its last).
+    /// `dup` is content already held under the job's URL (looked up with
+    /// the lease, see [`duplicate_of`]).
     pub(crate) async fn run_job(self: Arc<Self>, job: Job, dup: Option<Stored>) {
-        let Some(epoch) = job.lease.as_ref().map(|l| l.epoch) else {
-            return;
-        };
+        let mut current = Some((job, dup));
+        while let Some((job, dup)) = current.take() {
+            current = self.run_one(job, dup).await;
+        }
+    }
+
+    async fn run_one(self: &Arc<Self>, job: Job, dup: Option<Stored>) -> Option<Next> {
+        let epoch = job.lease.as_ref().map(|l| l.epoch)?;
         let key = job.key;
         self.progress.in_flight.fetch_add(1, Ordering::SeqCst);
         let fenced = Arc::new(AtomicBool::new(false));
-        let hb = tokio::spawn(Arc::clone(&self).heartbeat(key, epoch, Arc::clone(&fenced)));
-        let r = self.drive(job, epoch, &fenced, dup).await;
+        let hb = tokio::spawn(Arc::clone(self).heartbeat(key, epoch, Arc::clone(&fenced)));
+        let mut next = None;
+        let r = self.drive(job, epoch, &fenced, dup, &mut next).await;
         hb.abort();
         match r {
             Ok(state) => self.count_outcome(state),
@@ -88,6 +96,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             }
         }
         self.progress.in_flight.fetch_sub(1, Ordering::SeqCst);
+        next
     }
 
     async fn heartbeat(
@@ -226,6 +235,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         epoch: Epoch,
         fenced: &Arc<AtomicBool>,
         mut dup: Option<Stored>,
+        next: &mut Option<Next>,
     ) -> Result<JobState, Abort> {
         // An op already begun by the previous step's commit (see `steps`),
         // and the part prepared in the same trip off the runtime.
@@ -235,7 +245,9 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             self.check(fenced)?;
             job = match job.state {
                 JobState::Leased => {
-                    let (j, b, p) = self.step_head(&job, epoch, fenced, dup.take()).await?;
+                    let (j, b, p) = self
+                        .step_head(&job, epoch, fenced, dup.take(), next)
+                        .await?;
                     begun = b;
                     prepared = p;
                     j
@@ -254,7 +266,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                     j
                 }
                 JobState::Streaming => {
-                    self.step_body(&job, epoch, fenced, begun.take(), prepared.take())
+                    self.step_body(&job, epoch, fenced, begun.take(), prepared.take(), next)
                         .await?
                 }
                 done => return Ok(done),
@@ -300,6 +312,8 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             match out {
                 StepOutput::Job(j) => job = Some(*j),
                 StepOutput::Decision(d) => decision = Some(d),
+                // Taken by the caller before (see `finalize_now`).
+                StepOutput::Leased(_) => {}
             }
         }
         (job, decision)
@@ -322,6 +336,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         epoch: Epoch,
         fenced: &Arc<AtomicBool>,
         dup: Option<Stored>,
+        next: &mut Option<Next>,
     ) -> Result<
         (
             Job,
@@ -358,7 +373,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         let (steps, sop) = match res.and_then(|h| self.check_head(job, h)) {
             Ok(head) if head.content_length.is_some_and(|n| n < files::SIDECAR_MIN) => {
                 if let Some(j) = self
-                    .step_small(job, epoch, fenced, &head, elapsed_ms)
+                    .step_small(job, epoch, fenced, &head, elapsed_ms, next)
                     .await?
                 {
                     return Ok((j, None, None));
@@ -425,7 +440,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 let run = matches!(a.value.last(), Some(StepOutput::Decision(OpDecision::Run)));
                 let head = a.value.iter().find_map(|o| match o {
                     StepOutput::Job(j) => j.head.clone(),
-                    StepOutput::Decision(_) => None,
+                    StepOutput::Decision(_) | StepOutput::Leased(_) => None,
                 });
                 let prepared = match (prep, head) {
                     (Some(prep), Some(head)) if run => Some(prep(&head)),
@@ -482,6 +497,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         fenced: &Arc<AtomicBool>,
         head: &HeadInfo,
         head_ms: u64,
+        next: &mut Option<Next>,
     ) -> Result<Option<Job>, Abort> {
         let op = |kind| OpKey {
             job: job.key,
@@ -504,6 +520,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                     Landed::Held { bytes, part: None },
                     fenced,
                     Finish::Recorded(record.to_vec(), timing),
+                    next,
                 )
                 .await
                 .map(Some),
@@ -620,6 +637,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         fenced: &Arc<AtomicBool>,
         begun: Option<(OpKey, OpDecision)>,
         prepared: Option<std::io::Result<Prepared>>,
+        next: &mut Option<Next>,
     ) -> Result<Job, Abort> {
         let key = job.key;
         // Earlier holders' work matters only when this holder took over.
@@ -685,7 +703,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             if primary.exists() {
                 let landed = Landed::Synced { part: primary, si };
                 return self
-                    .finalize(job, epoch, landed, fenced, Finish::Replayed)
+                    .finalize(job, epoch, landed, fenced, Finish::Replayed, next)
                     .await;
             }
         }
@@ -693,7 +711,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         let mut chosen: Option<std::path::PathBuf> = None;
         match self.stream(job, epoch, fenced, &mut chosen, prepared).await {
             Ok(landed) => {
-                self.finalize(job, epoch, landed, fenced, Finish::Streamed)
+                self.finalize(job, epoch, landed, fenced, Finish::Streamed, next)
                     .await
             }
             Err(StreamErr::Abort(a)) => Err(a),
@@ -719,11 +737,18 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         landed: Landed,
         fenced: &Arc<AtomicBool>,
         finish: Finish,
+        next: &mut Option<Next>,
     ) -> Result<Job, Abort> {
         let (me, job, fenced) = (Arc::clone(self), job.clone(), Arc::clone(fenced));
-        tokio::task::spawn_blocking(move || me.finalize_now(&job, epoch, landed, &fenced, finish))
-            .await
-            .map_err(|e| Abort::Store(StoreError::Backend(e.to_string())))?
+        let (job, taken) = tokio::task::spawn_blocking(move || {
+            let mut taken = None;
+            me.finalize_now(&job, epoch, landed, &fenced, finish, &mut taken)
+                .map(|j| (j, taken))
+        })
+        .await
+        .map_err(|e| Abort::Store(StoreError::Backend(e.to_string())))??;
+        *next = taken;
+        Ok(job)
     }
 
     /// Blocking: a held body's write and fsync; the commit that records
@@ -737,6 +762,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         landed: Landed,
         fenced: &AtomicBool,
         finish: Finish,
+        next: &mut Option<Next>,
     ) -> Result<Job, Abort> {
         let key = job.key;
         let op = |kind| OpKey {
@@ -863,11 +889,38 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 return self.fail_now(job, epoch, Vec::new(), fop, err);
             }
         };
-        let a = self
-            .store
-            .finish_op(&fop, Ok(OpResult::Finalize(blob)), Some(then), self.now())?;
-        self.emit(&a.events);
-        Ok(a.value)
+        let finish = Step::FinishOp {
+            op: fop,
+            outcome: Ok(OpResult::Finalize(blob)),
+            then: Some(then),
+        };
+        // This worker's next job, leased in the same write.
+        let lease = self.successor_request();
+        let asked = std::time::Instant::now();
+        let steps = std::iter::once(finish)
+            .chain(lease.clone().map(Step::Lease))
+            .collect();
+        let mut a = self.store.run_steps(steps, self.now(), Commit::Durable)?;
+        if let Some(req) = lease {
+            let jobs = a.value.iter_mut().find_map(|o| match o {
+                StepOutput::Leased(jobs) => Some(std::mem::take(jobs)),
+                _ => None,
+            });
+            let jobs = jobs.unwrap_or_default();
+            self.emit(&[EventKind::LeaseCall {
+                owner: req.owner,
+                jobs: jobs.len() as u64,
+                elapsed_ms: u64::try_from(asked.elapsed().as_millis()).unwrap_or(u64::MAX),
+            }
+            .at(self.now())]);
+            let root = self.out.root();
+            *next = jobs.into_iter().next().map(|j| {
+                let dup = duplicate_of(&*self.store, root, &j);
+                (j, dup)
+            });
+        }
+        let (j, _) = self.outputs(a);
+        j.ok_or_else(|| Abort::Store(StoreError::Backend("steps returned no job".into())))
     }
 
     /// Streams the body into this holder's part, resuming an earlier
@@ -1068,6 +1121,10 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         }
     }
 }
+
+/// A job a worker leased as it finished its last, and what is known to be
+/// held under its URL.
+pub(crate) type Next = (Job, Option<Stored>);
 
 /// Content already held under a job's URL: another job's finalized blob.
 pub(crate) struct Stored {

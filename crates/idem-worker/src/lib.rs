@@ -143,6 +143,9 @@ pub struct Engine<S: Store + 'static, H: Http> {
     pub(crate) progress: Arc<Progress>,
     hosts: Mutex<HashMap<String, HostGate>>,
     rng_seq: AtomicU64,
+    /// Owners of live leases known dead (refreshed by the run loop): their
+    /// jobs may be taken over early by any lease this process makes.
+    dead: Mutex<Vec<WorkerId>>,
 }
 
 #[derive(Clone)]
@@ -174,6 +177,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             progress: Arc::new(Progress::default()),
             hosts: Mutex::new(HashMap::new()),
             rng_seq: AtomicU64::new(cfg.seed),
+            dead: Mutex::new(Vec::new()),
             cfg: Arc::new(cfg),
         })
     }
@@ -231,6 +235,22 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
     }
 
+    /// The lease a worker adds to the write that finishes its job, so its
+    /// next job costs no write of its own; none once the run is stopping.
+    pub(crate) fn successor_request(&self) -> Option<LeaseRequest> {
+        (!self.stopping()).then(|| LeaseRequest {
+            owner: self.owner.clone(),
+            limit: 1,
+            ttl_ms: self.cfg.lease_ttl_ms,
+            dead_owners: self
+                .dead
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+            commit: idem_core::Commit::Durable,
+        })
+    }
+
     /// Waits for a request slot to `host` (concurrency cap and rate).
     pub(crate) async fn host_permit(&self, host: &str) -> tokio::sync::OwnedSemaphorePermit {
         let gate = {
@@ -264,6 +284,15 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         permit
     }
 
+    fn set_dead(&self, dead: &[WorkerId]) {
+        dead.clone_into(
+            &mut self
+                .dead
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+    }
+
     /// Owners of live leases that are dead processes on this host.
     async fn dead_owners(&self) -> Vec<WorkerId> {
         let now = self.now();
@@ -284,6 +313,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         let mut tasks = tokio::task::JoinSet::new();
         let mut dead_check = tokio::time::Instant::now();
         let mut dead: Vec<WorkerId> = self.dead_owners().await;
+        self.set_dead(&dead);
         let poll = Duration::from_millis(self.cfg.poll_ms.max(10));
         loop {
             while let Some(r) = tasks.try_join_next() {
@@ -296,11 +326,14 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             }
             let room = self.cfg.concurrency.saturating_sub(tasks.len());
             let mut leased_any = false;
+            // Refreshed whether or not there is room: workers that lease
+            // their own next jobs use it too.
+            if dead_check.elapsed() > Duration::from_secs(2) {
+                dead = self.dead_owners().await;
+                self.set_dead(&dead);
+                dead_check = tokio::time::Instant::now();
+            }
             if room > 0 {
-                if dead_check.elapsed() > Duration::from_secs(2) {
-                    dead = self.dead_owners().await;
-                    dead_check = tokio::time::Instant::now();
-                }
                 let req = LeaseRequest {
                     owner: self.owner.clone(),
                     limit: room,
