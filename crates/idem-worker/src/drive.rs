@@ -587,7 +587,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         }
     }
 
-    /// A GET's content type against the job's expected one.
+    /// A response's content type against the job's expected one.
     fn check_type(&self, job: &Job, got: &HeadInfo) -> Result<(), FetchError> {
         if let (Some(want), Some(ct)) = (
             job.spec.content_type.as_deref(),
@@ -604,17 +604,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
     }
 
     fn check_head(&self, job: &Job, head: HeadInfo) -> Result<HeadInfo, FetchError> {
-        if let (Some(want), Some(got)) = (
-            job.spec.content_type.as_deref(),
-            head.content_type.as_deref(),
-        ) {
-            if !media_type_matches(want, got) {
-                return Err(FetchError::new(
-                    FetchErrorKind::Policy,
-                    format!("{}: content type {got:?}, expected {want:?}", job.spec.url),
-                ));
-            }
-        }
+        self.check_type(job, &head)?;
         if let (Some(len), Some(max)) = (head.content_length, self.cfg.max_bytes) {
             if len > max {
                 return Err(FetchError::new(
