@@ -563,15 +563,17 @@ pub(crate) fn plan(
     // either run costs one statement per item.
     let mut expect_existing = false;
     for spec in specs {
-        let fresh = Job::planned(spec.clone(), max_attempts, now);
+        let key = spec.key();
+        let fingerprint = spec.fingerprint();
         let same = if expect_existing {
-            same_fingerprint(c, &fresh)?
+            same_fingerprint(c, &key, &fingerprint)?
         } else {
             None
         };
         let same = match same {
             Some(same) => same,
-            None if insert_job(c, &fresh)? => {
+            // The job row is built only when it may be new.
+            None if insert_job(c, &Job::planned(spec.clone(), max_attempts, now))? => {
                 expect_existing = false;
                 let (o, _, ev) = plan::decide(None, spec, max_attempts, now);
                 events.extend(ev);
@@ -580,17 +582,17 @@ pub(crate) fn plan(
             }
             None => {
                 expect_existing = true;
-                same_fingerprint(c, &fresh)?
+                same_fingerprint(c, &key, &fingerprint)?
                     .ok_or_else(|| StoreError::Backend("a job vanished while planning".into()))?
             }
         };
         // Re-plans are mostly no-ops: the whole row is loaded only to
         // report a conflict.
         if same {
-            out.push(PlanOutcome::Existing { job_key: fresh.key });
+            out.push(PlanOutcome::Existing { job_key: key });
             continue;
         }
-        let (_, existing) = must_job_id(c, &fresh.key)?;
+        let (_, existing) = must_job_id(c, &key)?;
         let (o, _, ev) = plan::decide(Some(&existing), spec, max_attempts, now);
         events.extend(ev);
         out.push(o);
@@ -603,13 +605,17 @@ pub(crate) fn plan(
 
 /// Whether the stored job under `fresh`'s key has its fingerprint; `None`
 /// when there is no such job.
-fn same_fingerprint(c: &Connection, fresh: &Job) -> Result<Option<bool>, StoreError> {
+fn same_fingerprint(
+    c: &Connection,
+    key: &JobKey,
+    fingerprint: &idem_core::Fingerprint,
+) -> Result<Option<bool>, StoreError> {
     c.prepare_cached("SELECT fingerprint = ?2 FROM jobs WHERE key = ?1")
         .map_err(map_err)?
         .query_row(
             params![
-                fresh.key.digest().as_bytes().as_slice(),
-                fresh.fingerprint.digest().as_bytes().as_slice()
+                key.digest().as_bytes().as_slice(),
+                fingerprint.digest().as_bytes().as_slice()
             ],
             |r| r.get(0),
         )
