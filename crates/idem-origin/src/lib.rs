@@ -19,6 +19,7 @@
 //! | `/type/NAME` | serves the body as `text/html` |
 //! | `/changing/NAME` | content and `ETag` change on every request |
 //! | `/norange/NAME` | ignores `Range`, always 200 with the full body |
+//! | `/chunked/NAME` | HEAD gives the length; GET answers 200 in `Transfer-Encoding: chunked`, without one (and ignores `Range`) |
 //!
 //! Faulty modes misbehave for the first `?fail=K` requests to that exact
 //! URL (default: always), then serve normally, so recovery can be tested;
@@ -306,7 +307,7 @@ fn respond(
     let mut start = 0usize;
     let mut end = body.len();
     let mut partial = false;
-    if mode != "norange" {
+    if mode != "norange" && mode != "chunked" {
         if let Some(r) = req
             .headers
             .get("range")
@@ -343,10 +344,16 @@ fn respond(
     } else {
         "200 OK"
     };
+    let chunked = mode == "chunked" && !is_head;
+    let length = if chunked {
+        "Transfer-Encoding: chunked".to_owned()
+    } else {
+        format!("Content-Length: {len}")
+    };
     let mut head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len}\r\nETag: {etag}\r\nLast-Modified: {LAST_MODIFIED}\r\nConnection: keep-alive\r\n"
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n{length}\r\nETag: {etag}\r\nLast-Modified: {LAST_MODIFIED}\r\nConnection: keep-alive\r\n"
     );
-    if mode != "norange" {
+    if mode != "norange" && mode != "chunked" {
         head.push_str("Accept-Ranges: bytes\r\n");
     }
     if partial {
@@ -372,6 +379,15 @@ fn respond(
                 w.flush()?;
                 std::thread::sleep(Duration::from_millis(ms));
             }
+            Ok(true)
+        }
+        "chunked" => {
+            for c in slice.chunks(4096) {
+                w.write_all(format!("{:x}\r\n", c.len()).as_bytes())?;
+                w.write_all(c)?;
+                w.write_all(b"\r\n")?;
+            }
+            w.write_all(b"0\r\n\r\n")?;
             Ok(true)
         }
         "reset" | "trunc" if n_get <= fail => {

@@ -558,6 +558,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
     }
 
     /// GETs a small body into memory; `None` when the answer is not small.
+    /// An answer without a length (chunked) is held while it stays small.
     async fn fetch_small(
         &self,
         job: &Job,
@@ -569,16 +570,21 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             head: got, body, ..
         } = self.http.get(&url, None).await.map_err(StreamErr::Fetch)?;
         self.check_type(job, &got).map_err(StreamErr::Fetch)?;
-        let Some(limit) = got.content_length.filter(|n| *n < files::SIDECAR_MIN) else {
-            return Ok(None);
+        let (limit, exact) = match got.content_length {
+            Some(n) if n < files::SIDECAR_MIN => (n, true),
+            Some(_) => return Ok(None),
+            None => (files::SIDECAR_MIN, false),
         };
         let mut sink = Sink::Held {
             bytes: Vec::with_capacity(usize::try_from(limit).unwrap_or(0)),
             limit,
+            exact,
         };
-        self.read_body(&url, body, fenced, &mut sink).await?;
+        if !self.read_body(&url, body, fenced, &mut sink).await? {
+            return Ok(None);
+        }
         match sink {
-            Sink::Held { bytes, .. } if bytes.len() as u64 == limit => Ok(Some(bytes)),
+            Sink::Held { bytes, .. } if !exact || bytes.len() as u64 == limit => Ok(Some(bytes)),
             Sink::Held { bytes, .. } => Err(StreamErr::Fetch(FetchError::new(
                 FetchErrorKind::Truncated,
                 format!("{url}: body ended at {} of {limit} bytes", bytes.len()),
@@ -1009,6 +1015,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 Sink::Held {
                     bytes: Vec::with_capacity(usize::try_from(t).unwrap_or(0)),
                     limit: t,
+                    exact: true,
                 },
                 Some(file),
             ),
@@ -1058,15 +1065,16 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         Ok(landed)
     }
 
-    /// Reads `body` to its end into `sink`, stopping when the lease is
-    /// lost, the run stops, or the server is slower than the minimum speed.
+    /// Reads `body` to its end into `sink` (true), stopping when the lease
+    /// is lost, the run stops, or the server is slower than the minimum
+    /// speed. False: a held body of unknown length outgrew what is held.
     async fn read_body<B: Body>(
         &self,
         url: &str,
         mut body: B,
         fenced: &AtomicBool,
         sink: &mut Sink,
-    ) -> Result<(), StreamErr> {
+    ) -> Result<bool, StreamErr> {
         // Minimum throughput: a server that trickles bytes never trips the
         // read timeout, so measure progress over whole windows.
         let mut window_start = std::time::Instant::now();
@@ -1086,7 +1094,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 }
             }
             let Some(c) = body.next_chunk().await.map_err(StreamErr::Fetch)? else {
-                return Ok(());
+                return Ok(true);
             };
             let n = c.as_ref().len() as u64;
             window_bytes += n;
@@ -1095,11 +1103,18 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 Sink::Writer(w) => {
                     // A writer that stopped reports why at `finish`.
                     if !w.write(Box::new(c)).await {
-                        return Ok(());
+                        return Ok(true);
                     }
                 }
-                Sink::Held { bytes, limit } => {
+                Sink::Held {
+                    bytes,
+                    limit,
+                    exact,
+                } => {
                     if bytes.len() as u64 + n > *limit {
+                        if !*exact {
+                            return Ok(false);
+                        }
                         return Err(StreamErr::Fetch(FetchError::new(
                             FetchErrorKind::Truncated,
                             format!("{url}: body runs past its Content-Length of {limit} bytes"),
@@ -1186,8 +1201,10 @@ enum Sink {
     Writer(files::PartWriter),
     Held {
         bytes: Vec<u8>,
-        /// The body's Content-Length.
+        /// The body's Content-Length, or (when it has none) the most held.
         limit: u64,
+        /// Whether `limit` is the body's Content-Length.
+        exact: bool,
     },
 }
 
