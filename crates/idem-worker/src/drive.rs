@@ -214,19 +214,18 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         j.ok_or_else(|| Abort::Store(StoreError::Backend("steps returned no job".into())))
     }
 
-    /// Ends the attempt with `error`: retry later, or fail for good.
+    /// Ends the attempt with `error` (see `fail_now`), off the runtime.
     async fn fail(
-        &self,
+        self: &Arc<Self>,
         job: &Job,
         epoch: Epoch,
-        op: Option<OpKey>,
+        op: OpKey,
         error: JobError,
     ) -> Result<Job, Abort> {
-        let cmd = self.fail_command(job, epoch, &error);
-        match op {
-            Some(op) => self.finish(op, Err(error), Some(cmd)).await,
-            None => self.apply(job.key, cmd).await,
-        }
+        let (me, job) = (Arc::clone(self), job.clone());
+        tokio::task::spawn_blocking(move || me.fail_now(&job, epoch, Vec::new(), op, error))
+            .await
+            .map_err(|e| Abort::Store(StoreError::Backend(e.to_string())))?
     }
 
     pub(crate) async fn drive(
@@ -711,7 +710,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                     .await
             }
             Err(StreamErr::Abort(a)) => Err(a),
-            Err(StreamErr::Fetch(e)) => self.fail(job, epoch, Some(sop), e.to_job_error()).await,
+            Err(StreamErr::Fetch(e)) => self.fail(job, epoch, sop, e.to_job_error()).await,
             Err(StreamErr::Io(e)) => {
                 // A part that failed to write (a full disk, an I/O error) is
                 // not worth resuming and may be holding the space other jobs
@@ -719,7 +718,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 let part = chosen.unwrap_or(primary);
                 files::remove_part(&part);
                 let err = JobError::retryable("io", format!("writing {}: {e}", part.display()));
-                self.fail(job, epoch, Some(sop), err).await
+                self.fail(job, epoch, sop, err).await
             }
         }
     }
@@ -891,24 +890,18 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             then: Some(then),
         };
         // This worker's next job, leased in the same write.
-        let lease = self.successor_request();
+        let lease = self.successor_request().map(Step::Lease);
+        let leasing = lease.is_some();
         let asked = std::time::Instant::now();
-        let steps = std::iter::once(finish)
-            .chain(lease.clone().map(Step::Lease))
-            .collect();
+        let steps = std::iter::once(finish).chain(lease).collect();
         let mut a = self.store.run_steps(steps, self.now(), Commit::Durable)?;
-        if let Some(req) = lease {
+        if leasing {
             let jobs = a.value.iter_mut().find_map(|o| match o {
                 StepOutput::Leased(jobs) => Some(std::mem::take(jobs)),
                 _ => None,
             });
             let jobs = jobs.unwrap_or_default();
-            self.emit(&[EventKind::LeaseCall {
-                owner: req.owner,
-                jobs: jobs.len() as u64,
-                elapsed_ms: u64::try_from(asked.elapsed().as_millis()).unwrap_or(u64::MAX),
-            }
-            .at(self.now())]);
+            self.emit_lease_call(jobs.len(), asked);
             let root = self.out.root();
             *next = jobs.into_iter().next().map(|j| {
                 let dup = duplicate_of(&*self.store, root, &j);

@@ -8,6 +8,8 @@
 //! 2. lease up to `concurrency − in_flight` due jobs (taking over the jobs
 //!    of dead local processes at once);
 //! 3. run each leased job on its own task, from its last committed step;
+//!    a task that finalizes its job leases the next one in that same
+//!    write and goes on with it, so a busy run rarely leases in step 2;
 //! 4. when nothing is leasable and nothing is in flight: stop if every job
 //!    is terminal (unless following), else wait for the next due job.
 //!
@@ -235,20 +237,37 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
     }
 
-    /// The lease a worker adds to the write that finishes its job, so its
-    /// next job costs no write of its own; none once the run is stopping.
-    pub(crate) fn successor_request(&self) -> Option<LeaseRequest> {
-        (!self.stopping()).then(|| LeaseRequest {
+    /// A lease of up to `limit` jobs for this process, taking over the
+    /// jobs of owners known dead. Deferred: a lease is an intermediate
+    /// record (and a lease step commits as its whole write does).
+    fn lease_request(&self, limit: usize) -> LeaseRequest {
+        LeaseRequest {
             owner: self.owner.clone(),
-            limit: 1,
+            limit,
             ttl_ms: self.cfg.lease_ttl_ms,
             dead_owners: self
                 .dead
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone(),
-            commit: idem_core::Commit::Durable,
-        })
+            commit: idem_core::Commit::Deferred,
+        }
+    }
+
+    /// The lease a worker adds to the write that finishes its job, so its
+    /// next job costs no write of its own; none once the run is stopping.
+    pub(crate) fn successor_request(&self) -> Option<LeaseRequest> {
+        (!self.stopping()).then(|| self.lease_request(1))
+    }
+
+    /// Reports a lease call: how many jobs it took and how long it took.
+    pub(crate) fn emit_lease_call(&self, jobs: usize, asked: std::time::Instant) {
+        self.emit(&[idem_core::EventKind::LeaseCall {
+            owner: self.owner.clone(),
+            jobs: jobs as u64,
+            elapsed_ms: u64::try_from(asked.elapsed().as_millis()).unwrap_or(u64::MAX),
+        }
+        .at(self.now())]);
     }
 
     /// Waits for a request slot to `host` (concurrency cap and rate).
@@ -284,13 +303,14 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         permit
     }
 
-    fn set_dead(&self, dead: &[WorkerId]) {
-        dead.clone_into(
-            &mut self
-                .dead
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+    /// Refreshes the owners of live leases that are dead processes on this
+    /// host.
+    async fn refresh_dead_owners(&self) {
+        let dead = self.dead_owners().await;
+        *self
+            .dead
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = dead;
     }
 
     /// Owners of live leases that are dead processes on this host.
@@ -312,8 +332,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         let reconcile = self.reconcile(&ReconcileOptions::default()).await?;
         let mut tasks = tokio::task::JoinSet::new();
         let mut dead_check = tokio::time::Instant::now();
-        let mut dead: Vec<WorkerId> = self.dead_owners().await;
-        self.set_dead(&dead);
+        self.refresh_dead_owners().await;
         let poll = Duration::from_millis(self.cfg.poll_ms.max(10));
         loop {
             while let Some(r) = tasks.try_join_next() {
@@ -329,18 +348,11 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             // Refreshed whether or not there is room: workers that lease
             // their own next jobs use it too.
             if dead_check.elapsed() > Duration::from_secs(2) {
-                dead = self.dead_owners().await;
-                self.set_dead(&dead);
+                self.refresh_dead_owners().await;
                 dead_check = tokio::time::Instant::now();
             }
             if room > 0 {
-                let req = LeaseRequest {
-                    owner: self.owner.clone(),
-                    limit: room,
-                    ttl_ms: self.cfg.lease_ttl_ms,
-                    dead_owners: dead.clone(),
-                    commit: idem_core::Commit::Deferred,
-                };
+                let req = self.lease_request(room);
                 let now = self.now();
                 let asked = std::time::Instant::now();
                 let root = self.out.root().to_path_buf();
@@ -357,14 +369,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                     .await;
                 match leased {
                     Ok((applied, dups)) => {
-                        let elapsed_ms =
-                            u64::try_from(asked.elapsed().as_millis()).unwrap_or(u64::MAX);
-                        self.emit(&[idem_core::EventKind::LeaseCall {
-                            owner: self.owner.clone(),
-                            jobs: applied.value.len() as u64,
-                            elapsed_ms,
-                        }
-                        .at(self.now())]);
+                        self.emit_lease_call(applied.value.len(), asked);
                         self.emit(&applied.events);
                         for (job, dup) in applied.value.into_iter().zip(dups) {
                             leased_any = true;
