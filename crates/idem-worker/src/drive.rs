@@ -8,7 +8,7 @@
 //! heartbeat renews the lease meanwhile; if a renewal is refused, the job
 //! stops at the next chunk and publishes nothing.
 
-use crate::files::{self, OutDir, Published, Sidecar};
+use crate::files::{self, OutDir, Published, Sidecar, SidecarPlan};
 use crate::Engine;
 use idem_core::ports::{
     Body, Commit, FetchError, FetchErrorKind, GetResponse, Resume, Step, StepOutput, Store,
@@ -943,6 +943,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             mut offset,
             mut sidecar,
             mut hasher,
+            fresh,
         } = prepared.map_err(StreamErr::Io)?;
         *chosen = Some(part.clone());
         let part = part.as_path();
@@ -994,12 +995,17 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         };
         // Small bodies restart from zero after a crash; larger ones record
         // their validators first so a new holder can resume them.
-        let sidecar = total
-            .is_none_or(|t| t >= files::SIDECAR_MIN)
-            .then_some(sidecar);
-        if let Some(sc) = &sidecar {
-            files::write_sidecar(part, sc).map_err(StreamErr::Io)?;
-        }
+        // A fresh part's sidecar waits (see `files::SIDECAR_AFTER`); one
+        // that replaces an earlier holder's is written before any byte, so
+        // the old one never describes new bytes.
+        let sidecar = match total.is_none_or(|t| t >= files::SIDECAR_MIN) {
+            false => SidecarPlan::None,
+            true if fresh => SidecarPlan::Deferred(sidecar),
+            true => {
+                files::write_sidecar(part, &sidecar).map_err(StreamErr::Io)?;
+                SidecarPlan::Written(sidecar)
+            }
+        };
         // A small body (known length, nothing to resume) is held in memory:
         // its write, fsync and commits then take one hand-off in all.
         let held = total.filter(|t| offset == 0 && *t < files::SIDECAR_MIN);
@@ -1229,6 +1235,8 @@ pub(crate) struct Prepared {
     offset: u64,
     sidecar: Sidecar,
     hasher: Sha256,
+    /// A new, empty part with no sidecar on disk.
+    fresh: bool,
 }
 
 /// Chooses and opens this holder's part, adopting the best earlier part of
@@ -1242,7 +1250,7 @@ fn prepare_part(
     url: &str,
     head: &HeadInfo,
 ) -> std::io::Result<Prepared> {
-    let fresh = Sidecar {
+    let fresh_sc = Sidecar {
         url: url.to_owned(),
         etag: head.etag.clone(),
         last_modified: head.last_modified.clone(),
@@ -1308,8 +1316,9 @@ fn prepare_part(
                 part: target,
                 file: f,
                 offset: 0,
-                sidecar: fresh,
+                sidecar: fresh_sc,
                 hasher: Sha256::new(),
+                fresh: false,
             });
         }
         return Ok(Prepared {
@@ -1318,17 +1327,23 @@ fn prepare_part(
             offset,
             sidecar: sc,
             hasher,
+            fresh: false,
         });
     }
     let f = files::open_locked(&target, true)?.ok_or_else(|| {
         std::io::Error::other(format!("{} is locked by another process", target.display()))
     })?;
     f.set_len(0)?;
+    // Earlier parts were removed with their sidecars; one left beside the
+    // target by a crash between the two removals is overwritten before any
+    // byte is written, like any earlier holder's.
+    let fresh = !OutDir::sidecar_path(&target).exists();
     Ok(Prepared {
         part: target,
         file: f,
         offset: 0,
-        sidecar: fresh,
+        sidecar: fresh_sc,
         hasher,
+        fresh,
     })
 }

@@ -474,18 +474,43 @@ impl Drop for Syncer {
     }
 }
 
+/// How long a fresh part goes without a sidecar. A body that lands sooner
+/// never gets one: a crash in that window costs a refetch of what so short
+/// a stream brought, which is less than creating, writing and deleting one
+/// more file per body (on ext4 without a journal, as on this project's
+/// machines, each recently deleted file also slows the creation of the
+/// next ones). Slow or large bodies, the ones worth resuming, get their
+/// sidecar once this has passed or at their first early writeback.
+pub const SIDECAR_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The sidecar a part writer keeps.
+pub enum SidecarPlan {
+    /// No sidecar (small bodies, not worth resuming).
+    None,
+    /// Written already, by the caller; the writer updates it.
+    Written(Sidecar),
+    /// Not on disk yet: the writer creates it after [`SIDECAR_AFTER`] or at
+    /// the first early writeback, whichever comes first.
+    Deferred(Sidecar),
+}
+
 impl PartWriter {
     /// Starts writing `file` (already truncated to `offset`, with `hasher`
     /// holding the hash of that prefix).
-    /// Without a sidecar (`None`: small bodies, not worth resuming), nothing
-    /// but the part itself is written.
+    /// Without a sidecar, nothing but the part itself is written.
     pub fn start(
         mut file: File,
         part: PathBuf,
         offset: u64,
         mut hasher: Sha256,
-        sidecar: Option<Sidecar>,
+        plan: SidecarPlan,
     ) -> Self {
+        let started = std::time::Instant::now();
+        let (sidecar, mut deferred) = match plan {
+            SidecarPlan::None => (None, false),
+            SidecarPlan::Written(sc) => (Some(sc), false),
+            SidecarPlan::Deferred(sc) => (Some(sc), true),
+        };
         // Bounded: a full queue means the disk is behind, and the sender
         // waits asynchronously (backpressure on the network read).
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Chunk>>(8);
@@ -524,6 +549,12 @@ impl PartWriter {
                 let n = len as u64;
                 written += n;
                 since_sync += n;
+                if deferred && (since_sync >= SYNC_EVERY || started.elapsed() >= SIDECAR_AFTER) {
+                    if let Some(sc) = &sidecar {
+                        write_sidecar(&part, sc)?;
+                    }
+                    deferred = false;
+                }
                 if since_sync >= SYNC_EVERY {
                     if syncer.is_none() {
                         syncer = Some(Syncer::start(
@@ -608,7 +639,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.part");
         let file = File::create(&path).unwrap();
-        let mut w = PartWriter::start(file, path.clone(), 0, Sha256::new(), None);
+        let mut w = PartWriter::start(file, path.clone(), 0, Sha256::new(), SidecarPlan::None);
         let mut body = Vec::new();
         for i in 0..3_000usize {
             // Empty, tiny, and larger than a send batch.
@@ -621,6 +652,47 @@ mod tests {
         assert_eq!(size, body.len() as u64);
         assert_eq!(sha, Digest32::of(&body));
         assert_eq!(fs::read(&path).unwrap(), body);
+    }
+
+    /// A fresh part that lands quickly never gets a sidecar; one still
+    /// streaming after `SIDECAR_AFTER` gets it, so it can be resumed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deferred_sidecar_is_written_only_for_a_slow_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let sc = Sidecar {
+            url: "https://example.org/x".into(),
+            etag: Some("\"v1\"".into()),
+            last_modified: None,
+            length: Some(4 * SEND_BATCH as u64),
+            durable_bytes: 0,
+            boot_id: boot_id(),
+        };
+        for slow in [false, true] {
+            let path = dir.path().join(format!("{slow}.part"));
+            let file = File::create(&path).unwrap();
+            let t = std::time::Instant::now();
+            let mut w = PartWriter::start(
+                file,
+                path.clone(),
+                0,
+                Sha256::new(),
+                SidecarPlan::Deferred(sc.clone()),
+            );
+            for i in 0..4u8 {
+                if slow && i == 2 {
+                    tokio::time::sleep(SIDECAR_AFTER * 2).await;
+                }
+                assert!(w.write(Box::new(vec![i; SEND_BATCH])).await);
+            }
+            w.finish().await.unwrap();
+            if slow {
+                assert_eq!(read_sidecar(&path), Some(sc.clone()));
+            } else if t.elapsed() < SIDECAR_AFTER {
+                // (A machine too busy to write 256 KiB in that time proves
+                // nothing either way.)
+                assert_eq!(read_sidecar(&path), None);
+            }
+        }
     }
 
     #[test]
