@@ -629,6 +629,55 @@ pub(crate) fn download(root: &Path, quick: bool) -> Result<()> {
             s,
         )?;
         report(&case, &format!("idem -c{conc}"), &t, n, bytes);
+        let wall = disk_floor(&s.join("floor"), n, size, if n == 1 { 1 } else { 16 })?;
+        println!(
+            "{case:<28} {:<10} {:>8.1} MB/s {:>9.1} files/s  (write + fsync from memory, in this process)",
+            "disk floor",
+            bytes as f64 / 1e6 / wall,
+            n as f64 / wall,
+        );
     }
     Ok(())
+}
+
+/// The durability floor for a case: the same number of files of the same
+/// size written from memory and each fsynced (with its directory), by as
+/// many threads as idem runs workers; no network, no hashing, no ledger.
+/// What the disk allows idem at best, since idem fsyncs every body before
+/// acknowledging it and the other tools do not. Returns wall seconds.
+fn disk_floor(dir: &Path, n: usize, size: usize, threads: usize) -> Result<f64> {
+    use std::io::Write as _;
+    std::fs::create_dir_all(dir)?;
+    // The bytes the servers sent, so no layer below can compress or
+    // deduplicate them more than it could idem's.
+    let bodies: Vec<Vec<u8>> = (0..n)
+        .map(|i| idem_origin::content(i as u64 + 1, size))
+        .collect();
+    let _ = Proc::new("sync").status();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let t = Instant::now();
+    std::thread::scope(|scope| -> Result<()> {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| -> Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= n {
+                            return Ok(());
+                        }
+                        let mut f = std::fs::File::create(dir.join(format!("f{i}")))?;
+                        f.write_all(&bodies[i])?;
+                        f.sync_all()?;
+                        std::fs::File::open(dir)?.sync_all()?;
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("floor writer panicked"))??;
+        }
+        Ok(())
+    })?;
+    Ok(t.elapsed().as_secs_f64())
 }
