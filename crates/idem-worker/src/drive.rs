@@ -431,7 +431,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         // When streaming starts, its part is prepared in the same trip.
         let prep = sop.map(|sop| {
             let (out, key, url) = (self.out.clone(), job.key, url.clone());
-            move |head: &HeadInfo| prepare_part(&out, key, sop.epoch, &url, head)
+            move |head: &HeadInfo| prepare_part(&out, key, sop.epoch, &url, head, None)
         });
         let (mut a, prepared) = self
             .store_call(move |s| {
@@ -647,7 +647,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         });
         // A holder published the blob and died before committing: verify it
         // and commit, without fetching again.
-        if let Some(si) = earlier {
+        if let Some(si) = &earlier {
             let path = self.out.blob_path(&si.sha256);
             if path.exists() {
                 let p = path.clone();
@@ -704,7 +704,10 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         }
         // The part this holder writes (decided when streaming starts).
         let mut chosen: Option<std::path::PathBuf> = None;
-        match self.stream(job, epoch, fenced, &mut chosen, prepared).await {
+        match self
+            .stream(job, epoch, fenced, &mut chosen, prepared, earlier)
+            .await
+        {
             Ok(landed) => {
                 self.finalize(job, epoch, landed, fenced, Finish::Streamed, next)
                     .await
@@ -790,6 +793,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                         epoch,
                         job.spec.url.as_str(),
                         &HeadInfo::default(),
+                        None,
                     )
                     .map(|p| (p.part, p.file)),
                 };
@@ -922,6 +926,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         fenced: &AtomicBool,
         chosen: &mut Option<std::path::PathBuf>,
         prepared: Option<std::io::Result<Prepared>>,
+        committed: Option<StreamInfo>,
     ) -> Result<Landed, StreamErr> {
         let url = job.spec.url.to_string();
         let head = job.head.clone().unwrap_or_default();
@@ -932,9 +937,11 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 let key = job.key;
                 let url = url.clone();
                 let head = head.clone();
-                tokio::task::spawn_blocking(move || prepare_part(&out, key, epoch, &url, &head))
-                    .await
-                    .map_err(|e| StreamErr::Io(std::io::Error::other(e)))?
+                tokio::task::spawn_blocking(move || {
+                    prepare_part(&out, key, epoch, &url, &head, committed.as_ref())
+                })
+                .await
+                .map_err(|e| StreamErr::Io(std::io::Error::other(e)))?
             }
         };
         let Prepared {
@@ -1243,12 +1250,23 @@ pub(crate) struct Prepared {
 /// the same job that nobody holds and whose validators match. The part is
 /// `<job>.part`, or `<job>.e<epoch>.part` while a paused holder still locks
 /// that one.
+/// Whether `f` holds exactly the body STREAM committed.
+fn is_complete(f: &mut std::fs::File, si: &StreamInfo) -> bool {
+    if si.size == 0 || f.metadata().map(|m| m.len()).ok() != Some(si.size) {
+        return false;
+    }
+    let mut h = Sha256::new();
+    files::hash_prefix(f, si.size, &mut h).is_ok()
+        && idem_core::Digest32::from_bytes(h.finalize().into()) == si.sha256
+}
+
 fn prepare_part(
     out: &OutDir,
     key: idem_core::JobKey,
     epoch: Epoch,
     url: &str,
     head: &HeadInfo,
+    committed: Option<&StreamInfo>,
 ) -> std::io::Result<Prepared> {
     let fresh_sc = Sidecar {
         url: url.to_owned(),
@@ -1271,16 +1289,26 @@ fn prepare_part(
     let mut best: Option<(std::path::PathBuf, Sidecar, std::fs::File)> = None;
     for p in out.parts_of(&key, epoch.0) {
         // A part still locked belongs to a live (perhaps paused) writer.
-        let Ok(Some(f)) = files::open_locked(&p, false) else {
+        let Ok(Some(mut f)) = files::open_locked(&p, false) else {
             primary_held |= p == primary;
             continue;
         };
-        match files::read_sidecar(&p) {
+        // A body an earlier holder streamed and committed (its part was
+        // fsynced before that commit) is known by the ledger's record, with
+        // or without a sidecar: a body that landed fast never wrote one.
+        let sc = match committed {
+            Some(si) if is_complete(&mut f, si) => Some(Sidecar {
+                length: Some(si.size),
+                durable_bytes: si.size,
+                ..fresh_sc.clone()
+            }),
+            _ => files::read_sidecar(&p).filter(|sc| same_entity(sc)),
+        };
+        match sc {
             Some(sc)
-                if same_entity(&sc)
-                    && best
-                        .as_ref()
-                        .is_none_or(|b| sc.durable_bytes > b.1.durable_bytes) =>
+                if best
+                    .as_ref()
+                    .is_none_or(|b| sc.durable_bytes > b.1.durable_bytes) =>
             {
                 if let Some((old, _, _)) = best.replace((p, sc, f)) {
                     files::remove_part(&old);
