@@ -1246,10 +1246,6 @@ pub(crate) struct Prepared {
     fresh: bool,
 }
 
-/// Chooses and opens this holder's part, adopting the best earlier part of
-/// the same job that nobody holds and whose validators match. The part is
-/// `<job>.part`, or `<job>.e<epoch>.part` while a paused holder still locks
-/// that one.
 /// Whether `f` holds exactly the body STREAM committed.
 fn is_complete(f: &mut std::fs::File, si: &StreamInfo) -> bool {
     if si.size == 0 || f.metadata().map(|m| m.len()).ok() != Some(si.size) {
@@ -1260,6 +1256,11 @@ fn is_complete(f: &mut std::fs::File, si: &StreamInfo) -> bool {
         && idem_core::Digest32::from_bytes(h.finalize().into()) == si.sha256
 }
 
+/// Chooses and opens this holder's part, adopting the best earlier part of
+/// the same job that nobody holds and whose validators match (or
+/// whose body is the one STREAM committed). The part is
+/// `<job>.part`, or `<job>.e<epoch>.part` while a paused holder still locks
+/// that one.
 fn prepare_part(
     out: &OutDir,
     key: idem_core::JobKey,
