@@ -409,7 +409,13 @@ pub struct PartWriter {
     /// to one `writev`.
     pending: Vec<Chunk>,
     pending_bytes: usize,
+    /// When the oldest gathered chunk arrived: a slow server's bytes are
+    /// not kept from the disk (and from a resume after a crash) for long.
+    pending_since: Option<std::time::Instant>,
 }
+
+/// Longest a gathered chunk waits for more before it goes to the writer.
+const GATHER_FOR: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Bytes gathered on the network side before one hand-off to the writer.
 const SEND_BATCH: usize = 64 << 10;
@@ -588,6 +594,7 @@ impl PartWriter {
             handle: Some(handle),
             pending: Vec::new(),
             pending_bytes: 0,
+            pending_since: None,
         }
     }
 
@@ -596,10 +603,16 @@ impl PartWriter {
     pub async fn write(&mut self, chunk: Chunk) -> bool {
         self.pending_bytes += (*chunk).as_ref().len();
         self.pending.push(chunk);
-        if self.pending_bytes < SEND_BATCH && self.pending.len() < MAX_IOV {
+        let now = std::time::Instant::now();
+        let since = *self.pending_since.get_or_insert(now);
+        if self.pending_bytes < SEND_BATCH
+            && self.pending.len() < MAX_IOV
+            && now.duration_since(since) < GATHER_FOR
+        {
             return true;
         }
         self.pending_bytes = 0;
+        self.pending_since = None;
         let batch = std::mem::take(&mut self.pending);
         self.send(batch).await
     }
@@ -693,6 +706,30 @@ mod tests {
                 assert_eq!(read_sidecar(&path), None);
             }
         }
+    }
+
+    /// A slow server's bytes reach the part (where a resume after a crash
+    /// finds them) without waiting for a full batch to gather.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_trickle_reaches_the_disk_without_waiting_for_a_full_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slow.part");
+        let file = File::create(&path).unwrap();
+        let mut w = PartWriter::start(file, path.clone(), 0, Sha256::new(), SidecarPlan::None);
+        assert!(w.write(Box::new(vec![1u8; 100])).await);
+        tokio::time::sleep(GATHER_FOR * 2).await;
+        assert!(w.write(Box::new(vec![2u8; 100])).await);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while fs::metadata(&path).unwrap().len() < 200 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "200 bytes gathered for {:?} never reached the part",
+                GATHER_FOR * 2
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let (_, size) = w.finish().await.unwrap();
+        assert_eq!(size, 200);
     }
 
     #[test]
