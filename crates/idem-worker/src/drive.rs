@@ -1220,7 +1220,7 @@ impl Sink {
     /// restart from zero).
     async fn keep(self) {
         if let Self::Writer(w) = self {
-            let _ = w.finish().await;
+            let _ = w.keep().await;
         }
     }
 }

@@ -412,6 +412,9 @@ pub struct PartWriter {
     /// When the oldest gathered chunk arrived: a slow server's bytes are
     /// not kept from the disk (and from a resume after a crash) for long.
     pending_since: Option<std::time::Instant>,
+    /// A deferred sidecar, for [`PartWriter::keep`] to write if the writer
+    /// never did.
+    deferred: Option<(PathBuf, Sidecar)>,
 }
 
 /// Longest a gathered chunk waits for more before it goes to the writer.
@@ -512,6 +515,10 @@ impl PartWriter {
         plan: SidecarPlan,
     ) -> Self {
         let started = std::time::Instant::now();
+        let kept = match &plan {
+            SidecarPlan::Deferred(sc) => Some((part.clone(), sc.clone())),
+            _ => None,
+        };
         let (sidecar, mut deferred) = match plan {
             SidecarPlan::None => (None, false),
             SidecarPlan::Written(sc) => (Some(sc), false),
@@ -595,6 +602,7 @@ impl PartWriter {
             pending: Vec::new(),
             pending_bytes: 0,
             pending_since: None,
+            deferred: kept,
         }
     }
 
@@ -622,6 +630,26 @@ impl PartWriter {
             Some(tx) => tx.send(batch).await.is_ok(),
             None => false,
         }
+    }
+
+    /// Flushes and fsyncs what arrived before a failed stream, and makes
+    /// sure the part has a sidecar, so the next attempt resumes it however
+    /// early the failure came.
+    pub async fn keep(mut self) -> io::Result<()> {
+        let deferred = self.deferred.take();
+        let (_, size) = self.finish().await?;
+        if let Some((part, sc)) = deferred.filter(|_| size > 0) {
+            if read_sidecar(&part).is_none() {
+                write_sidecar(
+                    &part,
+                    &Sidecar {
+                        durable_bytes: size,
+                        ..sc
+                    },
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// Flushes, fsyncs and returns the digest and size of the whole part.
@@ -706,6 +734,36 @@ mod tests {
                 assert_eq!(read_sidecar(&path), None);
             }
         }
+    }
+
+    /// A part kept after a failed stream has a sidecar however early the
+    /// failure came, recording the bytes fsynced.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_kept_part_gets_its_deferred_sidecar() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kept.part");
+        let sc = Sidecar {
+            url: "https://example.org/k".into(),
+            etag: Some("\"k\"".into()),
+            last_modified: None,
+            length: Some(1 << 20),
+            durable_bytes: 0,
+            boot_id: boot_id(),
+        };
+        let file = File::create(&path).unwrap();
+        let mut w = PartWriter::start(
+            file,
+            path.clone(),
+            0,
+            Sha256::new(),
+            SidecarPlan::Deferred(sc.clone()),
+        );
+        assert!(w.write(Box::new(vec![7u8; 1000])).await);
+        w.keep().await.unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().len(), 1000);
+        let got = read_sidecar(&path).expect("a kept part has a sidecar");
+        assert_eq!(got.durable_bytes, 1000);
+        assert_eq!(got.etag, sc.etag);
     }
 
     /// A slow server's bytes reach the part (where a resume after a crash
