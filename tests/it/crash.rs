@@ -337,6 +337,36 @@ fn kill_mid_stream(env: &Env, min_part: u64) {
     child.wait().unwrap();
 }
 
+/// A body cut off early (a reset well within its first 100 ms, before its
+/// sidecar was due) is resumed with `Range` by the retry: the failed
+/// attempt keeps its part, with a sidecar.
+#[test]
+fn a_body_reset_early_is_resumed_by_the_retry() {
+    let env = Env::new();
+    let body = content(31, 600 * 1024);
+    let o = Origin::start([("r.pdf".to_owned(), body.clone())]).unwrap();
+    env.plan(&[job("w", "r", &o.url("/reset/r.pdf?fail=1"))]);
+    let out = env.run_cmd().output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let j = env.show("w/r");
+    assert_eq!(j["state"], "finalized", "{j}");
+    assert_eq!(j["sha256"], idem_core::Digest32::of(&body).to_hex());
+    let stream = j["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|o| o["kind"] == "stream" && o["status"] == "committed")
+        .unwrap()
+        .clone();
+    assert!(
+        stream["result"]["resumed_from"].as_u64().unwrap() > 0,
+        "the retry fetched the whole body again: {stream}"
+    );
+    assert_eq!(o.gets("/reset/r.pdf?fail=1"), 2);
+    assert_eq!(check_blobs(&env.out), 1);
+}
+
 #[test]
 fn a_server_that_ignores_range_gets_a_clean_restart() {
     let env = Env::new();
