@@ -3,7 +3,7 @@
 //! exactly as if nothing had happened.
 
 use crate::support::{
-    check_blobs, count, job, json_of, leftovers, slow_tests, terminal, text, Env,
+    check_blobs, count, job, json_of, last_op, leftovers, slow_tests, terminal, text, Env,
 };
 use idem_core::SplitMix64;
 use idem_origin::{content, Origin};
@@ -135,14 +135,7 @@ fn resume_after_kill_fetches_only_the_rest() {
     let j = env.show("w/big");
     assert_eq!(j["state"], "finalized");
     assert_eq!(j["sha256"], idem_core::Digest32::of(&body).to_hex());
-    let stream = j["ops"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .rev()
-        .find(|o| o["kind"] == "stream")
-        .unwrap()
-        .clone();
+    let stream = last_op(&j, "stream");
     assert!(
         stream["result"]["resumed_from"].as_u64().unwrap() > 0,
         "{stream}"
@@ -351,14 +344,8 @@ fn a_body_reset_early_is_resumed_by_the_retry() {
     let j = env.show("w/r");
     assert_eq!(j["state"], "finalized", "{j}");
     assert_eq!(j["sha256"], idem_core::Digest32::of(&body).to_hex());
-    let stream = j["ops"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .rev()
-        .find(|o| o["kind"] == "stream" && o["status"] == "committed")
-        .unwrap()
-        .clone();
+    let stream = last_op(&j, "stream");
+    assert_eq!(stream["status"], "committed", "{stream}");
     assert!(
         stream["result"]["resumed_from"].as_u64().unwrap() > 0,
         "the retry fetched the whole body again: {stream}"
@@ -382,14 +369,7 @@ fn a_server_that_ignores_range_gets_a_clean_restart() {
         idem_core::Digest32::of(&body).to_hex(),
         "the 200 answer to a range request restarted the file"
     );
-    let stream = j["ops"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .rev()
-        .find(|o| o["kind"] == "stream")
-        .unwrap()
-        .clone();
+    let stream = last_op(&j, "stream");
     assert_eq!(stream["result"]["resumed_from"], 0, "{stream}");
     assert_eq!(check_blobs(&env.out), 1);
 }

@@ -77,6 +77,18 @@ impl Env {
     }
 }
 
+/// The latest op of `kind` in `idem show --json` output.
+pub(crate) fn last_op(job: &serde_json::Value, kind: &str) -> serde_json::Value {
+    job["ops"]
+        .as_array()
+        .expect("show has ops")
+        .iter()
+        .rev()
+        .find(|o| o["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} op in {job}"))
+        .clone()
+}
+
 pub(crate) fn text(o: &Output) -> String {
     format!(
         "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",

@@ -695,19 +695,24 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), body);
     }
 
+    /// A fresh part's sidecar for a body of `length` bytes.
+    fn test_sidecar(length: u64) -> Sidecar {
+        Sidecar {
+            url: "https://example.org/x".into(),
+            etag: Some("\"v1\"".into()),
+            last_modified: None,
+            length: Some(length),
+            durable_bytes: 0,
+            boot_id: boot_id(),
+        }
+    }
+
     /// A fresh part that lands quickly never gets a sidecar; one still
     /// streaming after `SIDECAR_AFTER` gets it, so it can be resumed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_deferred_sidecar_is_written_only_for_a_slow_body() {
         let dir = tempfile::tempdir().unwrap();
-        let sc = Sidecar {
-            url: "https://example.org/x".into(),
-            etag: Some("\"v1\"".into()),
-            last_modified: None,
-            length: Some(4 * SEND_BATCH as u64),
-            durable_bytes: 0,
-            boot_id: boot_id(),
-        };
+        let sc = test_sidecar(4 * SEND_BATCH as u64);
         for slow in [false, true] {
             let path = dir.path().join(format!("{slow}.part"));
             let file = File::create(&path).unwrap();
@@ -742,14 +747,7 @@ mod tests {
     async fn a_kept_part_gets_its_deferred_sidecar() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kept.part");
-        let sc = Sidecar {
-            url: "https://example.org/k".into(),
-            etag: Some("\"k\"".into()),
-            last_modified: None,
-            length: Some(1 << 20),
-            durable_bytes: 0,
-            boot_id: boot_id(),
-        };
+        let sc = test_sidecar(1 << 20);
         let file = File::create(&path).unwrap();
         let mut w = PartWriter::start(
             file,
