@@ -69,44 +69,71 @@ pub(crate) fn plan(g: &Global, a: &PlanArgs) -> anyhow::Result<u8> {
     let store = open_store(g)?;
     let events = a.events.as_deref().map(EventsFile::open).transpose()?;
     let mut counts = PlanCounts::default();
-    let mut bad: Vec<BadLine> = Vec::new();
     let mut conflicts: Vec<serde_json::Value> = Vec::new();
-    let mut batch: Vec<(JobSpec, String, u64)> = Vec::with_capacity(a.batch);
-    let flush = |batch: &mut Vec<(JobSpec, String, u64)>,
-                 counts: &mut PlanCounts,
-                 conflicts: &mut Vec<serde_json::Value>|
-     -> anyhow::Result<()> {
-        if batch.is_empty() {
+    // Reading and parsing run on their own thread, one batch ahead of the
+    // ledger: a parsed line costs about as much as its insert, so the two
+    // stages together take little longer than the ledger alone.
+    let bad = std::thread::scope(|s| -> anyhow::Result<Vec<BadLine>> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<PlanBatch>(1);
+        let reader = s.spawn(move || read_batches(&a.files, a.batch, &tx));
+        for batch in rx {
+            // On an error `rx` is dropped here, so the reader stops at its
+            // next batch.
+            apply_plan(
+                &store,
+                a.max_attempts,
+                &batch,
+                events.as_ref(),
+                &mut counts,
+                &mut conflicts,
+            )?;
+        }
+        reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("the input reader panicked"))?
+    })?;
+    report_plan(a.json, counts, &bad, &conflicts, false)?;
+    Ok(if bad.is_empty() && counts.conflicts == 0 {
+        0
+    } else {
+        EXIT_PARTIAL
+    })
+}
+
+/// Parsed jobs on their way to the ledger, with where each came from.
+#[derive(Default)]
+struct PlanBatch {
+    specs: Vec<JobSpec>,
+    origins: Vec<(String, u64)>,
+}
+
+/// Reads every input in batches of `size` and sends them on; reports bad
+/// lines on stderr and returns them. Stops early, without error, when the
+/// receiver has gone (the ledger side failed and reports why).
+fn read_batches(
+    files: &[String],
+    size: usize,
+    tx: &std::sync::mpsc::SyncSender<PlanBatch>,
+) -> anyhow::Result<Vec<BadLine>> {
+    struct Gone;
+    let mut bad = Vec::new();
+    let mut batch = PlanBatch::default();
+    let send = |batch: &mut PlanBatch| -> Result<(), Gone> {
+        if batch.specs.is_empty() {
             return Ok(());
         }
-        let specs: Vec<JobSpec> = batch.iter().map(|(s, _, _)| s.clone()).collect();
-        let r = store.plan(&specs, a.max_attempts, now())?;
-        if let Some(ev) = &events {
-            ev.emit(&r.events);
-        }
-        for (o, (_, file, line)) in r.value.iter().zip(batch.iter()) {
-            counts.add(o);
-            if let PlanOutcome::Conflict(c) = o {
-                eprintln!(
-                    "idem: {file}:{line}: key conflict for job {}: planned with {} but this line has {}; not applied",
-                    c.job_key, c.existing_url, c.proposed_url
-                );
-                if conflicts.len() < 1000 {
-                    conflicts.push(json!({"file": file, "line": line, "job_key": c.job_key,
-                        "existing_url": c.existing_url, "proposed_url": c.proposed_url}));
-                }
-            }
-        }
-        batch.clear();
-        Ok(())
+        tx.send(std::mem::take(batch)).map_err(|_| Gone)
     };
-    for f in &a.files {
-        input::read(f, |it| {
+    let mut gone = false;
+    for f in files {
+        let r = input::read(f, |it| {
             match it {
                 Item::Spec { spec, file, line } => {
-                    batch.push((spec, file, line));
-                    if batch.len() >= a.batch {
-                        flush(&mut batch, &mut counts, &mut conflicts)?;
+                    batch.specs.push(spec);
+                    batch.origins.push((file, line));
+                    if batch.specs.len() >= size && send(&mut batch).is_err() {
+                        gone = true;
+                        bail!("the ledger side stopped");
                     }
                 }
                 Item::Bad(b) => {
@@ -115,15 +142,45 @@ pub(crate) fn plan(g: &Global, a: &PlanArgs) -> anyhow::Result<u8> {
                 }
             }
             Ok(())
-        })?;
+        });
+        if gone {
+            return Ok(bad);
+        }
+        r?;
     }
-    flush(&mut batch, &mut counts, &mut conflicts)?;
-    report_plan(a.json, counts, &bad, &conflicts, false)?;
-    Ok(if bad.is_empty() && counts.conflicts == 0 {
-        0
-    } else {
-        EXIT_PARTIAL
-    })
+    // A failed send means the ledger side failed; it reports the error.
+    let _ = send(&mut batch);
+    Ok(bad)
+}
+
+/// Plans one batch and tallies its outcomes; a conflict is reported on
+/// stderr with the line it came from.
+fn apply_plan(
+    store: &SqliteStore,
+    max_attempts: u32,
+    batch: &PlanBatch,
+    events: Option<&EventsFile>,
+    counts: &mut PlanCounts,
+    conflicts: &mut Vec<serde_json::Value>,
+) -> anyhow::Result<()> {
+    let r = store.plan(&batch.specs, max_attempts, now())?;
+    if let Some(ev) = events {
+        ev.emit(&r.events);
+    }
+    for (o, (file, line)) in r.value.iter().zip(&batch.origins) {
+        counts.add(o);
+        if let PlanOutcome::Conflict(c) = o {
+            eprintln!(
+                "idem: {file}:{line}: key conflict for job {}: planned with {} but this line has {}; not applied",
+                c.job_key, c.existing_url, c.proposed_url
+            );
+            if conflicts.len() < 1000 {
+                conflicts.push(json!({"file": file, "line": line, "job_key": c.job_key,
+                    "existing_url": c.existing_url, "proposed_url": c.proposed_url}));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn report_plan(
