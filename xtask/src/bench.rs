@@ -629,10 +629,21 @@ pub(crate) fn download(root: &Path, quick: bool) -> Result<()> {
             s,
         )?;
         report(&case, &format!("idem -c{conc}"), &t, n, bytes);
-        let wall = disk_floor(&s.join("floor"), n, size, if n == 1 { 1 } else { 16 })?;
+        let threads = if n == 1 { 1 } else { 16 };
+        let bodies: Vec<Vec<u8>> = (0..n)
+            .map(|i| idem_origin::content(i as u64 + 1, size))
+            .collect();
+        let wall = disk_floor(&s.join("floor"), &bodies, threads)?;
         println!(
             "{case:<28} {:<10} {:>8.1} MB/s {:>9.1} files/s  (write + fsync from memory, in this process)",
             "disk floor",
+            bytes as f64 / 1e6 / wall,
+            n as f64 / wall,
+        );
+        let wall = store_floor(&s.join("store-floor"), &bodies, threads)?;
+        println!(
+            "{case:<28} {:<10} {:>8.1} MB/s {:>9.1} files/s  (the same, published into idem's blob tree)",
+            "store floor",
             bytes as f64 / 1e6 / wall,
             n as f64 / wall,
         );
@@ -640,19 +651,48 @@ pub(crate) fn download(root: &Path, quick: bool) -> Result<()> {
     Ok(())
 }
 
-/// The durability floor for a case: the same number of files of the same
-/// size written from memory and each fsynced (with its directory), by as
-/// many threads as idem runs workers; no network, no hashing, no ledger.
-/// What the disk allows idem at best, since idem fsyncs every body before
+/// The durability floor for a case: the same files of the same size
+/// written from memory and each fsynced (with its directory), by as many
+/// threads as idem runs workers; no network, no hashing, no ledger. What
+/// the disk allows idem at best, since idem fsyncs every body before
 /// acknowledging it and the other tools do not. Returns wall seconds.
-fn disk_floor(dir: &Path, n: usize, size: usize, threads: usize) -> Result<f64> {
+fn disk_floor(dir: &Path, bodies: &[Vec<u8>], threads: usize) -> Result<f64> {
     use std::io::Write as _;
     std::fs::create_dir_all(dir)?;
-    // The bytes the servers sent, so no layer below can compress or
-    // deduplicate them more than it could idem's.
-    let bodies: Vec<Vec<u8>> = (0..n)
-        .map(|i| idem_origin::content(i as u64 + 1, size))
-        .collect();
+    timed_floor(bodies.len(), threads, |i| {
+        let mut f = std::fs::File::create(dir.join(format!("f{i}")))?;
+        f.write_all(&bodies[i])?;
+        f.sync_all()?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
+    })
+}
+
+/// [`disk_floor`] through idem's own file path: each body written to its
+/// part file and fsynced, then published into `blobs/sha256/<aa>/<bb>/`
+/// by `idem_worker::files::publish` (directories created durably, a hard
+/// link, the part's name removed, the directory fsynced). Digests are
+/// computed before the clock starts. The gap between the two floors is
+/// what the content-addressed layout costs on this filesystem.
+fn store_floor(dir: &Path, bodies: &[Vec<u8>], threads: usize) -> Result<f64> {
+    use idem_worker::files;
+    use std::io::Write as _;
+    let out = idem_worker::OutDir::prepare(dir)?;
+    let digests: Vec<idem_core::Digest32> =
+        bodies.iter().map(|b| idem_core::Digest32::of(b)).collect();
+    timed_floor(bodies.len(), threads, |i| {
+        let part = out.part_path(&idem_core::job_key_of("floor", &i.to_string()));
+        let mut f = std::fs::File::create(&part)?;
+        f.write_all(&bodies[i])?;
+        f.sync_all()?;
+        files::publish(&out, &part, digests[i], bodies[i].len() as u64)?;
+        Ok(())
+    })
+}
+
+/// Runs `one(i)` for every `i < n` on `threads` threads after a `sync`
+/// (so no earlier tool's writeback is in the way); returns wall seconds.
+fn timed_floor(n: usize, threads: usize, one: impl Fn(usize) -> Result<()> + Sync) -> Result<f64> {
     let _ = Proc::new("sync").status();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let t = Instant::now();
@@ -665,10 +705,7 @@ fn disk_floor(dir: &Path, n: usize, size: usize, threads: usize) -> Result<f64> 
                         if i >= n {
                             return Ok(());
                         }
-                        let mut f = std::fs::File::create(dir.join(format!("f{i}")))?;
-                        f.write_all(&bodies[i])?;
-                        f.sync_all()?;
-                        std::fs::File::open(dir)?.sync_all()?;
+                        one(i)?;
                     }
                 })
             })
