@@ -522,3 +522,80 @@ fn an_unverifiable_certificate_is_refused() {
         "nothing published"
     );
 }
+
+/// A URL's password and token-like query values are fetched with but never
+/// shown: not in plan or run output, events, `show`, `status`, `export`,
+/// the stored error of a failed job, or a key conflict's report.
+#[test]
+fn secrets_in_urls_are_used_but_never_shown() {
+    let env = Env::new();
+    let o = Origin::start([("ok.pdf".to_owned(), content(3, 5000))]).unwrap();
+    let with_secrets = |path: &str, q: &str| {
+        o.url(path)
+            .replacen("http://", "http://reader:s3cr3tpw@", 1)
+            + q
+    };
+    let ok = with_secrets("/f/ok.pdf", "?id=7&token=t0k3nt0k3n");
+    let gone = with_secrets("/f/gone.pdf", "?api_key=k3yk3yk3y");
+    let events = env.path("events.jsonl");
+    let mut shown = Vec::new();
+    let p = env.write_plan(&[job("w", "ok", &ok), job("w", "gone", &gone)]);
+    let plan = env
+        .idem()
+        .arg("plan")
+        .arg(&p)
+        .arg("--events")
+        .arg(&events)
+        .output()
+        .unwrap();
+    assert!(plan.status.success(), "{}", text(&plan));
+    shown.push(text(&plan));
+    // The same job with another secret: a conflict, reported without either.
+    let other = with_secrets("/f/ok.pdf", "?id=7&token=0th3r0th3r");
+    let p2 = env.path("conflict.jsonl");
+    std::fs::write(&p2, format!("{}\n", job("w", "ok", &other))).unwrap();
+    let conflict = env
+        .idem()
+        .args(["plan", "--json"])
+        .arg(&p2)
+        .output()
+        .unwrap();
+    assert_eq!(conflict.status.code(), Some(3), "{}", text(&conflict));
+    shown.push(text(&conflict));
+    let run = env.run_cmd().arg("--events").arg(&events).output().unwrap();
+    assert_eq!(run.status.code(), Some(3), "one job fails: {}", text(&run));
+    shown.push(text(&run));
+    let j = env.show("w/ok");
+    assert_eq!(j["state"], "finalized", "fetched with its secrets: {j}");
+    let want = format!(
+        "{}?id=7&token=***",
+        o.url("/f/ok.pdf").replacen("http://", "http://***@", 1)
+    );
+    assert_eq!(j["url"], want.as_str());
+    let g = env.show("w/gone");
+    assert_eq!(g["state"], "failed");
+    assert!(
+        g["last_error"].as_str().unwrap().contains("api_key=***"),
+        "{g}"
+    );
+    shown.push(j.to_string());
+    shown.push(g.to_string());
+    shown.push(env.status().to_string());
+    for args in [
+        vec!["show", "w/gone"],
+        vec!["export"],
+        vec!["export", "--format", "csv"],
+    ] {
+        let out = env.idem().args(&args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        shown.push(text(&out));
+    }
+    shown.push(std::fs::read_to_string(&events).unwrap());
+    let all = shown.join("\n");
+    assert!(all.contains("***@"), "the URLs are shown, redacted");
+    for secret in ["s3cr3tpw", "t0k3nt0k3n", "k3yk3yk3y", "0th3r0th3r"] {
+        assert!(!all.contains(secret), "{secret} leaked:\n{all}");
+    }
+    // The origin saw the real thing: the credentials and the token.
+    assert_eq!(o.gets("/f/ok.pdf?id=7&token=t0k3nt0k3n"), 1);
+}

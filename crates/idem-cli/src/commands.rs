@@ -493,7 +493,7 @@ fn job_json(j: &Job) -> serde_json::Value {
         "job_key": j.key,
         "work_id": j.spec.work_id,
         "artifact_id": j.spec.artifact_id,
-        "url": j.spec.url,
+        "url": j.spec.url.redacted(),
         "expected_sha256": j.spec.sha256,
         "expected_content_type": j.spec.content_type,
         "state": j.state,
@@ -540,7 +540,7 @@ pub(crate) fn show(g: &Global, a: &ShowArgs) -> anyhow::Result<u8> {
     println!("job {}", job.key);
     println!("  work_id      {}", job.spec.work_id);
     println!("  artifact_id  {}", job.spec.artifact_id);
-    println!("  url          {}", job.spec.url);
+    println!("  url          {}", job.spec.url.redacted());
     println!("  state        {}", job.state);
     if let Some(l) = &job.lease {
         println!(
@@ -682,7 +682,7 @@ pub(crate) fn export(g: &Global, a: &ExportArgs) -> anyhow::Result<u8> {
                 Some(w) => w.write_record([
                     j.spec.work_id.clone(),
                     j.spec.artifact_id.clone(),
-                    j.spec.url.to_string(),
+                    j.spec.url.redacted().into_owned(),
                     j.key.to_hex(),
                     j.state.to_string(),
                     sha.unwrap_or_default(),
@@ -694,7 +694,7 @@ pub(crate) fn export(g: &Global, a: &ExportArgs) -> anyhow::Result<u8> {
                 None => {
                     serde_json::to_writer(
                         &mut out,
-                        &json!({"work_id": j.spec.work_id, "artifact_id": j.spec.artifact_id, "url": j.spec.url,
+                        &json!({"work_id": j.spec.work_id, "artifact_id": j.spec.artifact_id, "url": j.spec.url.redacted(),
                             "job_key": j.key, "state": j.state, "sha256": sha, "size": size, "path": path,
                             "attempts": j.attempts, "last_error": j.last_error}),
                     )?;

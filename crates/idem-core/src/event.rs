@@ -28,6 +28,7 @@ pub enum EventKind {
         job_key: JobKey,
         work_id: String,
         artifact_id: String,
+        /// Without its secrets ([`crate::redact_url`]), as every URL in an event.
         url: String,
     },
     JobLeased {

@@ -250,11 +250,13 @@ pub struct JobError {
 }
 
 impl JobError {
+    /// Like [`JobError::permanent`], a `detail` quoting a URL keeps it
+    /// without its secrets ([`crate::redact_text`]).
     pub fn retryable(reason: impl Into<String>, detail: impl Into<String>) -> Self {
         Self {
             class: ErrorClass::Retryable,
             reason: reason.into(),
-            detail: detail.into(),
+            detail: crate::ports::redacted(detail.into()),
             retry_after_ms: None,
         }
     }
@@ -263,7 +265,7 @@ impl JobError {
         Self {
             class: ErrorClass::Permanent,
             reason: reason.into(),
-            detail: detail.into(),
+            detail: crate::ports::redacted(detail.into()),
             retry_after_ms: None,
         }
     }

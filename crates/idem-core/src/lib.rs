@@ -32,7 +32,9 @@ pub use ports::{
     StatusCounts, Step, StepOutput, Store, StoreError,
 };
 pub use retry::{RetryPolicy, SplitMix64};
-pub use spec::{job_key_of, CanonicalUrl, Fingerprint, JobKey, JobSpec, SpecError};
+pub use spec::{
+    job_key_of, redact_text, redact_url, CanonicalUrl, Fingerprint, JobKey, JobSpec, SpecError,
+};
 pub use time::{Clock, ManualClock, Timestamp};
 
 #[cfg(test)]

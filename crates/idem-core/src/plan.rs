@@ -24,6 +24,7 @@ pub struct KeyConflict {
     pub job_key: JobKey,
     pub existing: Fingerprint,
     pub proposed: Fingerprint,
+    /// Both URLs as they may be shown ([`crate::redact_url`]).
     pub existing_url: String,
     pub proposed_url: String,
 }
@@ -44,7 +45,7 @@ pub fn decide(
                 job_key,
                 work_id: spec.work_id.clone(),
                 artifact_id: spec.artifact_id.clone(),
-                url: spec.url.to_string(),
+                url: spec.url.redacted().into_owned(),
             };
             (PlanOutcome::Planned { job_key }, Some(job), Some(ev))
         }
@@ -56,8 +57,8 @@ pub fn decide(
                 job_key,
                 existing: job.fingerprint,
                 proposed: spec.fingerprint(),
-                existing_url: job.spec.url.to_string(),
-                proposed_url: spec.url.to_string(),
+                existing_url: job.spec.url.redacted().into_owned(),
+                proposed_url: spec.url.redacted().into_owned(),
             };
             let ev = EventKind::KeyConflict {
                 job_key,

@@ -287,11 +287,22 @@ pub enum FetchErrorKind {
     Other,
 }
 
+/// `s`, with the secrets of the URLs in it hidden.
+pub(crate) fn redacted(s: String) -> String {
+    match crate::redact_text(&s) {
+        std::borrow::Cow::Borrowed(_) => s,
+        std::borrow::Cow::Owned(r) => r,
+    }
+}
+
 impl FetchError {
+    /// `detail` is stored with the secrets of any URL in it redacted
+    /// ([`crate::redact_text`]): it ends up in logs and in the ledger's
+    /// `last_error`.
     pub fn new(kind: FetchErrorKind, detail: impl Into<String>) -> Self {
         Self {
             kind,
-            detail: detail.into(),
+            detail: redacted(detail.into()),
             retry_after_ms: None,
         }
     }

@@ -48,21 +48,21 @@ impl CanonicalUrl {
             return Err(SpecError::Empty("url"));
         }
         let mut url = url::Url::parse(raw).map_err(|e| SpecError::BadUrl {
-            url: raw.to_owned(),
+            url: redact_url(raw).into_owned(),
             reason: e.to_string(),
         })?;
         match url.scheme() {
             "http" | "https" => {}
             other => {
                 return Err(SpecError::UnsupportedScheme {
-                    url: raw.to_owned(),
+                    url: redact_url(raw).into_owned(),
                     scheme: other.to_owned(),
                 })
             }
         }
         if url.host_str().is_none_or(str::is_empty) {
             return Err(SpecError::BadUrl {
-                url: raw.to_owned(),
+                url: redact_url(raw).into_owned(),
                 reason: "no host".into(),
             });
         }
@@ -94,6 +94,12 @@ impl CanonicalUrl {
         &self.0
     }
 
+    /// The URL as it may be shown: in logs, events, errors and reports.
+    /// See [`redact_url`].
+    pub fn redacted(&self) -> std::borrow::Cow<'_, str> {
+        redact_url(&self.0)
+    }
+
     /// The host (lower-case), for per-host limits. Always present: `parse`
     /// refuses URLs without one.
     pub fn host(&self) -> String {
@@ -114,6 +120,144 @@ impl fmt::Debug for CanonicalUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:?}", self.0)
     }
+}
+
+/// `raw` with its secrets replaced by `***`: the userinfo (`user:password@`)
+/// and the values of query parameters whose names say they carry a secret
+/// (`token`, `access_token`, `key`, `api_key`, `sig`, `signature`,
+/// `password`, `X-Amz-Signature`, `X-Amz-Credential`, ...). The ledger keeps
+/// the URL whole, since it is what is fetched; everything idem prints or
+/// writes elsewhere shows this form. Works on any string, parsed or not,
+/// and borrows when there is nothing to hide.
+pub fn redact_url(raw: &str) -> std::borrow::Cow<'_, str> {
+    let after_scheme = raw.find("://").map_or(0, |i| i + 3);
+    let rest = &raw[after_scheme..];
+    let authority_end = rest
+        .find(['/', '?', '#'])
+        .map_or(raw.len(), |i| after_scheme + i);
+    let userinfo_end = raw[after_scheme..authority_end]
+        .rfind('@')
+        .map(|i| after_scheme + i);
+    let query = raw[authority_end..]
+        .find('?')
+        .map(|i| authority_end + i + 1);
+    let query_end = query.map(|q| raw[q..].find('#').map_or(raw.len(), |i| q + i));
+    let secret_query = match (query, query_end) {
+        (Some(q), Some(e)) => raw[q..e]
+            .split('&')
+            .any(|p| p.contains('=') && is_secret_param(p)),
+        _ => false,
+    };
+    if userinfo_end.is_none() && !secret_query {
+        return std::borrow::Cow::Borrowed(raw);
+    }
+    let mut out = String::with_capacity(raw.len());
+    out.push_str(&raw[..after_scheme]);
+    match userinfo_end {
+        Some(at) => {
+            out.push_str("***");
+            out.push_str(&raw[at..authority_end]);
+        }
+        None => out.push_str(&raw[after_scheme..authority_end]),
+    }
+    match (query, query_end) {
+        (Some(q), Some(e)) if secret_query => {
+            out.push_str(&raw[authority_end..q]);
+            for (i, pair) in raw[q..e].split('&').enumerate() {
+                if i > 0 {
+                    out.push('&');
+                }
+                match pair.split_once('=') {
+                    Some((name, _)) if is_secret_param(pair) => {
+                        out.push_str(name);
+                        out.push_str("=***");
+                    }
+                    _ => out.push_str(pair),
+                }
+            }
+            out.push_str(&raw[e..]);
+        }
+        _ => out.push_str(&raw[authority_end..]),
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// `text` with every URL in it passed through [`redact_url`]: for error
+/// details and messages that quote URLs (an HTTP client's error names the
+/// URL it failed on). A URL runs from its scheme to the first whitespace,
+/// quote, angle bracket or closing parenthesis, less trailing punctuation.
+pub fn redact_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains("://") {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut changed = false;
+    while let Some(i) = rest.find("://") {
+        let start = rest[..i]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+            .map_or(0, |j| j + 1);
+        let end = rest[i..]
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | ')' | '`'))
+            .map_or(rest.len(), |j| i + j);
+        // Punctuation that ends a sentence ends the URL too (`{url}: HTTP 404`).
+        let end = start
+            + rest[start..end]
+                .trim_end_matches([':', ',', ';', '.'])
+                .len();
+        out.push_str(&rest[..start]);
+        let url = redact_url(&rest[start..end]);
+        changed |= matches!(url, std::borrow::Cow::Owned(_));
+        out.push_str(&url);
+        rest = &rest[end..];
+    }
+    if !changed {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
+}
+
+/// Whether a `name=value` query pair's name marks its value as a secret.
+fn is_secret_param(pair: &str) -> bool {
+    const NAMES: &[&str] = &[
+        "auth",
+        "authorization",
+        "key",
+        "apikey",
+        "code",
+        "credential",
+        "pass",
+        "passwd",
+        "password",
+        "pwd",
+        "secret",
+        "session",
+        "sessionid",
+        "session_id",
+        "sig",
+        "signature",
+        "token",
+        "x-amz-credential",
+        "x-amz-security-token",
+        "x-amz-signature",
+        "x-goog-credential",
+        "x-goog-signature",
+    ];
+    const SUFFIXES: &[&str] = &[
+        "token",
+        "secret",
+        "signature",
+        "password",
+        "_key",
+        "-key",
+        "apikey",
+    ];
+    let name = pair
+        .split_once('=')
+        .map_or(pair, |(n, _)| n)
+        .to_ascii_lowercase();
+    NAMES.contains(&name.as_str()) || SUFFIXES.iter().any(|s| name.ends_with(s))
 }
 
 /// Decodes escapes of unreserved characters (RFC 3986 §6.2.2.2) and

@@ -993,7 +993,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         let total = got.content_length.map(|n| n + offset);
         self.check_type(job, &got).map_err(StreamErr::Fetch)?;
         sidecar = Sidecar {
-            url: url.clone(),
+            url: idem_core::redact_url(&url).into_owned(),
             etag: got.etag.clone().or(sidecar.etag),
             last_modified: got.last_modified.clone().or(sidecar.last_modified),
             length: total,
@@ -1269,8 +1269,12 @@ fn prepare_part(
     head: &HeadInfo,
     committed: Option<&StreamInfo>,
 ) -> std::io::Result<Prepared> {
+    // Sidecars sit outside the ledger, so they keep the URL without its
+    // secrets; a job's URL never changes, so the redacted form still tells
+    // a part of this job's URL from a stray one.
+    let shown = idem_core::redact_url(url);
     let fresh_sc = Sidecar {
-        url: url.to_owned(),
+        url: shown.clone().into_owned(),
         etag: head.etag.clone(),
         last_modified: head.last_modified.clone(),
         length: head.content_length,
@@ -1278,7 +1282,7 @@ fn prepare_part(
         boot_id: files::boot_id(),
     };
     let same_entity = |sc: &Sidecar| {
-        sc.url == url
+        sc.url == shown
             && match (&head.etag, &head.last_modified) {
                 (Some(e), _) => sc.etag.as_ref() == Some(e),
                 (None, Some(lm)) => sc.last_modified.as_ref() == Some(lm),

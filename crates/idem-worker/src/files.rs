@@ -35,6 +35,7 @@ pub struct OutDir {
 /// What the sidecar of a part file records.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sidecar {
+    /// The job's URL without its secrets (`idem_core::redact_url`).
     pub url: String,
     pub etag: Option<String>,
     pub last_modified: Option<String>,

@@ -3,7 +3,7 @@
 use crate::job::{ErrorClass, JobError};
 use crate::retry::{classify_status, parse_http_date, RetryPolicy, SplitMix64};
 use crate::spec::{CanonicalUrl, JobSpec, SpecError};
-use crate::{job_key_of, Timestamp};
+use crate::{job_key_of, redact_text, redact_url, Timestamp};
 
 #[test]
 fn canonical_urls() {
@@ -24,6 +24,52 @@ fn canonical_urls() {
     for (raw, want) in cases {
         assert_eq!(CanonicalUrl::parse(raw).unwrap().as_str(), want, "{raw}");
     }
+}
+
+#[test]
+fn urls_are_shown_without_their_secrets() {
+    let cases = [
+        ("https://example.org/a/b?x=1", "https://example.org/a/b?x=1"),
+        ("https://user:pw@example.org/a", "https://***@example.org/a"),
+        ("https://TOKEN@example.org", "https://***@example.org"),
+        (
+            "https://h/f.pdf?id=7&token=abc&X-Amz-Signature=f00#top",
+            "https://h/f.pdf?id=7&token=***&X-Amz-Signature=***#top",
+        ),
+        (
+            "https://h/?api_key=k&page=2",
+            "https://h/?api_key=***&page=2",
+        ),
+        ("https://h/?access_token=t", "https://h/?access_token=***"),
+        // A name alone, or a secret-looking word in the path, is left be.
+        ("https://h/token/key?token", "https://h/token/key?token"),
+        ("https://u:p@h:8080/?sig=1", "https://***@h:8080/?sig=***"),
+    ];
+    for (raw, want) in cases {
+        assert_eq!(redact_url(raw), want, "{raw}");
+    }
+    let url = CanonicalUrl::parse("https://u:p@h/x?key=s").unwrap();
+    assert_eq!(
+        url.as_str(),
+        "https://u:p@h/x?key=s",
+        "the URL fetched keeps them"
+    );
+    assert_eq!(url.redacted(), "https://***@h/x?key=***");
+    assert_eq!(
+        redact_text("error sending request for url (https://u:p@h/x?token=t): reset"),
+        "error sending request for url (https://***@h/x?token=***): reset"
+    );
+    assert_eq!(
+        redact_text("https://h/x?token=t: HTTP 404, then http://a:b@c/."),
+        "https://h/x?token=***: HTTP 404, then http://***@c/."
+    );
+    assert_eq!(redact_text("no url here: a@b"), "no url here: a@b");
+    let e = JobError::retryable("timeout", "https://u:p@h/x: timed out");
+    assert_eq!(e.detail, "https://***@h/x: timed out");
+    let bad = CanonicalUrl::parse("ftp://u:p@h/x")
+        .unwrap_err()
+        .to_string();
+    assert!(!bad.contains("u:p"), "{bad}");
 }
 
 #[test]
