@@ -439,3 +439,30 @@ fn json_output_shapes() {
     );
     insta::assert_snapshot!(all);
 }
+
+/// An output directory that cannot be used is named, with the reason given
+/// once, and the run stops before touching the ledger's jobs.
+#[test]
+fn an_unusable_output_directory_is_named_once() {
+    let env = Env::new();
+    env.plan(&[job("w", "a", "https://example.org/1")]);
+    let file = env.path("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let out = Command::new(IDEM)
+        .arg("--db")
+        .arg(&env.db)
+        .arg("--out")
+        .arg(&file)
+        .args(["run", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not-a-dir"), "{stderr}");
+    assert_eq!(stderr.matches("Not a directory").count(), 1, "{stderr}");
+    assert_eq!(
+        env.status()["by_state"]["planned"],
+        1,
+        "the job is untouched"
+    );
+}

@@ -122,12 +122,14 @@ pub struct RunSummary {
 /// Why the engine could not run at all.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("{0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("output directory {path}: {source}")]
+    // The reason is in the message and deliberately not a `source`: a
+    // chain printer would show it twice.
+    #[error("output directory {path}: {error}")]
     OutDir {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -163,9 +165,9 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         cfg: EngineConfig,
         sink: Arc<dyn EventSink>,
     ) -> Result<Self, EngineError> {
-        let out = OutDir::prepare(&cfg.out_dir).map_err(|source| EngineError::OutDir {
+        let out = OutDir::prepare(&cfg.out_dir).map_err(|error| EngineError::OutDir {
             path: cfg.out_dir.clone(),
-            source,
+            error,
         })?;
         Ok(Self {
             store,
