@@ -73,9 +73,22 @@ pub(crate) fn plan(g: &Global, a: &PlanArgs) -> anyhow::Result<u8> {
     // Reading and parsing run on their own thread, one batch ahead of the
     // ledger: a parsed line costs about as much as its insert, so the two
     // stages together take little longer than the ledger alone.
+    // Millions of lines take minutes: a terminal gets a running count.
+    let bar = (!a.json && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {human_pos} jobs applied  {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        bar
+    });
     let bad = std::thread::scope(|s| -> anyhow::Result<Vec<BadLine>> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<PlanBatch>(1);
-        let reader = s.spawn(move || read_batches(&a.files, a.batch, &tx));
+        let reader_bar = bar.clone();
+        let reader = s.spawn(move || read_batches(&a.files, a.batch, &tx, reader_bar.as_ref()));
         for batch in rx {
             // On an error `rx` is dropped here, so the reader stops at its
             // next batch.
@@ -86,12 +99,22 @@ pub(crate) fn plan(g: &Global, a: &PlanArgs) -> anyhow::Result<u8> {
                 events.as_ref(),
                 &mut counts,
                 &mut conflicts,
+                bar.as_ref(),
             )?;
+            if let Some(bar) = &bar {
+                bar.inc(batch.specs.len() as u64);
+                let secs = bar.elapsed().as_secs_f64().max(0.001);
+                bar.set_message(format!("{:.0} jobs/s", bar.position() as f64 / secs));
+            }
         }
         reader
             .join()
             .map_err(|_| anyhow::anyhow!("the input reader panicked"))?
-    })?;
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let bad = bad?;
     report_plan(a.json, counts, &bad, &conflicts, false)?;
     Ok(if bad.is_empty() && counts.conflicts == 0 {
         0
@@ -114,6 +137,7 @@ fn read_batches(
     files: &[String],
     size: usize,
     tx: &std::sync::mpsc::SyncSender<PlanBatch>,
+    bar: Option<&indicatif::ProgressBar>,
 ) -> anyhow::Result<Vec<BadLine>> {
     struct Gone;
     let mut bad = Vec::new();
@@ -137,7 +161,7 @@ fn read_batches(
                     }
                 }
                 Item::Bad(b) => {
-                    eprintln!("idem: {b}");
+                    warn(bar, &b);
                     bad.push(b);
                 }
             }
@@ -153,6 +177,14 @@ fn read_batches(
     Ok(bad)
 }
 
+/// A warning on stderr that does not tear through a progress bar.
+fn warn(bar: Option<&indicatif::ProgressBar>, msg: impl std::fmt::Display) {
+    match bar {
+        Some(bar) => bar.suspend(|| eprintln!("idem: {msg}")),
+        None => eprintln!("idem: {msg}"),
+    }
+}
+
 /// Plans one batch and tallies its outcomes; a conflict is reported on
 /// stderr with the line it came from.
 fn apply_plan(
@@ -162,6 +194,7 @@ fn apply_plan(
     events: Option<&EventsFile>,
     counts: &mut PlanCounts,
     conflicts: &mut Vec<serde_json::Value>,
+    bar: Option<&indicatif::ProgressBar>,
 ) -> anyhow::Result<()> {
     let r = store.plan(&batch.specs, max_attempts, now())?;
     if let Some(ev) = events {
@@ -170,9 +203,10 @@ fn apply_plan(
     for (o, (file, line)) in r.value.iter().zip(&batch.origins) {
         counts.add(o);
         if let PlanOutcome::Conflict(c) = o {
-            eprintln!(
-                "idem: {file}:{line}: key conflict for job {}: planned with {} but this line has {}; not applied",
-                c.job_key, c.existing_url, c.proposed_url
+            warn(
+                bar,
+                format_args!("{file}:{line}: key conflict for job {}: planned with {} but this line has {}; not applied",
+                c.job_key, c.existing_url, c.proposed_url),
             );
             if conflicts.len() < 1000 {
                 conflicts.push(json!({"file": file, "line": line, "job_key": c.job_key,
