@@ -70,9 +70,6 @@ pub(crate) fn plan(g: &Global, a: &PlanArgs) -> anyhow::Result<u8> {
     let events = a.events.as_deref().map(EventsFile::open).transpose()?;
     let mut counts = PlanCounts::default();
     let mut conflicts: Vec<serde_json::Value> = Vec::new();
-    // Reading and parsing run on their own thread, one batch ahead of the
-    // ledger: a parsed line costs about as much as its insert, so the two
-    // stages together take little longer than the ledger alone.
     // Millions of lines take minutes: a terminal gets a running count.
     let bar = (!a.json && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new_spinner();
@@ -85,6 +82,9 @@ pub(crate) fn plan(g: &Global, a: &PlanArgs) -> anyhow::Result<u8> {
         bar.enable_steady_tick(std::time::Duration::from_millis(200));
         bar
     });
+    // Reading and parsing run on their own thread, one batch ahead of the
+    // ledger: a parsed line costs about as much as its insert, so the two
+    // stages together take little longer than the ledger alone.
     let bad = std::thread::scope(|s| -> anyhow::Result<Vec<BadLine>> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<PlanBatch>(1);
         let reader_bar = bar.clone();
