@@ -225,7 +225,6 @@ fn is_secret_param(pair: &str) -> bool {
         "authorization",
         "key",
         "apikey",
-        "code",
         "credential",
         "pass",
         "passwd",
