@@ -23,6 +23,8 @@ pub const MAX_URL_LEN: usize = 8192;
 pub enum SpecError {
     #[error("field `{0}` is empty")]
     Empty(&'static str),
+    #[error("field `{0}` contains a control character (a terminal escape, a newline or a NUL)")]
+    ControlChar(&'static str),
     #[error("field `{field}` is longer than {max} bytes")]
     TooLong { field: &'static str, max: usize },
     #[error("bad url {url:?}: {reason}")]
@@ -125,7 +127,11 @@ impl fmt::Debug for CanonicalUrl {
 /// `raw` with its secrets replaced by `***`: the userinfo (`user:password@`)
 /// and the values of query parameters whose names say they carry a secret
 /// (`token`, `access_token`, `key`, `api_key`, `sig`, `signature`,
-/// `password`, `X-Amz-Signature`, `X-Amz-Credential`, ...). The ledger keeps
+/// `password`, `jwt`, `X-Amz-Signature`, `X-Amz-Credential`, ...), with
+/// pairs separated by `&` or `;`, and the whole value of a parameter that,
+/// percent-decoded, is itself a URL or query carrying such a secret. A
+/// parameter named `code` is left visible: it is too often a plain
+/// identifier (a product or DOI code) to hide. The ledger keeps
 /// the URL whole, since it is what is fetched; everything idem prints or
 /// writes elsewhere shows this form. Works on any string, parsed or not,
 /// and borrows when there is nothing to hide.
@@ -143,9 +149,7 @@ pub fn redact_url(raw: &str) -> std::borrow::Cow<'_, str> {
         .map(|i| authority_end + i + 1);
     let query_end = query.map(|q| raw[q..].find('#').map_or(raw.len(), |i| q + i));
     let secret_query = match (query, query_end) {
-        (Some(q), Some(e)) => raw[q..e]
-            .split('&')
-            .any(|p| p.contains('=') && is_secret_param(p)),
+        (Some(q), Some(e)) => query_pairs(&raw[q..e]).any(|(p, _)| is_secret_pair(p)),
         _ => false,
     };
     if userinfo_end.is_none() && !secret_query {
@@ -163,17 +167,15 @@ pub fn redact_url(raw: &str) -> std::borrow::Cow<'_, str> {
     match (query, query_end) {
         (Some(q), Some(e)) if secret_query => {
             out.push_str(&raw[authority_end..q]);
-            for (i, pair) in raw[q..e].split('&').enumerate() {
-                if i > 0 {
-                    out.push('&');
-                }
+            for (pair, sep) in query_pairs(&raw[q..e]) {
                 match pair.split_once('=') {
-                    Some((name, _)) if is_secret_param(pair) => {
+                    Some((name, _)) if is_secret_pair(pair) => {
                         out.push_str(name);
                         out.push_str("=***");
                     }
                     _ => out.push_str(pair),
                 }
+                out.push_str(sep);
             }
             out.push_str(&raw[e..]);
         }
@@ -219,6 +221,64 @@ pub fn redact_text(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// Whether a `name=value` query pair's name marks its value as a secret.
+/// The `name=value` pairs of a query with the separator after each (`&`,
+/// or `;` as some servers use; empty after the last).
+fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
+    let mut rest = Some(query);
+    std::iter::from_fn(move || {
+        let q = rest?;
+        match q.find(['&', ';']) {
+            Some(i) => {
+                rest = Some(&q[i + 1..]);
+                Some((&q[..i], &q[i..=i]))
+            }
+            None => {
+                rest = None;
+                Some((q, ""))
+            }
+        }
+    })
+}
+
+/// Whether a query pair carries a secret: its name says so, or its value,
+/// percent-decoded, is itself a URL or query that carries one (a
+/// `redirect=https%3A%2F%2F...%3Ftoken%3D...` parameter).
+fn is_secret_pair(pair: &str) -> bool {
+    let Some((_, value)) = pair.split_once('=') else {
+        return false;
+    };
+    if is_secret_param(pair) {
+        return true;
+    }
+    if !value.contains('%') {
+        return false;
+    }
+    let decoded = percent_decode(value);
+    if decoded.contains("://") {
+        return matches!(redact_url(&decoded), std::borrow::Cow::Owned(_));
+    }
+    let inner = decoded.split_once('?').map_or(decoded.as_str(), |(_, q)| q);
+    let secret = query_pairs(inner).any(|(p, _)| p.contains('=') && is_secret_pair(p));
+    secret
+}
+
+/// `%XX` escapes decoded (bytes that are not UTF-8 are replaced).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() && b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit() {
+            out.push((hex(b[i + 1]) << 4) | hex(b[i + 2]));
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn is_secret_param(pair: &str) -> bool {
     const NAMES: &[&str] = &[
         "auth",
@@ -230,6 +290,7 @@ fn is_secret_param(pair: &str) -> bool {
         "passwd",
         "password",
         "pwd",
+        "jwt",
         "secret",
         "session",
         "sessionid",
@@ -250,6 +311,7 @@ fn is_secret_param(pair: &str) -> bool {
         "password",
         "_key",
         "-key",
+        "jwt",
         "apikey",
     ];
     let name = pair
@@ -417,6 +479,11 @@ fn check_id(field: &'static str, v: &str) -> Result<String, SpecError> {
             max: MAX_ID_LEN,
         });
     }
+    // Ids are printed by `show`, `export` and conflict reports: a control
+    // character there could drive the operator's terminal.
+    if v.chars().any(char::is_control) {
+        return Err(SpecError::ControlChar(field));
+    }
     Ok(v.to_owned())
 }
 
@@ -441,6 +508,11 @@ fn check_media_type(t: &str) -> Result<String, SpecError> {
 /// Does a server's `Content-Type` satisfy the expected media type? Parameters
 /// (`; charset=...`) and case are ignored.
 pub fn media_type_matches(expected: &str, got: &str) -> bool {
+    // Several types in one value (`a, b`: a server that sent two fields)
+    // are no answer.
+    if got.contains(',') {
+        return false;
+    }
     let essence = got.split(';').next().unwrap_or("").trim();
     essence.eq_ignore_ascii_case(expected)
 }

@@ -44,6 +44,20 @@ fn urls_are_shown_without_their_secrets() {
         // A name alone, or a secret-looking word in the path, is left be.
         ("https://h/token/key?token", "https://h/token/key?token"),
         ("https://u:p@h:8080/?sig=1", "https://***@h:8080/?sig=***"),
+        ("https://h/?jwt=e.y.J&a=1", "https://h/?jwt=***&a=1"),
+        ("https://h/?a=1;token=t;b=2", "https://h/?a=1;token=***;b=2"),
+        (
+            "https://h/login?next=https%3A%2F%2Fo%2Fx%3Ftoken%3Dsecret&page=1",
+            "https://h/login?next=***&page=1",
+        ),
+        (
+            "https://h/?next=%2Fx%3Fpassword%3Dpw",
+            "https://h/?next=***",
+        ),
+        // Decoded but harmless: kept as it is.
+        ("https://h/?next=%2Fx%3Fpage%3D2", "https://h/?next=%2Fx%3Fpage%3D2"),
+        // `code` is an identifier far more often than a secret.
+        ("https://h/?code=ABC-12", "https://h/?code=ABC-12"),
     ];
     for (raw, want) in cases {
         assert_eq!(redact_url(raw), want, "{raw}");
@@ -96,6 +110,13 @@ fn bad_urls_say_what_is_wrong() {
     assert_eq!(e, SpecError::Empty("artifact_id"));
     let e = JobSpec::new("w", "a", "http://h/x", None, Some("pdf")).unwrap_err();
     assert!(matches!(e, SpecError::BadContentType(_)));
+    for id in ["w\x1b[2J", "a\nb", "x\u{0}y", "del\u{7f}", "c1\u{9b}31m"] {
+        let e = JobSpec::new(id, "a", "http://h/x", None, None).unwrap_err();
+        assert_eq!(e, SpecError::ControlChar("work_id"), "{id:?}");
+        let e = JobSpec::new("w", id, "http://h/x", None, None).unwrap_err();
+        assert_eq!(e, SpecError::ControlChar("artifact_id"), "{id:?}");
+    }
+    assert!(JobSpec::new("W\u{e9}tude", "pdf \u{2014} main", "http://h/x", None, None).is_ok());
 }
 
 #[test]
