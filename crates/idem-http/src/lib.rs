@@ -103,15 +103,24 @@ pub fn address_refusal(ip: IpAddr, policy: &Policy) -> Option<&'static str> {
                 Some("link-local")
             } else if v6.is_multicast() {
                 Some("multicast")
+            } else if (s[0] & 0xffc0) == 0xfec0 {
+                Some("site-local")
+            } else if s[..6] == [0; 6] {
+                // `::a.b.c.d`, deprecated; stacks still route it to the
+                // embedded IPv4 address (`[::127.0.0.1]` is loopback).
+                Some("IPv4-compatible")
             } else if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
                 // NAT64: judge the embedded IPv4 address.
-                let v4 = std::net::Ipv4Addr::new(
-                    (s[6] >> 8) as u8,
-                    s[6] as u8,
-                    (s[7] >> 8) as u8,
-                    s[7] as u8,
-                );
-                address_refusal(IpAddr::V4(v4), policy).map(|_| "NAT64 of a refused IPv4 address")
+                address_refusal(IpAddr::V4(v4_of(s[6], s[7])), policy)
+                    .map(|_| "NAT64 of a refused IPv4 address")
+            } else if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
+                Some("local-use NAT64")
+            } else if s[0] == 0x2002 {
+                // 6to4: the relay reaches the embedded IPv4 address.
+                address_refusal(IpAddr::V4(v4_of(s[1], s[2])), policy)
+                    .map(|_| "6to4 of a refused IPv4 address")
+            } else if s[0] == 0x2001 && s[1] == 0 {
+                Some("Teredo")
             } else if s[0] == 0x2001 && s[1] == 0x0db8 {
                 Some("documentation")
             } else {
@@ -119,6 +128,13 @@ pub fn address_refusal(ip: IpAddr, policy: &Policy) -> Option<&'static str> {
             }
         }
     }
+}
+
+/// The IPv4 address held in two 16-bit segments of an IPv6 address.
+fn v4_of(hi: u16, lo: u16) -> std::net::Ipv4Addr {
+    let [a, b] = hi.to_be_bytes();
+    let [c, d] = lo.to_be_bytes();
+    std::net::Ipv4Addr::new(a, b, c, d)
 }
 
 /// Raised by the resolver when a name resolves only to refused addresses;
@@ -340,6 +356,20 @@ fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// The response's media type. Several `Content-Type` fields that disagree
+/// are kept together (`a, b`), so no expected type matches them: a server
+/// that sends two cannot have the check read only the first.
+fn content_type(h: &HeaderMap) -> Option<String> {
+    let mut all: Vec<String> = Vec::new();
+    for v in h.get_all(header::CONTENT_TYPE) {
+        let v = String::from_utf8_lossy(v.as_bytes()).trim().to_owned();
+        if !v.is_empty() && !all.contains(&v) {
+            all.push(v);
+        }
+    }
+    (!all.is_empty()).then(|| all.join(", "))
+}
+
 fn head_info(resp: &reqwest::Response) -> HeadInfo {
     let h = resp.headers();
     HeadInfo {
@@ -347,7 +377,7 @@ fn head_info(resp: &reqwest::Response) -> HeadInfo {
         etag: header_str(h, header::ETAG),
         last_modified: header_str(h, header::LAST_MODIFIED),
         content_length: header_str(h, header::CONTENT_LENGTH).and_then(|v| v.parse().ok()),
-        content_type: header_str(h, header::CONTENT_TYPE),
+        content_type: content_type(h),
         accept_ranges: header_str(h, header::ACCEPT_RANGES).is_some_and(|v| v.contains("bytes")),
     }
 }
@@ -596,10 +626,24 @@ mod tests {
             "0.0.0.0",
             "::ffff:127.0.0.1",
             "100.64.0.1",
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "::808:808",
+            "2002:7f00:1::1",
+            "2002:a9fe:a9fe::",
+            "fec0::1",
+            "64:ff9b:1::a00:1",
+            "64:ff9b::7f00:1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
         ] {
             assert!(address_refusal(ip.parse().unwrap(), &p).is_some(), "{ip}");
         }
-        for ip in ["93.184.216.34", "2606:2800:220:1::1", "64:ff9b::5db8:d822"] {
+        for ip in [
+            "93.184.216.34",
+            "2606:2800:220:1::1",
+            "64:ff9b::5db8:d822",
+            "2002:5db8:d822::1",
+        ] {
             assert!(address_refusal(ip.parse().unwrap(), &p).is_none(), "{ip}");
         }
         let lo = Policy {
