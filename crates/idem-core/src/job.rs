@@ -305,6 +305,10 @@ pub enum Command {
     Release { owner: WorkerId, epoch: Epoch },
     /// Clear a lease that has expired (reconciler). Refused while it is live.
     Expire,
+    /// Clear the lease `epoch` of `owner`, a holder known dead (a process
+    /// of this host that is gone), live or not (reconciler). Refused if the
+    /// job's lease is another.
+    ExpireDead { owner: WorkerId, epoch: Epoch },
     /// HEAD (or its GET fallback) succeeded.
     HeadDone { epoch: Epoch, head: HeadInfo },
     /// The body stream is starting (a `.part` may now exist).
@@ -331,7 +335,10 @@ pub enum Command {
     /// applies when no live lease holds the job.
     Heal { blob: BlobInfo },
     /// Reconciler found a finalized job whose blob is missing: fetch again.
-    Requeue { reason: String },
+    /// `seen` is the job's epoch when it was found so: a job that moved on
+    /// since (another reconciler requeued it, a worker fetched it again) is
+    /// refused, so a repair is never made twice.
+    Requeue { reason: String, seen: Epoch },
 }
 
 impl Command {
@@ -341,6 +348,7 @@ impl Command {
             Self::Renew { .. } => "renew",
             Self::Release { .. } => "release",
             Self::Expire => "expire",
+            Self::ExpireDead { .. } => "expire_dead",
             Self::HeadDone { .. } => "head_done",
             Self::StreamStarted { .. } => "stream_started",
             Self::Finalize { .. } => "finalize",
@@ -391,6 +399,9 @@ pub enum TransitionError {
         from: JobState,
         command: &'static str,
     },
+    /// A repair decided on the job as it was (`seen`) finds it changed.
+    #[error("the job changed since it was read: it was {seen}, it is {current}")]
+    Stale { seen: String, current: String },
 }
 
 /// The result of a legal command: the job after it, and what to emit.
@@ -556,18 +567,30 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
                 epoch,
             });
         }
-        Command::Expire => {
+        Command::Expire | Command::ExpireDead { .. } => {
             let Some(lease) = job.lease.as_ref() else {
                 return Err(TransitionError::Illegal {
                     from,
                     command: name,
                 });
             };
-            if lease.is_live(now) {
-                return Err(TransitionError::LeaseHeld {
-                    holder: lease.owner.clone(),
-                    until: lease.expires_at,
-                });
+            match &cmd {
+                Command::ExpireDead { owner, epoch }
+                    if lease.owner != *owner || lease.epoch != *epoch =>
+                {
+                    return Err(TransitionError::Stale {
+                        seen: format!("{epoch} held by {owner}"),
+                        current: format!("{} held by {}", lease.epoch, lease.owner),
+                    });
+                }
+                Command::ExpireDead { .. } => {}
+                _ if lease.is_live(now) => {
+                    return Err(TransitionError::LeaseHeld {
+                        holder: lease.owner.clone(),
+                        until: lease.expires_at,
+                    });
+                }
+                _ => {}
             }
             events.push(EventKind::LeaseExpired {
                 job_key: key,
@@ -722,11 +745,17 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
                 "crash_recovery",
             ));
         }
-        Command::Requeue { reason } => {
+        Command::Requeue { reason, seen } => {
             if !from.is_success() {
                 return Err(TransitionError::Illegal {
                     from,
                     command: name,
+                });
+            }
+            if job.epoch != seen {
+                return Err(TransitionError::Stale {
+                    seen: seen.to_string(),
+                    current: job.epoch.to_string(),
                 });
             }
             next.state = JobState::Planned;

@@ -17,6 +17,8 @@
 //! | `/private/NAME` | redirects to a private address (10.255.255.1) |
 //! | `/nohead/NAME` | HEAD answers 405; GET works |
 //! | `/type/NAME` | serves the body as `text/html` |
+//! | `/notype/NAME` | sends no `Content-Type` at all |
+//! | `/twotypes/NAME` | sends two `Content-Type` fields: the file's type, then `text/html` |
 //! | `/changing/NAME` | content and `ETag` change on every request |
 //! | `/norange/NAME` | ignores `Range`, always 200 with the full body |
 //! | `/chunked/NAME` | HEAD gives the length; GET answers 200 in `Transfer-Encoding: chunked`, without one (and ignores `Range`) |
@@ -350,8 +352,13 @@ fn respond(
     } else {
         format!("Content-Length: {len}")
     };
+    let ctype = match mode {
+        "notype" => String::new(),
+        "twotypes" => format!("Content-Type: {ctype}\r\nContent-Type: text/html\r\n"),
+        _ => format!("Content-Type: {ctype}\r\n"),
+    };
     let mut head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n{length}\r\nETag: {etag}\r\nLast-Modified: {LAST_MODIFIED}\r\nConnection: keep-alive\r\n"
+        "HTTP/1.1 {status}\r\n{ctype}{length}\r\nETag: {etag}\r\nLast-Modified: {LAST_MODIFIED}\r\nConnection: keep-alive\r\n"
     );
     if mode != "norange" && mode != "chunked" {
         head.push_str("Accept-Ranges: bytes\r\n");

@@ -156,6 +156,14 @@ impl SqliteStore {
         &self.path
     }
 
+    /// SQLite's own check of the ledger file: `PRAGMA quick_check`
+    /// (`thorough`: `integrity_check`, which also checks every index
+    /// against its table). Returns the problems found; none is a sound
+    /// ledger.
+    pub fn check_integrity(&self, thorough: bool) -> Result<Vec<String>, StoreError> {
+        self.read(|c| schema::check_integrity(c, thorough))
+    }
+
     /// The schema version this build writes.
     pub const fn schema_version() -> i64 {
         schema::LATEST

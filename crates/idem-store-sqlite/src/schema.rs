@@ -139,18 +139,30 @@ pub(crate) fn open(
     opts: &Options,
 ) -> Result<(Connection, Connection, std::fs::File), StoreError> {
     let shown = path.display();
-    if let Ok(mut f) = std::fs::File::open(path) {
-        let mut magic = [0u8; 16];
-        let n = f.read(&mut magic).unwrap_or(0);
-        if n > 0 && (n < 16 || &magic != b"SQLite format 3\0") {
+    match std::fs::metadata(path) {
+        // A device (`/dev/null`), a FIFO (whose open would block) or a
+        // directory is never a ledger, and SQLite would make files beside it.
+        Ok(m) if m.is_dir() => {
             return Err(StoreError::NotALedger(format!(
-                "{shown} is not an idem ledger (not a SQLite database); refusing to touch it"
-            )));
+                "{shown} is a directory, not a ledger file"
+            )))
         }
-    } else if path.is_dir() {
-        return Err(StoreError::NotALedger(format!(
-            "{shown} is a directory, not a ledger file"
-        )));
+        Ok(m) if !m.is_file() => {
+            return Err(StoreError::NotALedger(format!(
+                "{shown} is not a regular file (a device, FIFO or socket); a ledger is a file; refusing to touch it"
+            )))
+        }
+        Ok(_) => {
+            let mut f = std::fs::File::open(path).map_err(|e| with_path(StoreError::Backend(e.to_string()), path))?;
+            let mut magic = [0u8; 16];
+            let n = f.read(&mut magic).unwrap_or(0);
+            if n > 0 && (n < 16 || &magic != b"SQLite format 3\0") {
+                return Err(StoreError::NotALedger(format!(
+                    "{shown} is not an idem ledger (not a SQLite database); refusing to touch it"
+                )));
+            }
+        }
+        Err(_) => create_private(path)?,
     }
     let conn = Connection::open(path).map_err(|e| with_path(map_err(e), path))?;
     conn.busy_timeout(std::time::Duration::from_millis(opts.busy_timeout_ms))
@@ -193,13 +205,33 @@ pub(crate) fn open(
         ))
         .map_err(map_err)?;
     reader.set_prepared_statement_cache_capacity(128);
-    let lock = std::fs::OpenOptions::new()
+    let lock = private_options()
         .create(true)
         .truncate(false)
         .write(true)
         .open(lock_path(path))
         .map_err(|e| StoreError::Backend(format!("{}: {e}", lock_path(path).display())))?;
     Ok((conn, reader, lock))
+}
+
+/// Open options that create a file readable by its owner only: the ledger
+/// holds URLs whole, secrets included. SQLite gives its `-wal` and `-shm`
+/// files the ledger's own mode.
+fn private_options() -> std::fs::OpenOptions {
+    let mut o = std::fs::OpenOptions::new();
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    o
+}
+
+/// Creates an empty ledger file, private to its owner (a ledger made by
+/// another process meanwhile is left as it is).
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    match private_options().write(true).create_new(true).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Backend(format!("{}: {e}", path.display()))),
+    }
 }
 
 /// The writers' lock file beside the ledger (see `group.rs`).
@@ -1167,6 +1199,20 @@ pub(crate) fn scan(
         )
         .map_err(map_err)?;
     rows.collect::<rusqlite::Result<Vec<_>>>().map_err(map_err)
+}
+
+pub(crate) fn check_integrity(c: &Connection, thorough: bool) -> Result<Vec<String>, StoreError> {
+    let sql = if thorough {
+        "PRAGMA integrity_check(100)"
+    } else {
+        "PRAGMA quick_check(100)"
+    };
+    let mut st = c.prepare(sql).map_err(map_err)?;
+    let rows = st
+        .query_map([], |r| r.get::<_, String>(0))
+        .map_err(map_err)?;
+    let found: Vec<String> = rows.collect::<Result<_, _>>().map_err(map_err)?;
+    Ok(found.into_iter().filter(|r| r != "ok").collect())
 }
 
 pub(crate) fn finalized_by_url(c: &Connection, url: &str) -> Result<Option<Job>, StoreError> {

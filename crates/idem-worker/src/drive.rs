@@ -593,19 +593,26 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
     }
 
     /// A response's content type against the job's expected one.
+    /// An expected type is checked against what the server declared; a
+    /// response that declares none does not pass.
     fn check_type(&self, job: &Job, got: &HeadInfo) -> Result<(), FetchError> {
-        if let (Some(want), Some(ct)) = (
-            job.spec.content_type.as_deref(),
-            got.content_type.as_deref(),
-        ) {
-            if !media_type_matches(want, ct) {
-                return Err(FetchError::new(
-                    FetchErrorKind::Policy,
-                    format!("{}: content type {ct:?}, expected {want:?}", job.spec.url),
-                ));
-            }
+        let Some(want) = job.spec.content_type.as_deref() else {
+            return Ok(());
+        };
+        match got.content_type.as_deref() {
+            Some(ct) if media_type_matches(want, ct) => Ok(()),
+            Some(ct) => Err(FetchError::new(
+                FetchErrorKind::Policy,
+                format!("{}: content type {ct:?}, expected {want:?}", job.spec.url),
+            )),
+            None => Err(FetchError::new(
+                FetchErrorKind::Policy,
+                format!(
+                    "{}: the server declared no content type, expected {want:?}",
+                    job.spec.url
+                ),
+            )),
         }
-        Ok(())
     }
 
     fn check_head(&self, job: &Job, head: HeadInfo) -> Result<HeadInfo, FetchError> {
@@ -720,7 +727,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 // need.
                 let part = chosen.unwrap_or(primary);
                 files::remove_part(&part);
-                let err = JobError::retryable("io", format!("writing {}: {e}", part.display()));
+                let err = io_error(format!("writing {}", part.display()), &e);
                 self.fail(job, epoch, sop, err).await
             }
         }
@@ -818,7 +825,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                         },
                     ),
                     Err(e) => {
-                        let err = JobError::retryable("io", e.to_string());
+                        let err = io_error("writing the part".into(), &e);
                         return self.fail_now(job, epoch, prefix(&finish), sop, err);
                     }
                 }
@@ -870,11 +877,30 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         }
         // The commit that began FINALIZE proved the lease a moment ago; the
         // heartbeat's verdict is the last check before publishing.
-        self.check(fenced)?;
+        if let Err(abort) = self.check(fenced) {
+            if matches!(abort, Abort::Fenced) {
+                files::remove_part(part);
+            }
+            return Err(abort);
+        }
         let published = files::publish(&self.out, part, si.sha256, si.size);
         crashpoint("after_publish");
         let (blob, then) = match published {
             Ok(Published::New(blob)) => (blob.clone(), Command::Finalize { epoch, blob }),
+            Ok(Published::Replaced(blob, aside)) => {
+                eprintln!(
+                    "idem: {} held other bytes than its name says; moved to {} and replaced by job {key}'s verified content",
+                    blob.path,
+                    aside.display()
+                );
+                self.emit(&[EventKind::CrashRecovery {
+                    kind: "blob_replaced".into(),
+                    job_key: Some(key),
+                    count: 1,
+                }
+                .at(self.now())]);
+                (blob.clone(), Command::Finalize { epoch, blob })
+            }
             Ok(Published::AlreadyStored(blob)) => (
                 blob.clone(),
                 Command::Duplicate {
@@ -884,7 +910,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 },
             ),
             Err(e) => {
-                let err = JobError::retryable("io", format!("publishing {}: {e}", part.display()));
+                let err = io_error(format!("publishing {}", part.display()), &e);
                 return self.fail_now(job, epoch, Vec::new(), fop, err);
             }
         };
@@ -992,14 +1018,17 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         }
         let total = got.content_length.map(|n| n + offset);
         self.check_type(job, &got).map_err(StreamErr::Fetch)?;
-        sidecar = Sidecar {
-            url: idem_core::redact_url(&url).into_owned(),
-            etag: got.etag.clone().or(sidecar.etag),
-            last_modified: got.last_modified.clone().or(sidecar.last_modified),
-            length: total,
-            durable_bytes: offset,
-            boot_id: files::boot_id(),
-        };
+        sidecar = Sidecar::new(
+            idem_core::redact_url(&url).into_owned(),
+            got.etag.clone().or(sidecar.etag),
+            got.last_modified.clone().or(sidecar.last_modified),
+            total,
+        );
+        if offset > 0 {
+            // The prefix kept was checked and fsynced by `prepare_part`.
+            let sha = idem_core::Digest32::from_bytes(hasher.clone().finalize().into());
+            sidecar.mark(offset, sha, true);
+        }
         // Small bodies restart from zero after a crash; larger ones record
         // their validators first so a new holder can resume them.
         // A fresh part's sidecar waits (see `files::SIDECAR_AFTER`); one
@@ -1037,9 +1066,12 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             ),
         };
         if let Err(e) = self.read_body(&url, body, fenced, &mut sink).await {
-            if matches!(e, StreamErr::Fetch(_)) {
+            match e {
                 // Keep what arrived (fsynced, recorded) for the next attempt.
-                sink.keep().await;
+                StreamErr::Fetch(_) => sink.keep().await,
+                // The job is another holder's now: leave nothing behind.
+                StreamErr::Abort(Abort::Fenced) => sink.discard(part).await,
+                _ => {}
             }
             return Err(e);
         }
@@ -1144,16 +1176,30 @@ pub(crate) struct Stored {
 }
 
 /// Blocking: the content another job finalized under `job`'s URL whose
-/// blob is still on disk. Looked up in the lease's trip off the runtime; a
+/// blob is still on disk, if it passes `job`'s own checks: its expected
+/// digest, its expected type (against the type the other job's server
+/// declared), and the blob's size on disk. Otherwise the job is fetched and
+/// checked as any other. Looked up in the lease's trip off the runtime; a
 /// failed lookup counts as none (publishing still stores content once).
 pub(crate) fn duplicate_of<S: Store + ?Sized>(store: &S, root: &Path, job: &Job) -> Option<Stored> {
     if job.state != JobState::Leased {
         return None;
     }
     let prev = store.finalized_by_url(job.spec.url.as_str()).ok()??;
-    prev.blob
-        .filter(|b| prev.key != job.key && root.join(&b.path).exists())
-        .map(|blob| Stored { of: prev.key, blob })
+    let blob = prev.blob.filter(|_| prev.key != job.key)?;
+    if job.spec.sha256.is_some_and(|want| want != blob.sha256) {
+        return None;
+    }
+    if let Some(want) = job.spec.content_type.as_deref() {
+        let declared = prev.head.as_ref().and_then(|h| h.content_type.as_deref());
+        if !declared.is_some_and(|ct| media_type_matches(want, ct)) {
+            return None;
+        }
+    }
+    // A regular file of the recorded size (a symlink or a truncated file
+    // is not the blob that was verified).
+    let on_disk = std::fs::symlink_metadata(root.join(&blob.path)).ok()?;
+    (on_disk.is_file() && on_disk.len() == blob.size).then_some(Stored { of: prev.key, blob })
 }
 
 /// Where a body landed: in its part, fsynced (hashed as it was written), or
@@ -1223,6 +1269,27 @@ impl Sink {
             let _ = w.keep().await;
         }
     }
+
+    /// Drops what arrived, and the part it went to.
+    async fn discard(self, part: &Path) {
+        match self {
+            Self::Writer(w) => w.discard(part).await,
+            Self::Held { .. } => files::remove_part(part),
+        }
+    }
+}
+
+/// An I/O error of this host's disk as a job error: one the job cannot get
+/// past by trying again (a permission refused, a read-only filesystem, a
+/// file idem did not make in its way) fails it at once; others (a full
+/// disk) are retried.
+fn io_error(what: String, e: &std::io::Error) -> JobError {
+    use std::io::ErrorKind as K;
+    let detail = format!("{what}: {e}");
+    match e.kind() {
+        K::PermissionDenied | K::ReadOnlyFilesystem => JobError::permanent("io", detail),
+        _ => JobError::retryable("io", detail),
+    }
 }
 
 /// Aborts the process at a named point when `IDEM_CRASHPOINT` names it: the
@@ -1273,14 +1340,12 @@ fn prepare_part(
     // secrets; a job's URL never changes, so the redacted form still tells
     // a part of this job's URL from a stray one.
     let shown = idem_core::redact_url(url);
-    let fresh_sc = Sidecar {
-        url: shown.clone().into_owned(),
-        etag: head.etag.clone(),
-        last_modified: head.last_modified.clone(),
-        length: head.content_length,
-        durable_bytes: 0,
-        boot_id: files::boot_id(),
-    };
+    let fresh_sc = Sidecar::new(
+        shown.clone().into_owned(),
+        head.etag.clone(),
+        head.last_modified.clone(),
+        head.content_length,
+    );
     let same_entity = |sc: &Sidecar| {
         sc.url == shown
             && match (&head.etag, &head.last_modified) {
@@ -1291,31 +1356,48 @@ fn prepare_part(
     };
     let primary = out.part_path(&key);
     let mut primary_held = false;
-    let mut best: Option<(std::path::PathBuf, Sidecar, std::fs::File)> = None;
+    // The part to adopt: its path, sidecar, file, and the prefix trusted.
+    let mut best: Option<(std::path::PathBuf, Sidecar, std::fs::File, u64, Sha256)> = None;
     for p in out.parts_of(&key, epoch.0) {
-        // A part still locked belongs to a live (perhaps paused) writer.
-        let Ok(Some(mut f)) = files::open_locked(&p, false) else {
-            primary_held |= p == primary;
-            continue;
+        let mut f = match files::open_locked(&p, false) {
+            Ok(Some(f)) => f,
+            // A link or other non-file at a part's name was not made by
+            // idem: its name goes (never what it points to).
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                eprintln!("idem: removing {}: {e}", p.display());
+                files::remove_part(&p);
+                primary_held |= p == primary && p.symlink_metadata().is_ok();
+                continue;
+            }
+            // A part still locked belongs to a live (perhaps paused) writer.
+            _ => {
+                primary_held |= p == primary;
+                continue;
+            }
         };
         // A body an earlier holder streamed and committed (its part was
         // fsynced before that commit) is known by the ledger's record, with
         // or without a sidecar: a body that landed fast never wrote one.
-        let sc = match committed {
-            Some(si) if is_complete(&mut f, si) => Some(Sidecar {
-                length: Some(si.size),
-                durable_bytes: si.size,
-                ..fresh_sc.clone()
-            }),
-            _ => files::read_sidecar(&p).filter(|sc| same_entity(sc)),
+        // Any other part is resumed only as far as its bytes still hash to
+        // what its sidecar recorded for them.
+        let found = match committed {
+            Some(si) if is_complete(&mut f, si) => {
+                let mut sc = fresh_sc.clone();
+                sc.length = Some(si.size);
+                let mut h = Sha256::new();
+                files::hash_prefix(&mut f, si.size, &mut h)?;
+                Some((sc, si.size, h))
+            }
+            _ => files::read_sidecar(&p)
+                .filter(|sc| same_entity(sc))
+                .and_then(|sc| match sc.trusted_prefix(&mut f) {
+                    Ok((n, h)) if n > 0 => Some((sc, n, h)),
+                    _ => None,
+                }),
         };
-        match sc {
-            Some(sc)
-                if best
-                    .as_ref()
-                    .is_none_or(|b| sc.durable_bytes > b.1.durable_bytes) =>
-            {
-                if let Some((old, _, _)) = best.replace((p, sc, f)) {
+        match found {
+            Some((sc, n, h)) if best.as_ref().is_none_or(|b| n > b.3) => {
+                if let Some((old, ..)) = best.replace((p, sc, f, n, h)) {
                     files::remove_part(&old);
                 }
             }
@@ -1327,33 +1409,15 @@ fn prepare_part(
     } else {
         primary
     };
-    let mut hasher = Sha256::new();
-    if let Some((old, sc, mut f)) = best {
+    if let Some((old, sc, f, offset, hasher)) = best {
         if old != target {
             std::fs::rename(&old, &target)?;
             let _ = std::fs::rename(OutDir::sidecar_path(&old), OutDir::sidecar_path(&target));
         }
-        let len = f.metadata()?.len();
-        // Same boot: the page cache kept every written byte through the
-        // crash. Another boot: only what was fsynced is trustworthy.
-        let same_boot = sc.boot_id.is_some() && sc.boot_id == files::boot_id();
-        let offset = if same_boot {
-            len
-        } else {
-            len.min(sc.durable_bytes)
-        };
+        // What follows the trusted prefix is dropped; the prefix is made
+        // durable, so the sidecar may say so.
         f.set_len(offset)?;
-        if files::hash_prefix(&mut f, offset, &mut hasher).is_err() {
-            f.set_len(0)?;
-            return Ok(Prepared {
-                part: target,
-                file: f,
-                offset: 0,
-                sidecar: fresh_sc,
-                hasher: Sha256::new(),
-                fresh: false,
-            });
-        }
+        f.sync_data()?;
         return Ok(Prepared {
             part: target,
             file: f,
@@ -1367,6 +1431,7 @@ fn prepare_part(
         std::io::Error::other(format!("{} is locked by another process", target.display()))
     })?;
     f.set_len(0)?;
+    let hasher = Sha256::new();
     // Earlier parts were removed with their sidecars; one left beside the
     // target by a crash between the two removals is overwritten before any
     // byte is written, like any earlier holder's.

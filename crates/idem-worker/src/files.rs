@@ -17,7 +17,16 @@
 //! Publishing is: fsync the part, link it to its content address (same
 //! filesystem; a link never overwrites, so exactly one of two identical
 //! publishers wins), fsync the directory, drop the part's name. If the
-//! address is taken, the content is already stored and the part is dropped.
+//! address is taken by a file with the right size and digest, the content
+//! is already stored and the part is dropped; anything else there (a file
+//! idem did not write, damaged or planted) is moved aside to
+//! `<out>/quarantine/` and replaced.
+//!
+//! Nothing under the output directory is opened through a symbolic link,
+//! and anything that is not a regular file (a link, a FIFO, a device) is
+//! refused where idem expects one of its own files: names in `tmp/` and
+//! `blobs/` are predictable from a job's identity, so a planted link must
+//! never make idem write, append to or chmod a file elsewhere.
 
 use idem_core::{BlobInfo, Digest32, JobKey};
 use serde::{Deserialize, Serialize};
@@ -25,6 +34,7 @@ use sha2::{Digest as _, Sha256};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// The layout of an output directory.
 #[derive(Clone, Debug)]
@@ -41,11 +51,18 @@ pub struct Sidecar {
     pub last_modified: Option<String>,
     /// The full length of the entity, if declared.
     pub length: Option<u64>,
-    /// Bytes of the part known to be on disk (fsynced).
+    /// Bytes of the part known to be on disk (fsynced), and the SHA-256 of
+    /// that prefix: what survives a power loss.
     pub durable_bytes: u64,
-    /// The kernel boot the part was written in. Within the same boot the
-    /// page cache survived any process crash, so the whole file length is
-    /// trustworthy; after a reboot only `durable_bytes` is.
+    #[serde(default)]
+    pub durable_sha256: Option<Digest32>,
+    /// Bytes written (not necessarily fsynced) by a process of the boot
+    /// `boot_id`, and the SHA-256 of that prefix: within that boot the page
+    /// cache kept them through any process crash.
+    #[serde(default)]
+    pub written_bytes: u64,
+    #[serde(default)]
+    pub written_sha256: Option<Digest32>,
     #[serde(default)]
     pub boot_id: Option<String>,
 }
@@ -66,6 +83,64 @@ pub fn boot_id() -> Option<String> {
 }
 
 impl Sidecar {
+    /// A fresh sidecar: nothing on disk yet.
+    pub fn new(
+        url: String,
+        etag: Option<String>,
+        last_modified: Option<String>,
+        length: Option<u64>,
+    ) -> Self {
+        Self {
+            url,
+            etag,
+            last_modified,
+            length,
+            durable_bytes: 0,
+            durable_sha256: None,
+            written_bytes: 0,
+            written_sha256: None,
+            boot_id: boot_id(),
+        }
+    }
+
+    /// Records the first `bytes` of the part, hashing to `sha256`, as
+    /// written and (`durable`) fsynced.
+    pub fn mark(&mut self, bytes: u64, sha256: Digest32, durable: bool) {
+        self.written_bytes = bytes;
+        self.written_sha256 = Some(sha256);
+        self.boot_id = boot_id();
+        if durable {
+            self.durable_bytes = bytes;
+            self.durable_sha256 = Some(sha256);
+        }
+    }
+
+    /// The longest prefix of `f` that still hashes to a digest this sidecar
+    /// recorded for it (the bytes written in this boot, else those made
+    /// durable), with the hasher holding that prefix. A part whose bytes
+    /// changed since (damaged, or planted with a sidecar of its own) has no
+    /// such prefix and starts over from zero.
+    pub fn trusted_prefix(&self, f: &mut File) -> io::Result<(u64, Sha256)> {
+        let len = f.metadata()?.len();
+        let same_boot = self.boot_id.is_some() && self.boot_id == boot_id();
+        let written = self.written_sha256.filter(|_| same_boot);
+        for (bytes, want) in [
+            (self.written_bytes, written),
+            (self.durable_bytes, self.durable_sha256),
+        ] {
+            let Some(want) = want.filter(|_| bytes > 0 && bytes <= len) else {
+                continue;
+            };
+            let mut h = Sha256::new();
+            if hash_prefix(f, bytes, &mut h).is_ok()
+                && Digest32::from_bytes(h.clone().finalize().into()) == want
+            {
+                return Ok((bytes, h));
+            }
+        }
+        Ok((0, Sha256::new()))
+    }
+
     /// A validator usable in `If-Range`: a strong ETag, else Last-Modified.
     pub fn if_range(&self) -> Option<String> {
         self.etag
@@ -91,6 +166,8 @@ impl OutDir {
         let me = Self { root };
         create_dir_durable(&me.tmp_dir())?;
         create_dir_durable(&me.blob_root())?;
+        check_real_dirs(&me.root, &me.tmp_dir())?;
+        check_real_dirs(&me.root, &me.blob_root())?;
         me.check_same_filesystem()?;
         Ok(me)
     }
@@ -213,8 +290,37 @@ pub fn parse_part_name(p: &Path) -> Option<PartName> {
     })
 }
 
+/// Opens `path` without following a symbolic link or blocking on a FIFO,
+/// and refuses anything that is not a regular file (`InvalidInput`).
+pub fn open_regular(path: &Path, opts: &mut OpenOptions) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = opts
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => not_regular(path, "a symbolic link"),
+            _ => e,
+        })?;
+    if !f.metadata()?.is_file() {
+        return Err(not_regular(path, "not a regular file"));
+    }
+    Ok(f)
+}
+
+fn not_regular(path: &Path, what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "{} is {what}; idem only uses regular files it made",
+            path.display()
+        ),
+    )
+}
+
 pub fn read_sidecar(part: &Path) -> Option<Sidecar> {
-    let text = fs::read(OutDir::sidecar_path(part)).ok()?;
+    let mut f = open_regular(&OutDir::sidecar_path(part), OpenOptions::new().read(true)).ok()?;
+    let mut text = Vec::new();
+    f.read_to_end(&mut text).ok()?;
     serde_json::from_slice(&text).ok()
 }
 
@@ -231,10 +337,20 @@ fn sidecar_tmp_path(part: &Path) -> PathBuf {
 /// smaller `durable_bytes`. Both are safe, and a staged write and rename
 /// cost more than the body of a small part.
 pub fn write_sidecar(part: &Path, sc: &Sidecar) -> io::Result<()> {
-    fs::write(
-        OutDir::sidecar_path(part),
-        serde_json::to_vec(sc).map_err(io::Error::other)?,
-    )
+    let path = OutDir::sidecar_path(part);
+    let text = serde_json::to_vec(sc).map_err(io::Error::other)?;
+    let open = |opts: &mut OpenOptions| open_regular(&path, opts.write(true));
+    let mut f = match open(OpenOptions::new().create(true).truncate(true)) {
+        Ok(f) => f,
+        // Something idem did not make sits at the name: its name (never
+        // what it points to) is removed and the sidecar made afresh.
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+            fs::remove_file(&path)?;
+            open(OpenOptions::new().create_new(true))?
+        }
+        Err(e) => return Err(e),
+    };
+    f.write_all(&text)
 }
 
 /// Writes every chunk, in order, with as few `writev` calls as the kernel
@@ -275,12 +391,14 @@ pub fn remove_part(part: &Path) {
 /// Opens a part file for writing and takes its exclusive lock, or `None`
 /// when another process holds it.
 pub fn open_locked(part: &Path, create: bool) -> io::Result<Option<File>> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(create)
-        .truncate(false)
-        .open(part)?;
+    let f = open_regular(
+        part,
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false),
+    )?;
     match f.try_lock() {
         Ok(()) => Ok(Some(f)),
         Err(fs::TryLockError::WouldBlock) => Ok(None),
@@ -309,9 +427,9 @@ pub fn hash_prefix(f: &mut File, len: u64, hasher: &mut Sha256) -> io::Result<()
     Ok(())
 }
 
-/// SHA-256 and size of a whole file.
+/// SHA-256 and size of a whole regular file (a link is refused).
 pub fn hash_file(path: &Path) -> io::Result<(Digest32, u64)> {
-    let mut f = File::open(path)?;
+    let mut f = open_regular(path, OpenOptions::new().read(true))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut n_total = 0u64;
@@ -356,6 +474,32 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 pub enum Published {
     New(BlobInfo),
     AlreadyStored(BlobInfo),
+    /// Stored, replacing a file at the address that was not this content;
+    /// that file was moved to the path given, for inspection.
+    Replaced(BlobInfo, PathBuf),
+}
+
+/// Whether the file at `path` is a regular file holding `size` bytes that
+/// hash to `sha`.
+pub fn holds(path: &Path, sha: &Digest32, size: u64) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && m.len() == size)
+        && hash_file(path).is_ok_and(|(got, n)| got == *sha && n == size)
+}
+
+/// Checks that each directory from `root` down to `dir` is a real
+/// directory, not a link to one elsewhere.
+fn check_real_dirs(root: &Path, dir: &Path) -> io::Result<()> {
+    let mut p = dir;
+    while p != root {
+        if !fs::symlink_metadata(p)?.is_dir() {
+            return Err(not_regular(p, "not a directory idem made"));
+        }
+        p = match p.parent() {
+            Some(up) if up.starts_with(root) => up,
+            _ => break,
+        };
+    }
+    Ok(())
 }
 
 /// Publishes a fully written, fsynced part under its content address.
@@ -364,6 +508,10 @@ pub enum Published {
 /// taken: of two jobs with the same content publishing at once, exactly one
 /// stores it and the other learns it is a duplicate (a rename would let both
 /// "win"). The part's name is then removed and the directory fsynced.
+///
+/// A file already at the address is trusted only if it is a regular file
+/// with this size and digest (idem may not have written it); otherwise it
+/// is moved to `<out>/quarantine/` and the part is linked in its place.
 pub fn publish(out: &OutDir, part: &Path, sha: Digest32, size: u64) -> io::Result<Published> {
     let dest = out.blob_path(&sha);
     let info = BlobInfo::new(sha, size);
@@ -371,28 +519,65 @@ pub fn publish(out: &OutDir, part: &Path, sha: Digest32, size: u64) -> io::Resul
         .parent()
         .ok_or_else(|| io::Error::other("blob path has no parent"))?;
     create_dir_durable(dir)?;
-    set_read_only(part);
-    match fs::hard_link(part, &dest) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            remove_part(part);
-            return Ok(Published::AlreadyStored(info));
+    check_real_dirs(&out.root, dir)?;
+    // The part itself, through its descriptor: a link at its name is
+    // refused, and only the file idem wrote loses its write bits.
+    let file = open_regular(part, OpenOptions::new().read(true))?;
+    set_read_only(&file)?;
+    drop(file);
+    let mut replaced = None;
+    loop {
+        match fs::hard_link(part, &dest) {
+            Ok(()) => break,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && replaced.is_none() => {
+                if holds(&dest, &sha, size) {
+                    remove_part(part);
+                    return Ok(Published::AlreadyStored(info));
+                }
+                replaced = Some(quarantine(out, &dest)?);
+            }
+            Err(e) => return Err(e),
         }
-        Err(e) => return Err(e),
     }
     sync_dir(dir)?;
     remove_part(part);
-    Ok(Published::New(info))
+    Ok(match replaced {
+        Some(aside) => Published::Replaced(info, aside),
+        None => Published::New(info),
+    })
 }
 
+/// Moves a file that is not the content its address names out of the
+/// store, to `<out>/quarantine/<name>.<unix-ms>`, where an operator can
+/// look at it.
+pub fn quarantine(out: &OutDir, bad: &Path) -> io::Result<PathBuf> {
+    let dir = out.root.join("quarantine");
+    create_dir_durable(&dir)?;
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let name = bad
+        .file_name()
+        .map_or_else(|| "blob".into(), |n| n.to_string_lossy().into_owned());
+    let aside = dir.join(format!("{name}.{ms}"));
+    fs::rename(bad, &aside)?;
+    sync_dir(&dir)?;
+    Ok(aside)
+}
+
+/// Removes the write bits of a file idem wrote, keeping the rest of the
+/// mode its creation under the umask gave it.
 #[cfg(unix)]
-fn set_read_only(p: &Path) {
+fn set_read_only(f: &File) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let _ = fs::set_permissions(p, fs::Permissions::from_mode(0o444));
+    let mode = f.metadata()?.permissions().mode();
+    f.set_permissions(fs::Permissions::from_mode(mode & !0o222))
 }
 
 #[cfg(not(unix))]
-fn set_read_only(_: &Path) {}
+fn set_read_only(_: &File) -> io::Result<()> {
+    Ok(())
+}
 
 /// A chunk of body, whatever buffer type the HTTP adapter hands out.
 pub type Chunk = Box<dyn AsRef<[u8]> + Send>;
@@ -413,9 +598,9 @@ pub struct PartWriter {
     /// When the oldest gathered chunk arrived: a slow server's bytes are
     /// not kept from the disk (and from a resume after a crash) for long.
     pending_since: Option<std::time::Instant>,
-    /// A deferred sidecar, for [`PartWriter::keep`] to write if the writer
-    /// never did.
-    deferred: Option<(PathBuf, Sidecar)>,
+    /// The part and its sidecar, for [`PartWriter::keep`] to record what
+    /// was written when a stream fails.
+    kept: Option<Box<(PathBuf, Sidecar)>>,
 }
 
 /// Longest a gathered chunk waits for more before it goes to the writer.
@@ -434,44 +619,62 @@ pub const SIDECAR_MIN: u64 = 256 << 10;
 /// Most bytes gathered from queued chunks into one write.
 const WRITE_GATHER: usize = 256 << 10;
 
-/// Bytes between early writebacks of a part (and sidecar updates).
+/// Bytes between early writebacks of a part.
 const SYNC_EVERY: u64 = 8 << 20;
 
+/// Time between sidecar updates of a part being written: what a crash of
+/// the process costs a resume.
+const MARK_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Background fsyncs of a part being written. A request made while one is
-/// running is coalesced into the next.
+/// running is coalesced into the next. How far the part is durable (and
+/// that prefix's digest) is left in `durable` for the writer's next
+/// sidecar update.
 struct Syncer {
-    tx: Option<std::sync::mpsc::SyncSender<u64>>,
+    tx: Option<std::sync::mpsc::SyncSender<(u64, Digest32)>>,
     handle: Option<std::thread::JoinHandle<()>>,
+    durable: Arc<Mutex<Option<(u64, Digest32)>>>,
 }
 
 impl Syncer {
-    fn start(file: File, part: PathBuf, mut sidecar: Option<Sidecar>) -> Self {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<u64>(1);
+    fn start(file: File) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Digest32)>(1);
+        let durable = Arc::new(Mutex::new(None));
+        let done = Arc::clone(&durable);
         let handle = std::thread::spawn(move || {
             while let Ok(mut upto) = rx.recv() {
                 while let Ok(more) = rx.try_recv() {
-                    upto = upto.max(more);
+                    upto = more;
                 }
                 if file.sync_data().is_err() {
                     return;
                 }
-                if let Some(sc) = sidecar.as_mut() {
-                    sc.durable_bytes = upto;
-                    let _ = write_sidecar(&part, sc);
-                }
+                *done
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(upto);
             }
         });
         Self {
             tx: Some(tx),
             handle: Some(handle),
+            durable,
         }
     }
 
-    /// Asks for the bytes written so far (`upto`) to be made durable.
-    fn request(&self, upto: u64) {
+    /// Asks for the first `upto.0` bytes (hashing to `upto.1`) to be made
+    /// durable.
+    fn request(&self, upto: (u64, Digest32)) {
         if let Some(tx) = &self.tx {
             let _ = tx.try_send(upto);
         }
+    }
+
+    /// The longest prefix known durable so far.
+    fn durable(&self) -> Option<(u64, Digest32)> {
+        *self
+            .durable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -516,15 +719,12 @@ impl PartWriter {
         plan: SidecarPlan,
     ) -> Self {
         let started = std::time::Instant::now();
-        let kept = match &plan {
-            SidecarPlan::Deferred(sc) => Some((part.clone(), sc.clone())),
-            _ => None,
-        };
         let (sidecar, mut deferred) = match plan {
             SidecarPlan::None => (None, false),
             SidecarPlan::Written(sc) => (Some(sc), false),
             SidecarPlan::Deferred(sc) => (Some(sc), true),
         };
+        let kept = sidecar.clone().map(|sc| Box::new((part.clone(), sc)));
         // Bounded: a full queue means the disk is behind, and the sender
         // waits asynchronously (backpressure on the network read).
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Chunk>>(8);
@@ -541,6 +741,8 @@ impl PartWriter {
             let mut sidecar = sidecar;
             let mut written = offset;
             let mut since_sync = 0u64;
+            let mut marked_at = started;
+            let digest = |h: &Sha256| Digest32::from_bytes(h.clone().finalize().into());
             // Chunks arrive in the sizes the socket delivers (often 8-16
             // KiB); whatever is queued is gathered into one `writev`, so a
             // body costs a few system calls rather than one per chunk, and
@@ -563,39 +765,49 @@ impl PartWriter {
                 let n = len as u64;
                 written += n;
                 since_sync += n;
-                if deferred && (since_sync >= SYNC_EVERY || started.elapsed() >= SIDECAR_AFTER) {
-                    if let Some(sc) = &sidecar {
-                        write_sidecar(&part, sc)?;
-                    }
-                    deferred = false;
-                }
                 if since_sync >= SYNC_EVERY {
-                    if syncer.is_none() {
-                        syncer = Some(Syncer::start(
-                            file.try_clone()?,
-                            part.clone(),
-                            sidecar.clone(),
-                        ));
-                    }
-                    if let Some(s) = &syncer {
-                        s.request(written);
-                    }
+                    let s = match &syncer {
+                        Some(s) => s,
+                        None => syncer.insert(Syncer::start(file.try_clone()?)),
+                    };
+                    s.request((written, digest(&hasher)));
                     since_sync = 0;
+                }
+                // The sidecar records how far the part is written (and,
+                // from the syncer, durable) with each prefix's digest, so
+                // a resume can check those bytes are still the ones
+                // written: a deferred one once it is due, then every
+                // `MARK_EVERY`.
+                let due = if deferred {
+                    written - offset >= SYNC_EVERY || started.elapsed() >= SIDECAR_AFTER
+                } else {
+                    marked_at.elapsed() >= MARK_EVERY
+                };
+                if let Some(sc) = sidecar.as_mut().filter(|_| due) {
+                    sc.mark(written, digest(&hasher), false);
+                    if let Some((bytes, sha)) = syncer.as_ref().and_then(Syncer::durable) {
+                        sc.durable_bytes = bytes;
+                        sc.durable_sha256 = Some(sha);
+                    }
+                    write_sidecar(&part, sc)?;
+                    deferred = false;
+                    marked_at = std::time::Instant::now();
                 }
             }
             // Without early writebacks (a body under SYNC_EVERY) the
-            // sidecar keeps `durable_bytes` 0: its only reader after this
-            // point is a holder after a power loss in the moment before
-            // STREAM's commit, and refetching so little costs less than a
-            // write per part.
+            // sidecar keeps its last mark: its only reader after this
+            // point is a holder after a crash in the moment before STREAM's
+            // commit, and refetching so little costs less than a write per
+            // part.
             let record_durable = syncer.is_some();
             drop(syncer);
             file.sync_all()?;
+            let sha = digest(&hasher);
             if let Some(sc) = sidecar.as_mut().filter(|_| record_durable) {
-                sc.durable_bytes = written;
+                sc.mark(written, sha, true);
                 write_sidecar(&part, sc)?;
             }
-            Ok((Digest32::from_bytes(hasher.finalize().into()), written))
+            Ok((sha, written))
         });
         Self {
             tx: Some(tx),
@@ -603,7 +815,7 @@ impl PartWriter {
             pending: Vec::new(),
             pending_bytes: 0,
             pending_since: None,
-            deferred: kept,
+            kept,
         }
     }
 
@@ -633,24 +845,25 @@ impl PartWriter {
         }
     }
 
-    /// Flushes and fsyncs what arrived before a failed stream, and makes
-    /// sure the part has a sidecar, so the next attempt resumes it however
-    /// early the failure came.
+    /// Flushes and fsyncs what arrived before a failed stream, and records
+    /// all of it (with its digest) in the part's sidecar, so the next
+    /// attempt resumes it however early the failure came.
     pub async fn keep(mut self) -> io::Result<()> {
-        let deferred = self.deferred.take();
-        let (_, size) = self.finish().await?;
-        if let Some((part, sc)) = deferred.filter(|_| size > 0) {
-            if read_sidecar(&part).is_none() {
-                write_sidecar(
-                    &part,
-                    &Sidecar {
-                        durable_bytes: size,
-                        ..sc
-                    },
-                )?;
-            }
+        let kept = self.kept.take();
+        let (sha, size) = self.finish().await?;
+        if let Some((part, mut sc)) = kept.filter(|_| size > 0).map(|k| *k) {
+            sc.mark(size, sha, true);
+            write_sidecar(&part, &sc)?;
         }
         Ok(())
+    }
+
+    /// Stops writing and removes the part and its sidecar (a holder that
+    /// lost its lease leaves nothing behind).
+    pub async fn discard(mut self, part: &Path) {
+        self.pending.clear();
+        let _ = self.finish().await;
+        remove_part(part);
     }
 
     /// Flushes, fsyncs and returns the digest and size of the whole part.
@@ -698,14 +911,12 @@ mod tests {
 
     /// A fresh part's sidecar for a body of `length` bytes.
     fn test_sidecar(length: u64) -> Sidecar {
-        Sidecar {
-            url: "https://example.org/x".into(),
-            etag: Some("\"v1\"".into()),
-            last_modified: None,
-            length: Some(length),
-            durable_bytes: 0,
-            boot_id: boot_id(),
-        }
+        Sidecar::new(
+            "https://example.org/x".into(),
+            Some("\"v1\"".into()),
+            None,
+            Some(length),
+        )
     }
 
     /// A fresh part that lands quickly never gets a sidecar; one still
@@ -733,7 +944,12 @@ mod tests {
             }
             w.finish().await.unwrap();
             if slow {
-                assert_eq!(read_sidecar(&path), Some(sc.clone()));
+                let got = read_sidecar(&path).expect("a slow body has a sidecar");
+                assert_eq!((got.url.as_str(), &got.etag), (sc.url.as_str(), &sc.etag));
+                assert!(got.written_bytes >= 3 * SEND_BATCH as u64, "{got:?}");
+                let mut f = File::open(&path).unwrap();
+                let (trusted, _) = got.trusted_prefix(&mut f).unwrap();
+                assert_eq!(trusted, got.written_bytes, "the mark's digest matches");
             } else if t.elapsed() < SIDECAR_AFTER {
                 // (A machine too busy to write 256 KiB in that time proves
                 // nothing either way.)
@@ -763,6 +979,68 @@ mod tests {
         let got = read_sidecar(&path).expect("a kept part has a sidecar");
         assert_eq!(got.durable_bytes, 1000);
         assert_eq!(got.etag, sc.etag);
+    }
+
+    /// A kept part whose bytes changed since (a flipped byte, or a planted
+    /// part with a sidecar of its own) has no trusted prefix.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_changed_part_is_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kept.part");
+        let file = File::create(&path).unwrap();
+        let mut w = PartWriter::start(
+            file,
+            path.clone(),
+            0,
+            Sha256::new(),
+            SidecarPlan::Deferred(test_sidecar(1 << 20)),
+        );
+        assert!(w.write(Box::new(vec![7u8; 5000])).await);
+        w.keep().await.unwrap();
+        let sc = read_sidecar(&path).unwrap();
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        assert_eq!(sc.trusted_prefix(&mut f).unwrap().0, 5000);
+        use std::os::unix::fs::FileExt as _;
+        f.write_all_at(b"X", 1234).unwrap();
+        assert_eq!(sc.trusted_prefix(&mut f).unwrap().0, 0, "a flipped byte");
+        let planted = Sidecar {
+            durable_sha256: None,
+            written_sha256: None,
+            ..sc
+        };
+        assert_eq!(planted.trusted_prefix(&mut f).unwrap().0, 0, "no digest");
+    }
+
+    /// A link planted at a part's or a sidecar's name is never followed.
+    #[test]
+    fn links_in_tmp_are_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = OutDir::prepare(dir.path().join("out")).unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let part = out.part_path(&idem_core::job_key_of("w", "a"));
+        std::os::unix::fs::symlink(&victim, &part).unwrap();
+        let e = open_locked(&part, true).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        std::os::unix::fs::symlink(&victim, OutDir::sidecar_path(&part)).unwrap();
+        assert_eq!(read_sidecar(&part), None);
+        write_sidecar(&part, &test_sidecar(1)).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(
+            read_sidecar(&part).is_some(),
+            "the link was replaced by a file"
+        );
+        let e = publish(&out, &part, Digest32::of(b"precious"), 8).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_ne!(
+            fs::metadata(&victim).unwrap().permissions().mode() & 0o200,
+            0
+        );
     }
 
     /// A slow server's bytes reach the part (where a resume after a crash
@@ -811,6 +1089,33 @@ mod tests {
         let stored = out.blob_path(&sha);
         assert_eq!(fs::read(&stored).unwrap(), body);
         assert!(fs::metadata(&stored).unwrap().permissions().readonly());
+    }
+
+    /// A file at a blob's address with other bytes is not trusted: it is
+    /// moved aside and replaced by the verified content.
+    #[test]
+    fn a_wrong_file_at_a_blob_address_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = OutDir::prepare(dir.path().join("out")).unwrap();
+        let body = b"the real bytes";
+        let sha = Digest32::of(body);
+        let dest = out.blob_path(&sha);
+        create_dir_durable(dest.parent().unwrap()).unwrap();
+        fs::write(&dest, b"planted!").unwrap();
+        let part = out.part_path(&idem_core::job_key_of("w", "a"));
+        fs::write(&part, body).unwrap();
+        let Published::Replaced(_, aside) = publish(&out, &part, sha, 14).unwrap() else {
+            panic!("not replaced");
+        };
+        assert_eq!(fs::read(&dest).unwrap(), body);
+        assert_eq!(fs::read(&aside).unwrap(), b"planted!");
+        assert!(aside.starts_with(out.root().join("quarantine")));
+        // The same content again is a duplicate of what is now stored.
+        fs::write(&part, body).unwrap();
+        assert!(matches!(
+            publish(&out, &part, sha, 14).unwrap(),
+            Published::AlreadyStored(_)
+        ));
     }
 
     /// Earlier versions left a sidecar temp file when they crashed before

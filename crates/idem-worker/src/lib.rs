@@ -21,6 +21,7 @@ mod drive;
 pub mod files;
 pub mod owner;
 pub mod reconcile;
+pub mod verify;
 
 use idem_core::ports::{LeaseRequest, Store, StoreError};
 use idem_core::{Clock, Event, Http, JobState, RetryPolicy, WorkerId};

@@ -1,8 +1,9 @@
 //! The reconciler: repairs what a crash leaves behind, at the start of every
 //! run and on demand (`idem reconcile`).
 //!
-//! 1. Expired leases are released (a `leased` job goes back to `planned`;
-//!    later states keep their progress for the next holder).
+//! 1. Expired leases, and the leases of this host's processes that are gone
+//!    (killed, crashed), are released (a `leased` job goes back to
+//!    `planned`; later states keep their progress for the next holder).
 //! 2. `started` ops whose epoch is no longer live are marked `abandoned`.
 //! 3. Part files nobody can use are removed: those of missing or terminal
 //!    jobs. A part locked by a live process is never touched. Parts of
@@ -10,7 +11,14 @@
 //! 4. A `streaming` job nobody holds, whose committed STREAM result is
 //!    already published as a blob with the right digest, is healed to
 //!    `finalized` (the crash hit between rename and commit).
-//! 5. A finalized (or duplicate) job whose blob is missing is re-queued.
+//! 5. A finalized (or duplicate) job whose blob is missing, or is not a
+//!    regular file of the recorded size, is re-queued.
+//!
+//! Several reconcilers (and workers) may run at once on one ledger. Each
+//! repair is decided again by the store, on the job as it is, in the
+//! transaction that applies it; a repair another process made first is
+//! refused there and skipped here, neither an error nor counted, so the
+//! counts summed over every reconciler equal the repairs made.
 //!
 //! It is synchronous (it only touches the store and local files), so the
 //! CLI can run it without the engine's runtime.
@@ -31,6 +39,7 @@ pub struct ReconcileOptions {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ReconcileReport {
     pub dry_run: bool,
+    /// Leases released: expired ones, and those of dead local processes.
     pub expired_leases: u64,
     pub abandoned_ops: u64,
     pub parts_removed: u64,
@@ -82,9 +91,35 @@ pub fn reconcile<S: Store + ?Sized>(
     };
     let now = clock.now();
 
-    // 1. Expired leases, a page at a time (each repaired one leaves the set).
+    // 1. Leases of dead local processes, then expired leases, a page at a
+    // time (each repaired one leaves the set).
+    let dead = dead_local_owners(store, now)?;
+    if !dead.is_empty() {
+        for st in [JobState::Leased, JobState::HeadDone, JobState::Streaming] {
+            let mut held = Vec::new();
+            scan_all(store, st, |j| {
+                if let Some(l) = j.lease.as_ref().filter(|l| l.is_live(now)) {
+                    if dead.contains(&l.owner) {
+                        held.push((j.key, l.owner.clone(), l.epoch));
+                    }
+                }
+                Ok(())
+            })?;
+            for (key, owner, epoch) in held {
+                if opts.dry_run {
+                    rep.expired_leases += 1;
+                    continue;
+                }
+                let cmd = Command::ExpireDead { owner, epoch };
+                if let Some(a) = lost_race_is_none(store.apply(&key, cmd, now))? {
+                    sink.emit(&a.events);
+                    rep.expired_leases += 1;
+                }
+            }
+        }
+    }
     if opts.dry_run {
-        rep.expired_leases = store.status(now)?.expired_leases;
+        rep.expired_leases += store.status(now)?.expired_leases;
     } else {
         loop {
             let page = store.expired_leases(now, PAGE)?;
@@ -93,15 +128,12 @@ pub fn reconcile<S: Store + ?Sized>(
             }
             let mut progressed = false;
             for job in page {
-                match store.apply(&job.key, Command::Expire, now) {
-                    Ok(a) => {
-                        sink.emit(&a.events);
-                        rep.expired_leases += 1;
-                        progressed = true;
-                    }
-                    // Someone took it over meanwhile: nothing to repair.
-                    Err(StoreError::Refused { .. }) => {}
-                    Err(e) => return Err(e),
+                // Someone took it over or released it meanwhile: nothing to
+                // repair.
+                if let Some(a) = lost_race_is_none(store.apply(&job.key, Command::Expire, now))? {
+                    sink.emit(&a.events);
+                    rep.expired_leases += 1;
+                    progressed = true;
                 }
             }
             if !progressed {
@@ -158,11 +190,14 @@ pub fn reconcile<S: Store + ?Sized>(
         if !useless {
             continue;
         }
-        // Never touch a part a live process holds (even a paused one).
+        // Never touch a part a live process holds (even a paused one). Of
+        // several reconcilers, the one whose removal succeeds counts it.
         if let Ok(Some(_lock)) = files::open_locked(path, false) {
-            rep.parts_removed += 1;
-            if !opts.dry_run {
+            if opts.dry_run {
+                rep.parts_removed += 1;
+            } else if std::fs::remove_file(path).is_ok() {
                 files::remove_part(path);
+                rep.parts_removed += 1;
             }
         }
     }
@@ -200,13 +235,11 @@ pub fn reconcile<S: Store + ?Sized>(
         Ok(())
     })?;
     for (key, blob) in heal {
-        rep.blobs_healed += 1;
-        if !opts.dry_run {
-            match store.apply(&key, Command::Heal { blob }, now) {
-                Ok(a) => sink.emit(&a.events),
-                Err(StoreError::Refused { .. }) => rep.blobs_healed -= 1,
-                Err(e) => return Err(e),
-            }
+        if opts.dry_run {
+            rep.blobs_healed += 1;
+        } else if let Some(a) = lost_race_is_none(store.apply(&key, Command::Heal { blob }, now))? {
+            sink.emit(&a.events);
+            rep.blobs_healed += 1;
         }
     }
 
@@ -220,23 +253,64 @@ pub fn reconcile<S: Store + ?Sized>(
             };
             for j in page {
                 let Some(b) = &j.blob else { continue };
-                if out.root().join(&b.path).exists() {
-                    continue;
-                }
-                rep.blobs_missing_requeued += 1;
-                if !opts.dry_run {
-                    let reason = format!(
+                // The size, not the digest: reading every blob belongs to
+                // an audit, not to every start.
+                let found = std::fs::symlink_metadata(out.root().join(&b.path));
+                let reason = match found {
+                    Ok(m) if m.is_file() && m.len() == b.size => continue,
+                    Ok(m) if m.is_file() => format!(
+                        "blob_missing: {} holds {} bytes, not the {} recorded",
+                        b.path,
+                        m.len(),
+                        b.size
+                    ),
+                    Ok(_) => format!("blob_missing: {} is not a regular file", b.path),
+                    Err(_) => format!(
                         "blob_missing: {} was not found under the output directory",
                         b.path
-                    );
-                    let a = store.apply(&j.key, Command::Requeue { reason }, now)?;
+                    ),
+                };
+                if opts.dry_run {
+                    rep.blobs_missing_requeued += 1;
+                    continue;
+                }
+                let cmd = Command::Requeue {
+                    reason,
+                    seen: j.epoch,
+                };
+                if let Some(a) = lost_race_is_none(store.apply(&j.key, cmd, now))? {
                     sink.emit(&a.events);
+                    rep.blobs_missing_requeued += 1;
                 }
             }
             after = Some(last);
         }
     }
     Ok(rep)
+}
+
+/// A repair refused because the job is no longer as it was read (another
+/// process repaired it, or a worker moved it on): `None`, an outcome.
+fn lost_race_is_none<T>(r: Result<T, StoreError>) -> Result<Option<T>, StoreError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(StoreError::Refused { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Owners of live leases that are processes of this host no longer running.
+fn dead_local_owners<S: Store + ?Sized>(
+    store: &S,
+    now: idem_core::Timestamp,
+) -> Result<Vec<idem_core::WorkerId>, StoreError> {
+    let host = crate::owner::hostname();
+    let me = crate::owner::this_worker();
+    Ok(store
+        .lease_owners(now)?
+        .into_iter()
+        .filter(|o| *o != me && crate::owner::is_dead_local(o, &host))
+        .collect())
 }
 
 impl<S: Store + 'static, H: idem_core::Http> crate::Engine<S, H> {

@@ -55,7 +55,10 @@ fn urls_are_shown_without_their_secrets() {
             "https://h/?next=***",
         ),
         // Decoded but harmless: kept as it is.
-        ("https://h/?next=%2Fx%3Fpage%3D2", "https://h/?next=%2Fx%3Fpage%3D2"),
+        (
+            "https://h/?next=%2Fx%3Fpage%3D2",
+            "https://h/?next=%2Fx%3Fpage%3D2",
+        ),
         // `code` is an identifier far more often than a secret.
         ("https://h/?code=ABC-12", "https://h/?code=ABC-12"),
     ];
