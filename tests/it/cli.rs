@@ -314,13 +314,14 @@ fn cli_reference_is_current() {
     let mut md = String::from(
         "# idem CLI reference\n\n<!-- Generated from `idem --help` by the test `cli_reference_is_current`; do not edit. -->\n\n",
     );
-    let commands: [&[&str]; 10] = [
+    let commands: [&[&str]; 11] = [
         &[],
         &["plan"],
         &["run"],
         &["status"],
         &["show"],
         &["reconcile"],
+        &["verify"],
         &["retry"],
         &["export"],
         &["slo", "check"],

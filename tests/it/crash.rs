@@ -143,7 +143,7 @@ fn resume_after_kill_fetches_only_the_rest() {
     assert_eq!(check_blobs(&env.out), 1);
 }
 
-fn signal(pid: u32, sig: &str) {
+pub(crate) fn signal(pid: u32, sig: &str) {
     let s = std::process::Command::new("kill")
         .args([sig, &pid.to_string()])
         .status()
@@ -202,7 +202,7 @@ fn paused_worker_is_fenced_and_publishes_nothing() {
     assert!(leftovers(&env.out).is_empty(), "{:?}", leftovers(&env.out));
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .map(|s| {
             s.lines()
@@ -305,7 +305,7 @@ fn sigterm_stops_gracefully_and_releases_leases() {
 }
 
 /// Starts a run, kills it once `min_part` bytes of a part are on disk.
-fn kill_mid_stream(env: &Env, min_part: u64) {
+pub(crate) fn kill_mid_stream(env: &Env, min_part: u64) {
     let mut child = env
         .run_cmd()
         .stdout(std::process::Stdio::null())

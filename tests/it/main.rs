@@ -8,6 +8,7 @@
 mod cli;
 mod crash;
 mod e2e;
+mod hostile;
 mod ledger;
 mod metrics;
 mod support;

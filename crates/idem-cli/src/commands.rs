@@ -5,7 +5,7 @@ use crate::input::{self, BadLine, Item};
 use crate::sink::{EventsFile, Fanout, Metrics};
 use crate::{
     DrillArgs, ExportArgs, ExportFormat, Global, PlanArgs, ReconcileArgs, RetryArgs, RunArgs,
-    ShowArgs, EXIT_INTERRUPTED, EXIT_PARTIAL,
+    ShowArgs, VerifyArgs, EXIT_INTERRUPTED, EXIT_PARTIAL,
 };
 use anyhow::{bail, Context};
 use idem_core::ports::Store;
@@ -38,30 +38,62 @@ fn now() -> idem_core::Timestamp {
 
 fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, v)?;
-    writeln!(out)?;
+    let written = serde_json::to_writer_pretty(&mut out, v)
+        .map_err(std::io::Error::from)
+        .and_then(|()| writeln!(out));
+    crate::out::tolerate(written)?;
     Ok(())
 }
 
+/// Rejected lines: how many, and the first of them (kept for the report;
+/// an input of millions of bad lines must not be held in memory).
+#[derive(Default)]
+struct Rejected {
+    count: u64,
+    sample: Vec<BadLine>,
+}
+
+/// Rejected lines kept for the report, and warned about one by one.
+const REJECTED_SHOWN: usize = 1000;
+
+impl Rejected {
+    fn add(&mut self, b: BadLine, bar: Option<&indicatif::ProgressBar>) {
+        self.count += 1;
+        if self.sample.len() < REJECTED_SHOWN {
+            warn(bar, &b);
+            self.sample.push(b);
+        }
+    }
+
+    /// The line that says how many were not shown, if any were not.
+    fn warn_rest(&self) {
+        let rest = self.count - self.sample.len() as u64;
+        if rest > 0 {
+            eprintln!("idem: … and {rest} more rejected line(s) not shown");
+        }
+    }
+}
+
 pub(crate) fn plan(g: &Global, a: &PlanArgs) -> anyhow::Result<u8> {
+    let opts = input::ReadOptions {
+        allow_unknown_fields: a.allow_unknown_fields,
+    };
     if a.strict {
         // First pass: validate everything, apply nothing on any error.
-        let mut bad = Vec::new();
+        let mut bad = Rejected::default();
         for f in &a.files {
             if f == "-" {
                 bail!("--strict needs files, not stdin: it reads the input twice (once to check, once to apply)");
             }
-            input::read(f, |it| {
+            input::read(f, opts, |it| {
                 if let Item::Bad(b) = it {
-                    bad.push(b);
+                    bad.add(b, None);
                 }
                 Ok(())
             })?;
         }
-        if !bad.is_empty() {
-            for b in bad.iter().take(50) {
-                eprintln!("idem: {b}");
-            }
+        if bad.count > 0 {
+            bad.warn_rest();
             report_plan(a.json, PlanCounts::default(), &bad, &[], true)?;
             return Ok(EXIT_PARTIAL);
         }
@@ -85,14 +117,16 @@ pub(crate) fn plan(g: &Global, a: &PlanArgs) -> anyhow::Result<u8> {
     // Reading and parsing run on their own thread, one batch ahead of the
     // ledger: a parsed line costs about as much as its insert, so the two
     // stages together take little longer than the ledger alone.
-    let bad = std::thread::scope(|s| -> anyhow::Result<Vec<BadLine>> {
+    let (applied, bad) = std::thread::scope(|s| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<PlanBatch>(1);
         let reader_bar = bar.clone();
-        let reader = s.spawn(move || read_batches(&a.files, a.batch, &tx, reader_bar.as_ref()));
+        let reader =
+            s.spawn(move || read_batches(&a.files, a.batch, opts, &tx, reader_bar.as_ref()));
+        let mut applied = Ok(());
         for batch in rx {
             // On an error `rx` is dropped here, so the reader stops at its
             // next batch.
-            apply_plan(
+            applied = apply_plan(
                 &store,
                 a.max_attempts,
                 &batch,
@@ -100,23 +134,38 @@ pub(crate) fn plan(g: &Global, a: &PlanArgs) -> anyhow::Result<u8> {
                 &mut counts,
                 &mut conflicts,
                 bar.as_ref(),
-            )?;
+            );
+            if applied.is_err() {
+                break;
+            }
             if let Some(bar) = &bar {
                 bar.inc(batch.specs.len() as u64);
                 let secs = bar.elapsed().as_secs_f64().max(0.001);
                 bar.set_message(format!("{:.0} jobs/s", bar.position() as f64 / secs));
             }
         }
-        reader
-            .join()
-            .map_err(|_| anyhow::anyhow!("the input reader panicked"))?
+        let bad = reader.join().unwrap_or_else(|_| {
+            (
+                Rejected::default(),
+                Err(anyhow::anyhow!("the input reader panicked")),
+            )
+        });
+        (applied, bad)
     });
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    let bad = bad?;
+    let (bad, read) = bad;
+    bad.warn_rest();
+    // What was applied is reported whatever stopped the rest: a missing
+    // second file must not hide the first file's jobs.
     report_plan(a.json, counts, &bad, &conflicts, false)?;
-    Ok(if bad.is_empty() && counts.conflicts == 0 {
+    applied?;
+    read?;
+    if let Some(e) = events.as_ref().and_then(EventsFile::error) {
+        bail!("{e}");
+    }
+    Ok(if bad.count == 0 && counts.conflicts == 0 {
         0
     } else {
         EXIT_PARTIAL
@@ -131,16 +180,18 @@ struct PlanBatch {
 }
 
 /// Reads every input in batches of `size` and sends them on; reports bad
-/// lines on stderr and returns them. Stops early, without error, when the
-/// receiver has gone (the ledger side failed and reports why).
+/// lines on stderr and returns them, with the error that stopped reading
+/// if one did. Stops early, without error, when the receiver has gone (the
+/// ledger side failed and reports why).
 fn read_batches(
     files: &[String],
     size: usize,
+    opts: input::ReadOptions,
     tx: &std::sync::mpsc::SyncSender<PlanBatch>,
     bar: Option<&indicatif::ProgressBar>,
-) -> anyhow::Result<Vec<BadLine>> {
+) -> (Rejected, anyhow::Result<()>) {
     struct Gone;
-    let mut bad = Vec::new();
+    let mut bad = Rejected::default();
     let mut batch = PlanBatch::default();
     let send = |batch: &mut PlanBatch| -> Result<(), Gone> {
         if batch.specs.is_empty() {
@@ -150,7 +201,7 @@ fn read_batches(
     };
     let mut gone = false;
     for f in files {
-        let r = input::read(f, |it| {
+        let r = input::read(f, opts, |it| {
             match it {
                 Item::Spec { spec, file, line } => {
                     batch.specs.push(spec);
@@ -160,21 +211,22 @@ fn read_batches(
                         bail!("the ledger side stopped");
                     }
                 }
-                Item::Bad(b) => {
-                    warn(bar, &b);
-                    bad.push(b);
-                }
+                Item::Bad(b) => bad.add(b, bar),
             }
             Ok(())
         });
         if gone {
-            return Ok(bad);
+            return (bad, Ok(()));
         }
-        r?;
+        if let Err(e) = r {
+            // What was read before the error is still applied.
+            let _ = send(&mut batch);
+            return (bad, Err(e));
+        }
     }
     // A failed send means the ledger side failed; it reports the error.
     let _ = send(&mut batch);
-    Ok(bad)
+    (bad, Ok(()))
 }
 
 /// A warning on stderr that does not tear through a progress bar.
@@ -203,12 +255,12 @@ fn apply_plan(
     for (o, (file, line)) in r.value.iter().zip(&batch.origins) {
         counts.add(o);
         if let PlanOutcome::Conflict(c) = o {
-            warn(
-                bar,
-                format_args!("{file}:{line}: key conflict for job {}: planned with {} but this line has {}; not applied",
-                c.job_key, c.existing_url, c.proposed_url),
-            );
-            if conflicts.len() < 1000 {
+            if conflicts.len() < REJECTED_SHOWN {
+                warn(
+                    bar,
+                    format_args!("{file}:{line}: key conflict for job {}: planned with {} but this line has {}; not applied",
+                    c.job_key, input::cut(&c.existing_url, 200), input::cut(&c.proposed_url, 200)),
+                );
                 conflicts.push(json!({"file": file, "line": line, "job_key": c.job_key,
                     "existing_url": c.existing_url, "proposed_url": c.proposed_url}));
             }
@@ -220,30 +272,30 @@ fn apply_plan(
 fn report_plan(
     json: bool,
     c: PlanCounts,
-    bad: &[BadLine],
+    bad: &Rejected,
     conflicts: &[serde_json::Value],
     aborted: bool,
 ) -> anyhow::Result<()> {
     if json {
         print_json(&json!({
             "planned": c.planned, "existing": c.existing, "conflicts": c.conflicts,
-            "rejected": bad.len(), "aborted": aborted,
-            "errors": bad.iter().take(1000).collect::<Vec<_>>(),
+            "rejected": bad.count, "aborted": aborted,
+            "errors": bad.sample,
             "conflict_details": conflicts,
         }))
     } else {
         if aborted {
-            println!(
+            outln!(
                 "nothing applied: {} malformed line(s) (--strict)",
-                bad.len()
+                bad.count
             );
         } else {
-            println!(
+            outln!(
                 "planned {}, existing {}, conflicts {}, rejected {}",
                 c.planned,
                 c.existing,
                 c.conflicts,
-                bad.len()
+                bad.count
             );
         }
         Ok(())
@@ -260,6 +312,17 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
         }
     }
     let store = Arc::new(open_store(g)?);
+    // A ledger damaged inside (past its header) is refused before any work
+    // builds on it; `idem verify` says what is wrong.
+    let problems = store
+        .check_integrity(false)
+        .unwrap_or_else(|e| vec![e.to_string()]);
+    if let Some(first) = problems.first() {
+        bail!(
+            "ledger {} fails SQLite's quick check ({first}); run `idem verify` for the details, and restore it from a backup",
+            g.db.display()
+        );
+    }
     let policy = idem_http::Policy {
         allow_private: a.allow_private,
         allow_loopback: a.allow_loopback || a.allow_private,
@@ -268,8 +331,14 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
         ..idem_http::Policy::default()
     };
     let mut sinks: Vec<Arc<dyn EventSink>> = Vec::new();
-    if let Some(p) = &a.events {
-        sinks.push(Arc::new(EventsFile::open(p)?));
+    let events = a
+        .events
+        .as_deref()
+        .map(EventsFile::open)
+        .transpose()?
+        .map(Arc::new);
+    if let Some(ev) = &events {
+        sinks.push(Arc::clone(ev) as Arc<dyn EventSink>);
     }
     if let Some(addr) = a.metrics_addr {
         if !addr.ip().is_loopback() && !a.metrics_allow_remote {
@@ -320,6 +389,12 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
         let http = Arc::new(idem_http::HttpClient::new(policy)?);
         let engine = Arc::new(idem_worker::Engine::new(Arc::clone(&store), http, cfg, sink)?);
         let stopper = engine.stopper();
+        if let Some(ev) = &events {
+            // Events that cannot be written stop the run: a run whose
+            // record is lost is not one an operator would let go on.
+            let stop = stopper.clone();
+            ev.on_error(move || stop.stop());
+        }
         tokio::spawn(async move {
             wait_for_signal().await;
             eprintln!("idem: stopping: finishing in-flight steps and releasing leases (signal again to force)");
@@ -342,10 +417,13 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
     })?;
     let st = store.status(now())?;
     let failed = st.by_state.get(&JobState::Failed).copied().unwrap_or(0);
+    if let Some(e) = events.as_ref().and_then(|ev| ev.error()) {
+        bail!("{e}");
+    }
     if a.json {
         print_json(&json!({"run": summary, "status": status_json(&st)}))?;
     } else {
-        println!(
+        outln!(
             "finalized {}, skipped_duplicate {}, failed {}, retries {}, {} downloaded in {} requests",
             summary.finalized,
             summary.skipped_duplicate,
@@ -356,7 +434,7 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
         );
         if summary.reconcile.total() > 0 {
             let r = &summary.reconcile;
-            println!(
+            outln!(
                 "reconciled at start: {} expired lease(s), {} dead op(s), {} part file(s), {} blob(s) healed, {} requeued",
                 r.expired_leases, r.abandoned_ops, r.parts_removed, r.blobs_healed, r.blobs_missing_requeued
             );
@@ -472,30 +550,31 @@ pub(crate) fn status_json(st: &idem_core::StatusCounts) -> serde_json::Value {
 }
 
 fn print_status_text(st: &idem_core::StatusCounts) {
-    println!("{} jobs", st.total);
+    outln!("{} jobs", st.total);
     for (s, n) in &st.by_state {
-        println!("  {:<18} {n}", s.as_str());
+        outln!("  {:<18} {n}", s.as_str());
     }
-    println!(
+    outln!(
         "leases: {} live, {} expired",
-        st.live_leases, st.expired_leases
+        st.live_leases,
+        st.expired_leases
     );
     match st.oldest_due_age_ms {
-        Some(ms) => println!(
+        Some(ms) => outln!(
             "due now: {} (oldest waiting {:.1}s)",
             st.due_now,
             ms as f64 / 1000.0
         ),
-        None => println!("due now: 0"),
+        None => outln!("due now: 0"),
     }
     if !st.failures_by_reason.is_empty() {
-        println!("failures by reason:");
+        outln!("failures by reason:");
         for (r, n) in &st.failures_by_reason {
-            println!("  {r:<18} {n}");
+            outln!("  {r:<18} {n}");
         }
     }
     if st.fenced_writes > 0 {
-        println!("stale-epoch writes refused: {}", st.fenced_writes);
+        outln!("stale-epoch writes refused: {}", st.fenced_writes);
     }
 }
 
@@ -549,6 +628,24 @@ fn job_json(j: &Job) -> serde_json::Value {
     })
 }
 
+/// `s` with its control characters escaped (`\u{1b}`), for a terminal:
+/// plan refuses them in ids, but a ledger may be older than that rule.
+fn escaped(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 pub(crate) fn show(g: &Global, a: &ShowArgs) -> anyhow::Result<u8> {
     let key = parse_job(&a.job)?;
     let store = open_store(g)?;
@@ -571,32 +668,34 @@ pub(crate) fn show(g: &Global, a: &ShowArgs) -> anyhow::Result<u8> {
         print_json(&v)?;
         return Ok(0);
     }
-    println!("job {}", job.key);
-    println!("  work_id      {}", job.spec.work_id);
-    println!("  artifact_id  {}", job.spec.artifact_id);
-    println!("  url          {}", job.spec.url.redacted());
-    println!("  state        {}", job.state);
+    outln!("job {}", job.key);
+    outln!("  work_id      {}", escaped(&job.spec.work_id));
+    outln!("  artifact_id  {}", escaped(&job.spec.artifact_id));
+    outln!("  url          {}", job.spec.url.redacted());
+    outln!("  state        {}", job.state);
     if let Some(l) = &job.lease {
-        println!(
+        outln!(
             "  lease        {} epoch {} until {}",
             l.owner,
             l.epoch.0,
             l.expires_at.as_millis()
         );
     }
-    println!("  attempts     {} of {}", job.attempts, job.max_attempts);
+    outln!("  attempts     {} of {}", job.attempts, job.max_attempts);
     if let Some(e) = &job.last_error {
-        println!("  last error   {e}");
+        outln!("  last error   {}", escaped(e));
     }
     if let Some(b) = &job.blob {
-        println!(
+        outln!(
             "  blob         {} ({} bytes) at {}",
-            b.sha256, b.size, b.path
+            b.sha256,
+            b.size,
+            b.path
         );
     }
-    println!("  ops:");
+    outln!("  ops:");
     for o in &ops {
-        println!(
+        outln!(
             "    {:<9} epoch {:<3} {:<10} runs {} {}",
             o.key.kind.as_str(),
             o.key.epoch.0,
@@ -612,17 +711,21 @@ pub(crate) fn reconcile(g: &Global, a: &ReconcileArgs) -> anyhow::Result<u8> {
     let store = open_store(g)?;
     let out =
         OutDir::prepare(&g.out).with_context(|| format!("output directory {}", g.out.display()))?;
-    let sink: Box<dyn EventSink> = match &a.events {
-        Some(p) => Box::new(EventsFile::open(p)?),
-        None => Box::new(idem_worker::NullSink),
+    let events = a.events.as_deref().map(EventsFile::open).transpose()?;
+    let sink: &dyn EventSink = match &events {
+        Some(ev) => ev,
+        None => &idem_worker::NullSink,
     };
     let r = idem_worker::reconcile::reconcile(
         &store,
         &out,
-        &*sink,
+        sink,
         &SystemClock,
         &ReconcileOptions { dry_run: a.dry_run },
     )?;
+    if let Some(e) = events.as_ref().and_then(EventsFile::error) {
+        bail!("{e}");
+    }
     if a.json {
         print_json(&serde_json::to_value(&r)?)?;
     } else {
@@ -631,12 +734,70 @@ pub(crate) fn reconcile(g: &Global, a: &ReconcileArgs) -> anyhow::Result<u8> {
         } else {
             "repaired"
         };
-        println!(
+        outln!(
             "{verb}: {} expired lease(s), {} dead op(s), {} orphaned part file(s), {} blob(s) healed, {} missing blob(s) requeued",
             r.expired_leases, r.abandoned_ops, r.parts_removed, r.blobs_healed, r.blobs_missing_requeued
         );
     }
     Ok(0)
+}
+
+pub(crate) fn verify(g: &Global, a: &VerifyArgs) -> anyhow::Result<u8> {
+    let store = open_store(g)?;
+    let ledger = match store.check_integrity(true) {
+        Ok(problems) => problems,
+        Err(e) => vec![e.to_string()],
+    };
+    let out =
+        OutDir::prepare(&g.out).with_context(|| format!("output directory {}", g.out.display()))?;
+    let events = a.events.as_deref().map(EventsFile::open).transpose()?;
+    let sink: &dyn EventSink = match &events {
+        Some(ev) => ev,
+        None => &idem_worker::NullSink,
+    };
+    // A damaged ledger's rows are not worth auditing blobs against.
+    let blobs = if ledger.is_empty() {
+        Some(idem_worker::verify::verify(
+            &store,
+            &out,
+            sink,
+            &SystemClock,
+            a.repair,
+        )?)
+    } else {
+        None
+    };
+    if let Some(e) = events.as_ref().and_then(EventsFile::error) {
+        bail!("{e}");
+    }
+    let bad_blobs = blobs.as_ref().map_or(0, |b| b.bad.len());
+    if a.json {
+        print_json(&json!({
+            "ledger": {"ok": ledger.is_empty(), "problems": ledger},
+            "blobs": blobs,
+        }))?;
+    } else {
+        if ledger.is_empty() {
+            outln!("ledger {}: ok", g.db.display());
+        } else {
+            outln!("ledger {}: damaged", g.db.display());
+            for p in &ledger {
+                outln!("  {p}");
+            }
+        }
+        if let Some(b) = &blobs {
+            outln!("blobs: {} checked, {} bad", b.blobs_checked, b.bad.len());
+            for bad in &b.bad {
+                let fate = if bad.requeued { " (re-queued)" } else { "" };
+                outln!("  {} {}{fate}: {}", bad.job_key, bad.path, bad.problem);
+            }
+        }
+    }
+    Ok(if ledger.is_empty() && bad_blobs == 0 {
+        0
+    } else {
+        EXIT_PARTIAL
+    })
 }
 
 pub(crate) fn retry(g: &Global, a: &RetryArgs) -> anyhow::Result<u8> {
@@ -670,7 +831,7 @@ pub(crate) fn retry(g: &Global, a: &RetryArgs) -> anyhow::Result<u8> {
     if a.json {
         print_json(&json!({"retried": retried, "refused": refused}))?;
     } else {
-        println!("retried {retried} job(s)");
+        outln!("retried {retried} job(s)");
         for r in &refused {
             eprintln!(
                 "idem: {}: {}",

@@ -70,7 +70,7 @@ pub(crate) fn run(_g: &Global, a: &DemoArgs) -> anyhow::Result<u8> {
     };
     let say = |s: &str| {
         if !a.json {
-            println!("{s}");
+            outln!("{s}");
         }
     };
 
@@ -224,7 +224,7 @@ pub(crate) fn run(_g: &Global, a: &DemoArgs) -> anyhow::Result<u8> {
         db.display()
     ));
     if a.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&json!({
                 "status": status_json(&st),

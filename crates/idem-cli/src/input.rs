@@ -6,8 +6,11 @@ use serde::Deserialize;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
-/// One input record as written by the user.
+/// One input record as written by the user. A field it does not know (a
+/// misspelt `SHA256` or `sha`) is an error for its line: silently dropping
+/// it would run the job without the check it asked for.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Record {
     work_id: Option<String>,
     artifact_id: Option<String>,
@@ -16,6 +19,110 @@ struct Record {
     sha256: Option<String>,
     #[serde(default)]
     content_type: Option<String>,
+}
+
+/// The same record with unknown fields ignored (`--allow-unknown-fields`).
+#[derive(Debug, Deserialize)]
+struct LaxRecord {
+    work_id: Option<String>,
+    artifact_id: Option<String>,
+    url: Option<String>,
+    #[serde(default)]
+    sha256: Option<String>,
+    #[serde(default)]
+    content_type: Option<String>,
+}
+
+impl From<LaxRecord> for Record {
+    fn from(r: LaxRecord) -> Self {
+        Self {
+            work_id: r.work_id,
+            artifact_id: r.artifact_id,
+            url: r.url,
+            sha256: r.sha256,
+            content_type: r.content_type,
+        }
+    }
+}
+
+/// The fields (JSON) and columns (CSV) a plan line may have.
+const FIELDS: [&str; 5] = ["work_id", "artifact_id", "url", "sha256", "content_type"];
+
+/// The known field nearest to `name`, for "did you mean".
+fn nearest_field(name: &str) -> &'static str {
+    let lower = name.to_ascii_lowercase();
+    FIELDS
+        .iter()
+        .min_by_key(|f| edit_distance(&lower, f))
+        .copied()
+        .unwrap_or("url")
+}
+
+/// Levenshtein distance over bytes (field names are ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+fn unknown_field(name: &str) -> String {
+    let name = cut(name, 64);
+    format!(
+        "unknown field `{name}` (did you mean `{}`? the fields are {}; --allow-unknown-fields ignores others)",
+        nearest_field(&name),
+        FIELDS.join(", ")
+    )
+}
+
+/// Most characters of a value quoted in an error: a line may carry a URL of
+/// a megabyte, and reports must stay readable and small.
+const MAX_SHOWN: usize = 200;
+
+/// `s` cut to `max` characters, marked when cut.
+pub(crate) fn cut(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}… ({} bytes in all)", &s[..i], s.len()).into(),
+        None => s.into(),
+    }
+}
+
+/// How a plan input is read.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ReadOptions {
+    /// Ignore fields and columns that are not plan fields.
+    pub(crate) allow_unknown_fields: bool,
+}
+
+/// Parses one JSON line into a record.
+fn parse_json(text: &str, opts: ReadOptions) -> Result<Record, String> {
+    let lax = || serde_json::from_str::<LaxRecord>(text).map(Record::from);
+    let r = if opts.allow_unknown_fields {
+        lax()
+    } else {
+        serde_json::from_str::<Record>(text)
+    };
+    r.map_err(|e| {
+        let msg = e.to_string();
+        // serde names the field first: "unknown field `X`, expected one of …"
+        match msg
+            .strip_prefix("unknown field `")
+            .and_then(|rest| rest.split_once('`'))
+        {
+            Some((name, _)) => unknown_field(name),
+            None => format!(
+                "not a JSON object with work_id, artifact_id, url: {}",
+                cut(&msg, MAX_SHOWN)
+            ),
+        }
+    })
 }
 
 /// A line that could not become a job.
@@ -54,7 +161,7 @@ fn to_spec(r: Record) -> Result<JobSpec, String> {
         r.sha256.as_deref(),
         r.content_type.as_deref(),
     )
-    .map_err(|e| e.to_string())
+    .map_err(|e| cut(&e.to_string(), MAX_SHOWN).into_owned())
 }
 
 /// Longest input line accepted; longer ones are reported and skipped
@@ -113,6 +220,7 @@ fn is_csv(name: &str, first_line: &str) -> bool {
 /// Streams the items of one input, calling `f` for each.
 pub(crate) fn read(
     name: &str,
+    opts: ReadOptions,
     mut f: impl FnMut(Item) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let shown = if name == "-" {
@@ -141,6 +249,14 @@ pub(crate) fn read(
             .clone();
         if !headers.iter().any(|h| h == "url") {
             anyhow::bail!("{shown}:1: CSV header must name the columns work_id, artifact_id, url (and optionally sha256, content_type)");
+        }
+        if !opts.allow_unknown_fields {
+            if let Some(h) = headers.iter().find(|h| !FIELDS.contains(h)) {
+                anyhow::bail!(
+                    "{shown}:1: {}; nothing from this file was applied",
+                    unknown_field(h)
+                );
+            }
         }
         let mut rec = csv::StringRecord::new();
         loop {
@@ -181,7 +297,7 @@ pub(crate) fn read(
                     f(Item::Bad(BadLine {
                         file: shown.clone(),
                         line,
-                        error: format!("bad CSV: {e}"),
+                        error: format!("bad CSV: {}", cut(&e.to_string(), MAX_SHOWN)),
                     }))?;
                 }
             }
@@ -218,18 +334,13 @@ pub(crate) fn read(
         if text.is_empty() || text.starts_with('#') {
             continue;
         }
-        let item = match serde_json::from_str::<Record>(text) {
-            Ok(rec) => match to_spec(rec) {
-                Ok(spec) => Item::Spec {
-                    spec,
-                    file: shown.clone(),
-                    line: line_no,
-                },
-                Err(error) => bad(error),
+        let item = match parse_json(text, opts).and_then(to_spec) {
+            Ok(spec) => Item::Spec {
+                spec,
+                file: shown.clone(),
+                line: line_no,
             },
-            Err(e) => bad(format!(
-                "not a JSON object with work_id, artifact_id, url: {e}"
-            )),
+            Err(error) => bad(error),
         };
         f(item)?;
     }

@@ -2,11 +2,20 @@
 //! config, then builds the store, HTTP client and engine.
 //!
 //! Exit codes: 0 ok; 1 error; 2 usage; 3 finished, but some jobs failed (or
-//! some input lines were rejected); 4 an SLO is breached; 130 interrupted.
+//! some input lines were rejected, or `verify` found a problem); 4 an SLO is
+//! breached; 130 interrupted.
+
+/// `println!` that tolerates a closed stdout (see [`out`]).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::out::line(format_args!($($arg)*))
+    };
+}
 
 mod commands;
 mod demo;
 mod input;
+mod out;
 mod sink;
 mod slo;
 
@@ -36,8 +45,8 @@ pub const EXIT_INTERRUPTED: u8 = 130;
         idem status                 # counts by state, leases, failures\n  \
         idem export > manifest.jsonl\n\n\
         Exit codes: 0 ok, 1 error, 2 usage, 3 finished but some jobs failed \
-        (or some input lines were rejected), 4 an SLO is breached (idem slo check), \
-        130 interrupted."
+        (or some input lines were rejected, or idem verify found a problem), \
+        4 an SLO is breached (idem slo check), 130 interrupted."
 )]
 struct Cli {
     #[command(flatten)]
@@ -91,6 +100,14 @@ enum Cmd {
     /// Repair what crashes left: expired leases, dead ops, orphaned part
     /// files, blobs published but not committed, finished jobs whose blob is gone.
     Reconcile(ReconcileArgs),
+    /// Check the ledger and the store: SQLite's integrity check of the
+    /// ledger, then every finished job's blob read back against the size and
+    /// SHA-256 recorded for it. Exits 3 if anything is wrong.
+    ///
+    /// It reads every blob, so it takes as long as reading the store. With
+    /// --repair, a blob that fails is moved to <out>/quarantine/ and its jobs
+    /// are re-queued for the next run to fetch again.
+    Verify(VerifyArgs),
     /// Try failed jobs again, as a new attempt series.
     Retry(RetryArgs),
     /// Write the manifest of every job (stdout).
@@ -154,6 +171,11 @@ struct PlanArgs {
     /// Apply nothing if any line is malformed.
     #[arg(long)]
     strict: bool,
+    /// Ignore JSON fields and CSV columns that are not plan fields. By
+    /// default they are an error naming the nearest field, since a
+    /// misspelt `sha256` would otherwise run the job unverified.
+    #[arg(long)]
+    allow_unknown_fields: bool,
     /// Attempts allowed per job before it fails for good.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
     max_attempts: u32,
@@ -247,6 +269,18 @@ struct ReconcileArgs {
 }
 
 #[derive(Args, Debug)]
+struct VerifyArgs {
+    /// Move each bad blob to <out>/quarantine/ and re-queue its jobs.
+    #[arg(long)]
+    repair: bool,
+    /// Write the re-queues' events as JSON Lines to this file (appends).
+    #[arg(long)]
+    events: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
 struct RetryArgs {
     /// Retry every failed job.
     #[arg(long, conflicts_with = "jobs")]
@@ -312,6 +346,9 @@ fn main() -> ExitCode {
     };
     match dispatch(cli) {
         Ok(code) => ExitCode::from(code),
+        // The reader of stdout went away (`idem export | head`): nothing
+        // is wrong with the work, and nobody is left to tell.
+        Err(e) if out::is_closed_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("idem: error: {e:#}");
             ExitCode::from(1)
@@ -327,6 +364,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Status(a) => commands::status(&g, a.json),
         Cmd::Show(a) => commands::show(&g, &a),
         Cmd::Reconcile(a) => commands::reconcile(&g, &a),
+        Cmd::Verify(a) => commands::verify(&g, &a),
         Cmd::Retry(a) => commands::retry(&g, &a),
         Cmd::Export(a) => commands::export(&g, &a),
         Cmd::Demo(a) => demo::run(&g, &a),

@@ -3,11 +3,18 @@
 use idem_core::Event;
 use idem_worker::EventSink;
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Appends every event as one JSON object per line, flushed per batch so a
-/// crash loses at most the batch in flight.
-pub(crate) struct EventsFile(Mutex<std::io::BufWriter<std::fs::File>>);
+/// crash loses at most the batch in flight. A write that fails (a full
+/// disk, `/dev/full`) is never silent: the first error is kept, said at
+/// once, and stops a run through `on_error`; the command then exits 1.
+pub(crate) struct EventsFile {
+    path: std::path::PathBuf,
+    out: Mutex<std::io::BufWriter<std::fs::File>>,
+    failed: OnceLock<String>,
+    on_error: OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
 
 impl EventsFile {
     pub(crate) fn open(path: &std::path::Path) -> anyhow::Result<Self> {
@@ -16,22 +23,55 @@ impl EventsFile {
             .append(true)
             .open(path)
             .map_err(|e| anyhow::anyhow!("cannot open events file {}: {e}", path.display()))?;
-        Ok(Self(Mutex::new(std::io::BufWriter::new(f))))
+        Ok(Self {
+            path: path.to_owned(),
+            out: Mutex::new(std::io::BufWriter::new(f)),
+            failed: OnceLock::new(),
+            on_error: OnceLock::new(),
+        })
+    }
+
+    /// Calls `f` once, when a write first fails (a run stops).
+    pub(crate) fn on_error(&self, f: impl Fn() + Send + Sync + 'static) {
+        let _ = self.on_error.set(Box::new(f));
+    }
+
+    /// Why writing events failed, if it did.
+    pub(crate) fn error(&self) -> Option<String> {
+        self.failed.get().cloned()
     }
 }
 
 impl EventSink for EventsFile {
     fn emit(&self, events: &[Event]) {
+        if self.failed.get().is_some() {
+            return;
+        }
         let mut w = self
-            .0
+            .out
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut written = Ok(());
         for e in events {
-            if serde_json::to_writer(&mut *w, e).is_ok() {
-                let _ = w.write_all(b"\n");
+            written = serde_json::to_writer(&mut *w, e)
+                .map_err(std::io::Error::from)
+                .and_then(|()| w.write_all(b"\n"));
+            if written.is_err() {
+                break;
             }
         }
-        let _ = w.flush();
+        if let Err(e) = written.and_then(|()| w.flush()) {
+            let msg = format!(
+                "cannot write events to {}: {e}; events from here on are lost",
+                self.path.display()
+            );
+            if self.failed.set(msg.clone()).is_ok() {
+                eprintln!("idem: error: {msg}");
+                if let Some(f) = self.on_error.get() {
+                    f();
+                }
+            }
+        }
     }
 }
 

@@ -110,22 +110,23 @@ pub(crate) fn check(g: &Global, a: &SloCheckArgs) -> anyhow::Result<u8> {
         }));
     }
     if a.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(
                 &json!({"window_seconds": window_s, "ok": all_ok, "slos": rows})
             )?
         );
     } else {
-        println!(
+        outln!(
             "SLOs over the last {} (jobs finished in the window: {})",
-            a.window, w.finished
+            a.window,
+            w.finished
         );
         for r in &rows {
             let sli = r["sli"]
                 .as_f64()
                 .map_or_else(|| "-".to_owned(), |v| format!("{:.3}%", v * 100.0));
-            println!(
+            outln!(
                 "  {:<28} {:<14} SLI {:>9}  objective {:>5}%  {}",
                 r["name"].as_str().unwrap_or(""),
                 r["status"].as_str().unwrap_or(""),
