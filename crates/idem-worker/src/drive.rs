@@ -840,7 +840,18 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             });
         }
         steps.push(Step::BeginOp { op: fop, owner });
-        let mut a = self.store.run_steps(steps, self.now(), Commit::Deferred)?;
+        let mut a = match self.store.run_steps(steps, self.now(), Commit::Deferred) {
+            Ok(a) => a,
+            Err(e) => {
+                // Fenced (the lease was taken while the body arrived): the
+                // job is another holder's, and this part is nobody's.
+                let abort = Abort::from(e);
+                if matches!(abort, Abort::Fenced) {
+                    files::remove_part(&part);
+                }
+                return Err(abort);
+            }
+        };
         if let Finish::Recorded(_, timing) = &finish {
             timing.apply(&mut a.events);
         }
