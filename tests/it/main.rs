@@ -11,4 +11,5 @@ mod e2e;
 mod hostile;
 mod ledger;
 mod metrics;
+mod repair;
 mod support;
