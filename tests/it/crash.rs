@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 /// A mixed catalogue: plain, slow, faulty once, and identical content.
-fn catalogue(o: &Origin, n: usize) -> (Vec<serde_json::Value>, usize) {
+pub(crate) fn catalogue(o: &Origin, n: usize) -> (Vec<serde_json::Value>, usize) {
     let mut lines = Vec::new();
     let mut distinct = BTreeSet::new();
     for i in 0..n {

@@ -7,6 +7,7 @@
 
 mod cli;
 mod crash;
+mod deaths;
 mod e2e;
 mod hostile;
 mod ledger;

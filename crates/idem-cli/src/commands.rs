@@ -312,11 +312,19 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
         }
     }
     let store = Arc::new(open_store(g)?);
+    let alone = match (&a.alone_job, a.alone_epoch, &a.alone_owner) {
+        (Some(k), Some(e), Some(o)) => Some(crate::alone::AloneJob::parse(k, e, o)?),
+        _ => None,
+    };
     // A ledger damaged inside (past its header) is refused before any work
-    // builds on it; `idem verify` says what is wrong.
-    let problems = store
-        .check_integrity(false)
-        .unwrap_or_else(|e| vec![e.to_string()]);
+    // builds on it; `idem verify` says what is wrong. (A child running one
+    // job for its parent relies on the parent's check.)
+    let problems = match alone {
+        Some(_) => Vec::new(),
+        None => store
+            .check_integrity(false)
+            .unwrap_or_else(|e| vec![e.to_string()]),
+    };
     if let Some(first) = problems.first() {
         bail!(
             "ledger {} fails SQLite's quick check ({first}); run `idem verify` for the details, and restore it from a backup",
@@ -370,6 +378,22 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
         .worker_threads(2)
         .build()
         .context("starting the async runtime")?;
+    if let Some(job) = alone {
+        crate::alone::die_with_parent();
+        rt.block_on(async {
+            let http = Arc::new(idem_http::HttpClient::new(policy)?);
+            let engine = idem_worker::Engine::new(Arc::clone(&store), http, cfg, sink)?
+                .with_owner(job.owner);
+            let engine = Arc::new(engine);
+            let stopper = engine.stopper();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                stopper.stop();
+            });
+            anyhow::Ok(engine.run_alone(job.key, job.epoch).await?)
+        })?;
+        return Ok(0);
+    }
     let total_before = store.status(now())?;
     let show_bar = !a.json && std::io::stderr().is_terminal();
     let summary = rt.block_on(async {
@@ -387,7 +411,11 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
             });
         }
         let http = Arc::new(idem_http::HttpClient::new(policy)?);
-        let engine = Arc::new(idem_worker::Engine::new(Arc::clone(&store), http, cfg, sink)?);
+        let children = crate::alone::ChildRunner::from_this_process()
+            .context("finding this program, to run suspects in child processes")?;
+        let engine = idem_worker::Engine::new(Arc::clone(&store), http, cfg, sink)?
+            .with_isolator(Arc::new(children));
+        let engine = Arc::new(engine);
         let stopper = engine.stopper();
         if let Some(ev) = &events {
             // Events that cannot be written stop the run: a run whose
@@ -541,6 +569,7 @@ pub(crate) fn status_json(st: &idem_core::StatusCounts) -> serde_json::Value {
         "by_state": st.by_state,
         "leases": {"live": st.live_leases, "expired": st.expired_leases},
         "due_now": st.due_now,
+        "suspects": st.suspects,
         "oldest_due_age_seconds": st.oldest_due_age_ms.map(|ms| ms as f64 / 1000.0),
         "failures_by_reason": st.failures_by_reason,
         "fenced_writes": st.fenced_writes,
@@ -566,6 +595,12 @@ fn print_status_text(st: &idem_core::StatusCounts) {
             ms as f64 / 1000.0
         ),
         None => outln!("due now: 0"),
+    }
+    if st.suspects > 0 {
+        outln!(
+            "suspects: {} (their workers died too often while holding them; each runs alone, in a child process)",
+            st.suspects
+        );
     }
     if !st.failures_by_reason.is_empty() {
         outln!("failures by reason:");
@@ -610,10 +645,12 @@ fn job_json(j: &Job) -> serde_json::Value {
         "expected_sha256": j.spec.sha256,
         "expected_content_type": j.spec.content_type,
         "state": j.state,
-        "lease": j.lease.as_ref().map(|l| json!({"owner": l.owner, "epoch": l.epoch, "expires_at": l.expires_at})),
+        "lease": j.lease.as_ref().map(|l| json!({"owner": l.owner, "epoch": l.epoch, "expires_at": l.expires_at, "isolated": l.isolated})),
         "epoch": j.epoch,
         "attempts": j.attempts,
         "max_attempts": j.max_attempts,
+        "deaths": {"unattributed": j.holder_deaths, "isolated": j.isolated_deaths},
+        "suspect": j.is_suspect() && !j.state.is_terminal(),
         "next_attempt_at": j.next_attempt_at,
         "last_error": j.last_error,
         "head": j.head,
@@ -675,13 +712,27 @@ pub(crate) fn show(g: &Global, a: &ShowArgs) -> anyhow::Result<u8> {
     outln!("  state        {}", job.state);
     if let Some(l) = &job.lease {
         outln!(
-            "  lease        {} epoch {} until {}",
+            "  lease        {} epoch {} until {}{}",
             l.owner,
             l.epoch.0,
-            l.expires_at.as_millis()
+            l.expires_at.as_millis(),
+            if l.isolated { " (running alone)" } else { "" }
         );
     }
     outln!("  attempts     {} of {}", job.attempts, job.max_attempts);
+    if job.holder_deaths > 0 || job.isolated_deaths > 0 {
+        outln!(
+            "  deaths       {} of a holder running it among others (not held against it), {} of a child running it alone (held against it: {} fail it as poison){}",
+            job.holder_deaths,
+            job.isolated_deaths,
+            idem_core::POISON_AFTER_ISOLATED_DEATHS,
+            if job.is_suspect() && !job.state.is_terminal() {
+                "; a suspect: runs only alone"
+            } else {
+                ""
+            }
+        );
+    }
     if let Some(e) = &job.last_error {
         outln!("  last error   {}", escaped(e));
     }

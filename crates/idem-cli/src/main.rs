@@ -12,6 +12,7 @@ macro_rules! outln {
     };
 }
 
+mod alone;
 mod commands;
 mod demo;
 mod input;
@@ -246,6 +247,14 @@ struct RunArgs {
     /// Print the summary as JSON (and no progress bar).
     #[arg(long)]
     json: bool,
+    /// Internal: run only this job (key), held by --alone-owner under
+    /// --alone-epoch; how a worker runs a suspect in a child process.
+    #[arg(long, hide = true, requires_all = ["alone_epoch", "alone_owner"])]
+    alone_job: Option<String>,
+    #[arg(long, hide = true)]
+    alone_epoch: Option<u64>,
+    #[arg(long, hide = true)]
+    alone_owner: Option<String>,
 }
 
 #[derive(Args, Debug)]

@@ -158,7 +158,7 @@ struct Window {
     /// Jobs leased more than once, and those of them that failed because
     /// their holders kept dying.
     relet: u64,
-    relet_exhausted: u64,
+    relet_poisoned: u64,
 }
 
 impl Window {
@@ -175,9 +175,9 @@ impl Window {
             if j.state == JobState::Failed
                 && j.last_error
                     .as_deref()
-                    .is_some_and(|e| e.starts_with("attempts_exhausted"))
+                    .is_some_and(|e| e.starts_with("poison"))
             {
-                self.relet_exhausted += 1;
+                self.relet_poisoned += 1;
             }
         }
     }
@@ -204,9 +204,9 @@ fn compute(
             Some(ratio(st.ops_started, total, format!("{} replays of {} op requests (whole ledger)", st.replays, total)))
         }
         "crash_recovery" => Some(ratio(
-            w.relet - w.relet_exhausted,
+            w.relet - w.relet_poisoned,
             w.relet,
-            format!("jobs leased more than once that did not fail for exhausted attempts ({} in window)", w.relet),
+            format!("jobs leased more than once that did not fail as poison ({} in window)", w.relet),
         )),
         _ => None,
     }

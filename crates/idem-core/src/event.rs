@@ -40,6 +40,9 @@ pub enum EventKind {
         /// Set when this lease takes over a job another holder left mid-way.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         resumed_from: Option<JobState>,
+        /// The holder runs this job alone (a suspect, see `Job::is_suspect`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        isolated: bool,
     },
     JobStateChanged {
         job_key: JobKey,

@@ -127,7 +127,21 @@ pub struct Lease {
     pub owner: WorkerId,
     pub epoch: Epoch,
     pub expires_at: Timestamp,
+    /// The holder runs this job alone, in a child process it watches: a
+    /// death of that child is the job's doing ([`Command::ChildDied`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub isolated: bool,
 }
+
+/// Holder deaths (leases taken over or freed after their holder died or
+/// stalled) after which a job is a suspect: it is leased only to a worker
+/// that runs it alone, in a child process it watches.
+pub const SUSPECT_AFTER_DEATHS: u32 = 2;
+
+/// Deaths of a child process that ran the job alone, seen by its living
+/// parent, after which the job is taken to kill its workers: it fails with
+/// the reason `poison`.
+pub const POISON_AFTER_ISOLATED_DEATHS: u32 = 3;
 
 impl Lease {
     pub fn is_live(&self, now: Timestamp) -> bool {
@@ -187,7 +201,8 @@ pub struct Job {
     pub lease: Option<Lease>,
     /// The last epoch ever issued for this job (0: never leased).
     pub epoch: Epoch,
-    /// Leases acquired in the current attempt series.
+    /// Attempts of the current series that counted: begun and not ended by
+    /// their holder's death or a graceful stop.
     pub attempts: u32,
     pub max_attempts: u32,
     /// Not leased before this instant (backoff).
@@ -201,6 +216,15 @@ pub struct Job {
     pub updated_at: Timestamp,
     pub first_leased_at: Option<Timestamp>,
     pub finished_at: Option<Timestamp>,
+    /// Holders that died (or stalled past their lease) while they held this
+    /// job: not attributable to the job (a crash, a kill, a deploy), never
+    /// a failure.
+    #[serde(default)]
+    pub holder_deaths: u32,
+    /// Child processes that died while they ran this job alone, as their
+    /// living parent saw: attributable to the job.
+    #[serde(default)]
+    pub isolated_deaths: u32,
 }
 
 impl Job {
@@ -224,11 +248,27 @@ impl Job {
             updated_at: now,
             first_leased_at: None,
             finished_at: None,
+            holder_deaths: 0,
+            isolated_deaths: 0,
         }
     }
 
+    /// Has this job been held by enough workers that died to be leased only
+    /// to one that runs it alone?
+    pub fn is_suspect(&self) -> bool {
+        self.holder_deaths >= SUSPECT_AFTER_DEATHS
+    }
+
+    /// Counts the death of a holder nobody saw die (its lease taken over
+    /// or freed without its finishing): the attempt it was making does not
+    /// count, and neither does the death against the job.
+    fn count_death(&mut self) {
+        self.attempts = self.attempts.saturating_sub(1);
+        self.holder_deaths += 1;
+    }
+
     /// May a worker acquire this job at `now`? Non-terminal, due, and no live
-    /// lease.
+    /// lease. (A suspect is acquired only by an isolated lease.)
     pub fn is_acquirable(&self, now: Timestamp) -> bool {
         !self.state.is_terminal()
             && self.next_attempt_at <= now
@@ -294,7 +334,14 @@ pub enum ErrorClass {
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum Command {
     /// Take the lease: the job is free, or its lease has expired.
-    Acquire { owner: WorkerId, ttl_ms: u64 },
+    /// `isolated`: the new holder runs this job alone in its process. A
+    /// suspect ([`Job::is_suspect`]) is refused to a holder that does not,
+    /// and left free for one that does.
+    Acquire {
+        owner: WorkerId,
+        ttl_ms: u64,
+        isolated: bool,
+    },
     /// Extend a held lease.
     Renew {
         owner: WorkerId,
@@ -334,6 +381,15 @@ pub enum Command {
     /// Reconciler found this job's blob published but its commit lost. Only
     /// applies when no live lease holds the job.
     Heal { blob: BlobInfo },
+    /// The child process that ran this job alone under the lease `epoch` of
+    /// `owner` (its parent) died, and the parent saw it (`detail`: how). The
+    /// lease is freed and the death counted against the job; at
+    /// [`POISON_AFTER_ISOLATED_DEATHS`] the job fails as `poison`.
+    ChildDied {
+        owner: WorkerId,
+        epoch: Epoch,
+        detail: String,
+    },
     /// Reconciler found a finalized job whose blob is missing: fetch again.
     /// `seen` is the job's epoch when it was found so: a job that moved on
     /// since (another reconciler requeued it, a worker fetched it again) is
@@ -349,6 +405,7 @@ impl Command {
             Self::Release { .. } => "release",
             Self::Expire => "expire",
             Self::ExpireDead { .. } => "expire_dead",
+            Self::ChildDied { .. } => "child_died",
             Self::HeadDone { .. } => "head_done",
             Self::StreamStarted { .. } => "stream_started",
             Self::Finalize { .. } => "finalize",
@@ -443,7 +500,11 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
     let from = job.state;
 
     match cmd {
-        Command::Acquire { owner, ttl_ms } => {
+        Command::Acquire {
+            owner,
+            ttl_ms,
+            isolated,
+        } => {
             if let Some(l) = job.lease.as_ref().filter(|l| l.is_live(now)) {
                 return Err(TransitionError::LeaseHeld {
                     holder: l.owner.clone(),
@@ -453,6 +514,11 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
             if job.next_attempt_at > now {
                 return Err(TransitionError::NotDue(job.next_attempt_at));
             }
+            let takeover = job.lease.is_some()
+                || matches!(job.state, JobState::HeadDone | JobState::Streaming);
+            // A lease still in place means its holder never finished: it
+            // died (or stalled past its TTL). That spends no attempt; it is
+            // counted as a death, attributable only if it ran the job alone.
             if let Some(old) = &job.lease {
                 events.push(EventKind::LeaseExpired {
                     job_key: key,
@@ -460,31 +526,34 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
                     epoch: old.epoch,
                     state: job.state,
                 });
-            }
-            let takeover = job.lease.is_some()
-                || matches!(job.state, JobState::HeadDone | JobState::Streaming);
-            if job.attempts >= job.max_attempts {
-                // A job whose holders keep dying must not be retried forever.
-                let error = format!(
-                    "attempts_exhausted: {} attempts, the last holder never finished",
-                    job.attempts
-                );
+                next.count_death();
                 next.lease = None;
+            }
+            if next.isolated_deaths >= POISON_AFTER_ISOLATED_DEATHS {
+                let error = format!(
+                    "poison: the worker running this job alone died {} times",
+                    next.isolated_deaths
+                );
                 next.state = JobState::Failed;
                 next.last_error = Some(error.clone());
                 next.finished_at = Some(now);
-                events.push(state_changed(
-                    key,
-                    from,
-                    JobState::Failed,
-                    "attempts_exhausted",
-                ));
+                events.push(state_changed(key, from, JobState::Failed, "poison"));
                 events.push(EventKind::JobFailed {
                     job_key: key,
-                    reason: "attempts_exhausted".into(),
+                    reason: "poison".into(),
                     error,
-                    attempts: job.attempts,
+                    attempts: next.attempts,
                 });
+                stamp_age(&mut events, job, now);
+                return Ok(Transition { job: next, events });
+            }
+            if next.is_suspect() && !isolated {
+                // Left free (and back to `planned` if it was only leased)
+                // for a worker that will run it alone.
+                if next.state == JobState::Leased {
+                    next.state = JobState::Planned;
+                    events.push(state_changed(key, from, JobState::Planned, "suspect"));
+                }
                 stamp_age(&mut events, job, now);
                 return Ok(Transition { job: next, events });
             }
@@ -496,8 +565,9 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
                 owner: owner.clone(),
                 epoch,
                 expires_at: now.plus_ms(ttl_ms),
+                isolated,
             });
-            if job.state == JobState::Planned {
+            if next.state == JobState::Planned {
                 next.state = JobState::Leased;
             }
             events.push(EventKind::JobLeased {
@@ -507,6 +577,7 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
                 ttl_ms,
                 attempt: next.attempts,
                 resumed_from: takeover.then_some(job.state),
+                isolated,
             });
             if next.state != from {
                 events.push(state_changed(key, from, next.state, "acquire"));
@@ -534,6 +605,7 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
                 owner: owner.clone(),
                 epoch,
                 expires_at: now.plus_ms(ttl_ms),
+                isolated: lease.isolated,
             });
             events.push(EventKind::LeaseRenewed {
                 job_key: key,
@@ -557,6 +629,12 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
                 });
             }
             next.lease = None;
+            // A graceful stop spends no attempt; a job that ran alone and was
+            // stopped cleanly did not kill its worker.
+            next.attempts = next.attempts.saturating_sub(1);
+            if lease.isolated {
+                next.holder_deaths = 0;
+            }
             if job.state == JobState::Leased {
                 next.state = JobState::Planned;
                 events.push(state_changed(key, from, JobState::Planned, "released"));
@@ -598,6 +676,7 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
                 epoch: lease.epoch,
                 state: job.state,
             });
+            next.count_death();
             next.lease = None;
             if job.state == JobState::Leased {
                 next.state = JobState::Planned;
@@ -669,6 +748,11 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
         Command::Fail {
             error, retry_at, ..
         } => {
+            // A job that ran alone and failed in the ordinary way did not
+            // kill its worker.
+            if job.lease.as_ref().is_some_and(|l| l.isolated) {
+                next.holder_deaths = 0;
+            }
             next.lease = None;
             next.last_error = Some(error.summary());
             let retry = retry_at.filter(|_| {
@@ -708,6 +792,8 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
             }
             next.state = JobState::Planned;
             next.attempts = 0;
+            next.holder_deaths = 0;
+            next.isolated_deaths = 0;
             next.next_attempt_at = now;
             next.finished_at = None;
             next.head = None;
@@ -744,6 +830,54 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
                 JobState::Finalized,
                 "crash_recovery",
             ));
+        }
+        Command::ChildDied {
+            owner,
+            epoch,
+            detail,
+        } => {
+            let Some(lease) = job.lease.as_ref() else {
+                return Err(TransitionError::Illegal {
+                    from,
+                    command: name,
+                });
+            };
+            if lease.owner != owner || lease.epoch != epoch {
+                return Err(TransitionError::Stale {
+                    seen: format!("{epoch} held by {owner}"),
+                    current: format!("{} held by {}", lease.epoch, lease.owner),
+                });
+            }
+            events.push(EventKind::LeaseExpired {
+                job_key: key,
+                owner,
+                epoch,
+                state: job.state,
+            });
+            next.lease = None;
+            next.attempts = next.attempts.saturating_sub(1);
+            next.isolated_deaths += 1;
+            let error = format!(
+                "poison: the worker running this job alone died {} times (last: {detail})",
+                next.isolated_deaths
+            );
+            if next.isolated_deaths >= POISON_AFTER_ISOLATED_DEATHS {
+                finish(&mut next, JobState::Failed, now);
+                next.last_error = Some(error.clone());
+                events.push(state_changed(key, from, JobState::Failed, "poison"));
+                events.push(EventKind::JobFailed {
+                    job_key: key,
+                    reason: "poison".into(),
+                    error,
+                    attempts: next.attempts,
+                });
+            } else {
+                next.last_error = Some(format!("isolated_death: {detail}"));
+                if from == JobState::Leased {
+                    next.state = JobState::Planned;
+                    events.push(state_changed(key, from, JobState::Planned, "child_died"));
+                }
+            }
         }
         Command::Requeue { reason, seen } => {
             if !from.is_success() {

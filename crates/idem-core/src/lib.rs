@@ -22,7 +22,7 @@ pub use digest::Digest32;
 pub use event::{Event, EventKind, EVENT_NAMES};
 pub use job::{
     transition, BlobInfo, Command, Epoch, ErrorClass, HeadInfo, Job, JobError, JobState, Lease,
-    Transition, TransitionError, WorkerId,
+    Transition, TransitionError, WorkerId, POISON_AFTER_ISOLATED_DEATHS, SUSPECT_AFTER_DEATHS,
 };
 pub use ledger::{OpDecision, OpKey, OpKind, OpRecord, OpResult, OpStatus, StreamInfo};
 pub use mem::MemStore;

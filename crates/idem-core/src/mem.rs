@@ -175,16 +175,19 @@ impl MemStore {
             .jobs
             .values()
             .filter(|j| {
-                j.is_acquirable(now)
-                    || (!j.state.is_terminal()
-                        && j.next_attempt_at <= now
-                        && j.lease
-                            .as_ref()
-                            .is_some_and(|l| req.dead_owners.contains(&l.owner)))
+                j.is_suspect() == req.isolated
+                    && (j.is_acquirable(now)
+                        || (!j.state.is_terminal()
+                            && j.next_attempt_at <= now
+                            && j.lease
+                                .as_ref()
+                                .is_some_and(|l| req.dead_owners.contains(&l.owner))))
             })
             .collect();
         candidates.sort_by_key(|j| (j.next_attempt_at, j.created_at, j.key));
-        let keys: Vec<JobKey> = candidates.iter().take(req.limit).map(|j| j.key).collect();
+        // A suspect runs alone: one per isolated lease.
+        let limit = if req.isolated { 1 } else { req.limit };
+        let keys: Vec<JobKey> = candidates.iter().take(limit).map(|j| j.key).collect();
         let mut leased = Vec::new();
         let mut events = Vec::new();
         for key in keys {
@@ -200,6 +203,7 @@ impl MemStore {
                 Command::Acquire {
                     owner: req.owner.clone(),
                     ttl_ms: req.ttl_ms,
+                    isolated: req.isolated,
                 },
                 now,
             )
@@ -461,7 +465,9 @@ impl Store for MemStore {
                 Some(_) => c.expired_leases += 1,
                 None => {}
             }
-            if j.is_acquirable(now) {
+            if j.is_suspect() && !j.state.is_terminal() {
+                c.suspects += 1;
+            } else if j.is_acquirable(now) {
                 c.due_now += 1;
                 let due = j
                     .lease

@@ -84,8 +84,13 @@ pub struct StatusCounts {
     pub by_state: BTreeMap<JobState, u64>,
     pub live_leases: u64,
     pub expired_leases: u64,
-    /// Non-terminal, due now and not held.
+    /// Non-terminal, due now and not held (suspects aside).
     pub due_now: u64,
+    /// Unfinished jobs whose holders died too often while running them with
+    /// others ([`crate::Job::is_suspect`]): each waits for a worker that
+    /// runs it alone.
+    #[serde(default)]
+    pub suspects: u64,
     /// Age of the oldest due job (ms), if any is due.
     pub oldest_due_age_ms: Option<u64>,
     /// Failed jobs grouped by the reason code of their last error.
@@ -148,6 +153,9 @@ pub struct LeaseRequest {
     pub dead_owners: Vec<WorkerId>,
     /// A lease is an intermediate record: the engine defers it.
     pub commit: Commit,
+    /// Lease suspects only ([`crate::Job::is_suspect`]), for a worker that
+    /// runs each alone; otherwise suspects are left out.
+    pub isolated: bool,
 }
 
 /// One step of an atomic [`Store::run_steps`] call.

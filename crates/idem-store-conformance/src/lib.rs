@@ -43,7 +43,8 @@ macro_rules! conformance_tests {
             op_outcome_and_transition_are_atomic,
             op_is_committed_at_most_once,
             dead_ops_are_abandoned,
-            attempts_are_bounded,
+            attempts_count_failures_not_deaths_or_stops,
+            suspects_are_leased_only_alone_and_poison_fails_them,
             status_counts_are_exact,
             scan_pages_through_every_job,
             finalized_by_url_finds_only_finalized,
@@ -105,6 +106,7 @@ fn lease(
         ttl_ms: ttl_s * 1000,
         dead_owners: vec![],
         commit: idem_core::Commit::Durable,
+        isolated: false,
     };
     s.lease(&req, now)
         .expect("lease")
@@ -265,6 +267,15 @@ pub fn lease_bumps_epoch_and_never_double_leases(s: &dyn Store) {
         vec![(k, Epoch(2))],
         "expired at exactly its expiry"
     );
+    s.apply(
+        &k,
+        Command::Release {
+            owner: w("w2"),
+            epoch: Epoch(2),
+        },
+        t(11),
+    )
+    .unwrap();
     assert_eq!(lease(s, "w3", 1, 10, t(30)), vec![(k, Epoch(3))]);
     let job = s.job(&k).unwrap().unwrap();
     assert_eq!(job.epoch, Epoch(3));
@@ -307,6 +318,7 @@ pub fn dead_owner_lease_is_taken_over_early(s: &dyn Store) {
         ttl_ms: 60_000,
         dead_owners: vec![w("dead")],
         commit: idem_core::Commit::Durable,
+        isolated: false,
     };
     let got = s.lease(&req, t(5)).unwrap().value;
     assert_eq!(got.len(), 1);
@@ -315,6 +327,7 @@ pub fn dead_owner_lease_is_taken_over_early(s: &dyn Store) {
     let req = LeaseRequest {
         dead_owners: vec![w("alive")],
         commit: idem_core::Commit::Durable,
+        isolated: false,
         ..req
     };
     assert!(
@@ -338,7 +351,8 @@ pub fn finished_job_is_never_leased_or_moved(s: &dyn Store) {
             &k,
             Command::Acquire {
                 owner: w("w2"),
-                ttl_ms: 1000
+                ttl_ms: 1000,
+                isolated: false,
             },
             t(5)
         )
@@ -688,17 +702,107 @@ pub fn dead_ops_are_abandoned(s: &dyn Store) {
     assert_eq!(s.abandon_dead_ops(t(12)).unwrap().value, 0, "idempotent");
 }
 
-pub fn attempts_are_bounded(s: &dyn Store) {
+pub fn attempts_count_failures_not_deaths_or_stops(s: &dyn Store) {
     let k = plan_n(s, 1, t(0))[0];
+    // A holder that dies (its lease taken over) and one that stops cleanly
+    // spend no attempt.
+    assert_eq!(lease(s, "w1", 1, 10, t(0)).len(), 1);
+    let (_, e) = lease(s, "w2", 1, 10, t(20))[0];
+    s.apply(
+        &k,
+        Command::Release {
+            owner: w("w2"),
+            epoch: e,
+        },
+        t(21),
+    )
+    .unwrap();
+    let job = s.job(&k).unwrap().unwrap();
+    assert_eq!((job.attempts, job.holder_deaths), (0, 1), "{job:?}");
+    // Failures do: the third fails it for good (max_attempts 3).
     for i in 0..3 {
-        assert_eq!(lease(s, "w", 1, 10, t(i * 100)).len(), 1);
+        let got = lease(s, "w", 1, 10, t(30 + i * 100));
+        assert_eq!(got.len(), 1, "attempt {i}");
+        s.apply(
+            &k,
+            Command::Fail {
+                epoch: got[0].1,
+                error: JobError::retryable("http_503", "busy"),
+                retry_at: Some(t(31 + i * 100)),
+            },
+            t(31 + i * 100),
+        )
+        .unwrap();
     }
-    assert!(lease(s, "w", 1, 10, t(400)).is_empty());
     let job = s.job(&k).unwrap().unwrap();
     assert_eq!(job.state, JobState::Failed);
     assert_eq!(job.attempts, 3);
     let st = s.status(t(400)).unwrap();
-    assert_eq!(st.failures_by_reason.get("attempts_exhausted"), Some(&1));
+    assert_eq!(st.failures_by_reason.get("http_503"), Some(&1));
+}
+
+pub fn suspects_are_leased_only_alone_and_poison_fails_them(s: &dyn Store) {
+    let keys = plan_n(s, 2, t(0));
+    assert_eq!(lease(s, "w1", 2, 10, t(0)).len(), 2);
+    assert_eq!(lease(s, "w2", 2, 10, t(20)).len(), 2, "one death each");
+    assert!(
+        lease(s, "w3", 2, 10, t(40)).is_empty(),
+        "two deaths: suspects, left for workers that run them alone"
+    );
+    let st = s.status(t(40)).unwrap();
+    assert_eq!((st.suspects, st.due_now), (2, 0));
+    for k in &keys {
+        let j = s.job(k).unwrap().unwrap();
+        assert_eq!((j.attempts, j.holder_deaths, &j.lease), (0, 2, &None));
+        assert!(j.is_suspect());
+    }
+    let alone = |owner: &str, now| {
+        let req = LeaseRequest {
+            owner: w(owner),
+            limit: 5,
+            ttl_ms: 10_000,
+            dead_owners: vec![],
+            commit: idem_core::Commit::Durable,
+            isolated: true,
+        };
+        s.lease(&req, now).unwrap().value
+    };
+    let mut poisoned = None;
+    for i in 0..3 {
+        let got = alone("w4", t(50 + i * 10));
+        assert_eq!(got.len(), 1, "one suspect at a time");
+        let l = got[0].lease.clone().unwrap();
+        assert!(l.isolated);
+        assert_eq!(
+            *poisoned.get_or_insert(got[0].key),
+            got[0].key,
+            "the oldest due"
+        );
+        let died = Command::ChildDied {
+            owner: w("w4"),
+            epoch: l.epoch,
+            detail: "killed by SIGSEGV".into(),
+        };
+        let j = s
+            .apply(&got[0].key, died.clone(), t(51 + i * 10))
+            .unwrap()
+            .value;
+        assert_eq!(j.isolated_deaths, i as u32 + 1);
+        assert!(
+            s.apply(&got[0].key, died, t(52 + i * 10)).is_err(),
+            "the same death is recorded once"
+        );
+    }
+    let j = s.job(&poisoned.unwrap()).unwrap().unwrap();
+    assert_eq!(j.state, JobState::Failed);
+    assert!(j.last_error.unwrap().starts_with("poison:"));
+    let st = s.status(t(100)).unwrap();
+    assert_eq!(st.failures_by_reason.get("poison"), Some(&1));
+    assert_eq!(st.suspects, 1);
+    // The other suspect, run alone, finishes normally.
+    let got = alone("w5", t(101));
+    assert_eq!(got.len(), 1);
+    assert_ne!(Some(got[0].key), poisoned);
 }
 
 pub fn status_counts_are_exact(s: &dyn Store) {
@@ -958,6 +1062,7 @@ pub fn a_lease_step_sees_the_steps_before_it_and_rolls_back_with_them(s: &dyn St
             ttl_ms: 60_000,
             dead_owners: vec![],
             commit: idem_core::Commit::Deferred,
+            isolated: false,
         })
     };
     let stale = Step::Apply {

@@ -508,6 +508,7 @@ mod tests {
             ttl_ms: 60_000,
             dead_owners: vec![],
             commit: Commit::Durable,
+            isolated: false,
         };
         let mut w = Writer {
             conn,

@@ -25,7 +25,7 @@ const CACHE_KIB: u32 = 16 * 1024;
 /// `PRAGMA application_id` of an idem ledger: "idem" in ASCII.
 pub(crate) const APPLICATION_ID: i64 = 0x6964_656d;
 /// The schema version this build writes.
-pub(crate) const LATEST: i64 = 2;
+pub(crate) const LATEST: i64 = 3;
 
 /// Forward-only migrations; entry `i` takes version `i` to `i + 1`.
 ///
@@ -116,6 +116,16 @@ INSERT INTO ops_v2 (id, job_id, kind, epoch, owner, status, result, error, runs,
 DROP TABLE ops;
 ALTER TABLE ops_v2 RENAME TO ops;
 CREATE INDEX ops_started ON ops (status) WHERE status = 'started';
+",
+    r"
+-- v3: holder deaths. A job whose holders keep dying is a suspect: it leaves
+-- the due index (due_at NULL) for its own (suspect_due_at), from which only
+-- a worker that runs it alone leases it.
+ALTER TABLE jobs ADD COLUMN holder_deaths INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN isolated_deaths INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN lease_isolated INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN suspect_due_at INTEGER;
+CREATE INDEX jobs_suspect_due ON jobs (suspect_due_at, id) WHERE suspect_due_at IS NOT NULL;
 ",
 ];
 
@@ -333,7 +343,8 @@ macro_rules! job_cols {
     () => {
         "key, fingerprint, work_id, artifact_id, url, expected_sha256, expected_type, state, \
          lease_owner, lease_epoch, lease_expires_at, epoch, attempts, max_attempts, next_attempt_at, last_error, \
-         head, blob_sha256, blob_size, blob_path, duplicate_of, created_at, updated_at, first_leased_at, finished_at"
+         head, blob_sha256, blob_size, blob_path, duplicate_of, created_at, updated_at, first_leased_at, finished_at, \
+         holder_deaths, isolated_deaths, lease_isolated"
     };
 }
 
@@ -382,6 +393,7 @@ fn row_to_job(r: &Row<'_>) -> rusqlite::Result<Job> {
             owner: WorkerId(owner),
             epoch: Epoch(u64::try_from(epoch).map_err(|_| corrupt("lease epoch"))?),
             expires_at: Timestamp::from_millis(exp),
+            isolated: r.get::<_, i64>(27)? != 0,
         }),
         _ => None,
     };
@@ -414,12 +426,30 @@ fn row_to_job(r: &Row<'_>) -> rusqlite::Result<Job> {
         updated_at: Timestamp::from_millis(r.get(22)?),
         first_leased_at: r.get::<_, Option<i64>>(23)?.map(Timestamp::from_millis),
         finished_at: r.get::<_, Option<i64>>(24)?.map(Timestamp::from_millis),
+        holder_deaths: u32::try_from(r.get::<_, i64>(25)?).map_err(|_| corrupt("holder_deaths"))?,
+        isolated_deaths: u32::try_from(r.get::<_, i64>(26)?)
+            .map_err(|_| corrupt("isolated_deaths"))?,
     })
 }
 
 /// When the job may next be leased: NULL once terminal, else the later of
-/// its backoff and its lease expiry.
+/// its backoff and its lease expiry. A suspect is due in its own column
+/// (`suspect_due_at`), and never in this one.
 fn due_at(job: &Job) -> Option<i64> {
+    if job.is_suspect() {
+        return None;
+    }
+    when_due(job)
+}
+
+fn suspect_due_at(job: &Job) -> Option<i64> {
+    if !job.is_suspect() {
+        return None;
+    }
+    when_due(job)
+}
+
+fn when_due(job: &Job) -> Option<i64> {
     if job.state.is_terminal() {
         return None;
     }
@@ -461,7 +491,7 @@ fn insert_job(c: &Connection, job: &Job) -> Result<bool, StoreError> {
 }
 
 /// The mutable columns of a job row, in a fixed order.
-fn mutable_columns(job: &Job) -> [(&'static str, Value); 18] {
+fn mutable_columns(job: &Job) -> [(&'static str, Value); 22] {
     let opt_i = |v: Option<i64>| v.map_or(Value::Null, Value::Integer);
     let opt_t = |v: Option<String>| v.map_or(Value::Null, Value::Text);
     [
@@ -518,6 +548,19 @@ fn mutable_columns(job: &Job) -> [(&'static str, Value); 18] {
             "finished_at",
             opt_i(job.finished_at.map(Timestamp::as_millis)),
         ),
+        (
+            "holder_deaths",
+            Value::Integer(i64::from(job.holder_deaths)),
+        ),
+        (
+            "isolated_deaths",
+            Value::Integer(i64::from(job.isolated_deaths)),
+        ),
+        (
+            "lease_isolated",
+            Value::Integer(i64::from(job.lease.as_ref().is_some_and(|l| l.isolated))),
+        ),
+        ("suspect_due_at", opt_i(suspect_due_at(job))),
     ]
 }
 
@@ -570,7 +613,7 @@ fn row_to_job_id(r: &Row<'_>) -> rusqlite::Result<(i64, Job)> {
 }
 
 /// The column of `id` in `SELECT job_cols!(), id`.
-const JOB_ID_COL: usize = 25;
+const JOB_ID_COL: usize = 28;
 
 fn must_job_id(c: &Connection, key: &JobKey) -> Result<(i64, Job), StoreError> {
     c.prepare_cached(concat!(
@@ -677,20 +720,29 @@ pub(crate) fn lease(
     now: Timestamp,
 ) -> Result<Applied<Vec<Job>>, StoreError> {
     let mut jobs = {
-        let mut st = c
-            .prepare_cached(concat!(
+        let mut st = if req.isolated {
+            c.prepare_cached(concat!(
+                "SELECT ",
+                job_cols!(),
+                ", id FROM jobs WHERE suspect_due_at <= ?1 ORDER BY suspect_due_at, id LIMIT ?2 + 0"
+            ))
+        } else {
+            c.prepare_cached(concat!(
                 "SELECT ",
                 job_cols!(),
                 ", id FROM jobs WHERE due_at <= ?1 ORDER BY due_at, id LIMIT ?2 + 0"
             ))
-            .map_err(map_err)?;
+        }
+        .map_err(map_err)?;
+        // A suspect runs alone: one per isolated lease.
+        let limit = if req.isolated { 1 } else { req.limit };
         let rows = st
-            .query_map(params![now.as_millis(), i(req.limit as u64)], row_to_job_id)
+            .query_map(params![now.as_millis(), i(limit as u64)], row_to_job_id)
             .map_err(map_err)?;
         rows.collect::<rusqlite::Result<Vec<(i64, Job)>>>()
             .map_err(map_err)?
     };
-    if jobs.len() < req.limit && !req.dead_owners.is_empty() {
+    if jobs.len() < req.limit && !req.dead_owners.is_empty() && !req.isolated {
         let mut st = c
             .prepare_cached(concat!("SELECT ", job_cols!(), ", id FROM jobs WHERE lease_owner = ?1 AND due_at IS NOT NULL AND next_attempt_at <= ?2 ORDER BY id"))
             .map_err(map_err)?;
@@ -719,6 +771,7 @@ pub(crate) fn lease(
             Command::Acquire {
                 owner: req.owner.clone(),
                 ttl_ms: req.ttl_ms,
+                isolated: req.isolated,
             },
             now,
         )
@@ -1310,6 +1363,14 @@ pub(crate) fn status(c: &Connection, now: Timestamp) -> Result<StatusCounts, Sto
         )
         .map_err(map_err)?;
     s.due_now = u64::try_from(due).unwrap_or(0);
+    let suspects: i64 = c
+        .query_row(
+            "SELECT count(*) FROM jobs WHERE suspect_due_at IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(map_err)?;
+    s.suspects = u64::try_from(suspects).unwrap_or(0);
     s.oldest_due_age_ms = oldest.map(|t| now.millis_since(Timestamp::from_millis(t)));
     {
         let mut q = c

@@ -26,6 +26,7 @@ pub fn run_worker<S: Store + ?Sized>(
         ttl_ms: 600_000,
         dead_owners: vec![],
         commit: Commit::Deferred,
+        isolated: false,
     };
     let mut jobs = store.lease(&req, now())?.value;
     while !jobs.is_empty() {

@@ -9,6 +9,7 @@
 //! stops at the next chunk and publishes nothing.
 
 use crate::files::{self, OutDir, Published, Sidecar, SidecarPlan};
+use crate::hooks;
 use crate::Engine;
 use idem_core::ports::{
     Body, Commit, FetchError, FetchErrorKind, GetResponse, Resume, Step, StepOutput, Store,
@@ -856,7 +857,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             timing.apply(&mut a.events);
         }
         if !matches!(finish, Finish::Replayed) {
-            crashpoint("after_stream_commit");
+            hooks::crashpoint("after_stream_commit");
         }
         let part = part.as_path();
         let decision = self.outputs(a).1.ok_or_else(|| {
@@ -895,7 +896,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             return Err(abort);
         }
         let published = files::publish(&self.out, part, si.sha256, si.size);
-        crashpoint("after_publish");
+        hooks::crashpoint("after_publish");
         let (blob, then) = match published {
             Ok(Published::New(blob)) => (blob.clone(), Command::Finalize { epoch, blob }),
             Ok(Published::Replaced(blob, aside)) => {
@@ -930,8 +931,10 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             outcome: Ok(OpResult::Finalize(blob)),
             then: Some(then),
         };
-        // This worker's next job, leased in the same write.
-        let lease = self.successor_request().map(Step::Lease);
+        // This worker's next job, leased in the same write; not after a job
+        // it ran alone (a suspect), which leaves the process to its loop.
+        let alone = job.lease.as_ref().is_some_and(|l| l.isolated);
+        let lease = self.successor_request().filter(|_| !alone).map(Step::Lease);
         let leasing = lease.is_some();
         let asked = std::time::Instant::now();
         let steps = std::iter::once(finish).chain(lease).collect();
@@ -1145,6 +1148,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             let Some(c) = body.next_chunk().await.map_err(StreamErr::Fetch)? else {
                 return Ok(true);
             };
+            hooks::poison(url);
             let n = c.as_ref().len() as u64;
             window_bytes += n;
             self.progress.bytes.fetch_add(n, Ordering::Relaxed);
@@ -1300,15 +1304,6 @@ fn io_error(what: String, e: &std::io::Error) -> JobError {
     match e.kind() {
         K::PermissionDenied | K::ReadOnlyFilesystem => JobError::permanent("io", detail),
         _ => JobError::retryable("io", detail),
-    }
-}
-
-/// Aborts the process at a named point when `IDEM_CRASHPOINT` names it: the
-/// crash tests use it to hit the windows between an effect and its commit
-/// deterministically (kill -9 at random instants hits them by chance).
-fn crashpoint(name: &str) {
-    if std::env::var_os("IDEM_CRASHPOINT").is_some_and(|v| v == name) {
-        std::process::abort();
     }
 }
 

@@ -19,6 +19,8 @@
 pub mod drill;
 mod drive;
 pub mod files;
+mod hooks;
+mod isolate;
 pub mod owner;
 pub mod reconcile;
 pub mod verify;
@@ -33,6 +35,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 
 pub use files::OutDir;
+pub use isolate::{ChildEnd, Isolator};
 pub use owner::SystemClock;
 pub use reconcile::{ReconcileOptions, ReconcileReport};
 
@@ -151,6 +154,9 @@ pub struct Engine<S: Store + 'static, H: Http> {
     /// Owners of live leases known dead (refreshed by the run loop): their
     /// jobs may be taken over early by any lease this process makes.
     dead: Mutex<Vec<WorkerId>>,
+    /// Runs suspects in child processes; without one, suspects run in this
+    /// process and a death there is never attributed to them.
+    isolator: Option<Arc<dyn Isolator>>,
 }
 
 #[derive(Clone)]
@@ -183,6 +189,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             hosts: Mutex::new(HashMap::new()),
             rng_seq: AtomicU64::new(cfg.seed),
             dead: Mutex::new(Vec::new()),
+            isolator: None,
             cfg: Arc::new(cfg),
         })
     }
@@ -190,6 +197,21 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
     /// Replaces the clock (tests).
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// Runs suspects (jobs whose holders keep dying) through `iso`, each
+    /// alone in a child process, so that a job that kills its worker is
+    /// told from one that was only there when workers died.
+    pub fn with_isolator(mut self, iso: Arc<dyn Isolator>) -> Self {
+        self.isolator = Some(iso);
+        self
+    }
+
+    /// Acts as `owner`: a child process running a job its parent leased
+    /// (see [`Isolator`]).
+    pub fn with_owner(mut self, owner: WorkerId) -> Self {
+        self.owner = owner;
         self
     }
 
@@ -243,8 +265,10 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
     /// A lease of up to `limit` jobs for this process, taking over the
     /// jobs of owners known dead. Deferred: a lease is an intermediate
     /// record (and a lease step commits as its whole write does).
-    fn lease_request(&self, limit: usize) -> LeaseRequest {
+    /// `isolated`: one suspect, for this process to run alone.
+    fn lease_request(&self, limit: usize, isolated: bool) -> LeaseRequest {
         LeaseRequest {
+            isolated,
             owner: self.owner.clone(),
             limit,
             ttl_ms: self.cfg.lease_ttl_ms,
@@ -260,7 +284,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
     /// The lease a worker adds to the write that finishes its job, so its
     /// next job costs no write of its own; none once the run is stopping.
     pub(crate) fn successor_request(&self) -> Option<LeaseRequest> {
-        (!self.stopping()).then(|| self.lease_request(1))
+        (!self.stopping()).then(|| self.lease_request(1, false))
     }
 
     /// Reports a lease call: how many jobs it took and how long it took.
@@ -335,6 +359,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         let reconcile = self.reconcile(&ReconcileOptions::default()).await?;
         let mut tasks = tokio::task::JoinSet::new();
         let mut dead_check = tokio::time::Instant::now();
+        let mut isolated_running = false;
         self.refresh_dead_owners().await;
         let poll = Duration::from_millis(self.cfg.poll_ms.max(10));
         loop {
@@ -346,7 +371,16 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             if self.stopping() {
                 break;
             }
-            let room = self.cfg.concurrency.saturating_sub(tasks.len());
+            // A suspect runs alone: while it does, this process leases
+            // nothing else.
+            if tasks.is_empty() {
+                isolated_running = false;
+            }
+            let room = if isolated_running {
+                0
+            } else {
+                self.cfg.concurrency.saturating_sub(tasks.len())
+            };
             let mut leased_any = false;
             // Refreshed whether or not there is room: workers that lease
             // their own next jobs use it too.
@@ -355,29 +389,27 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 dead_check = tokio::time::Instant::now();
             }
             if room > 0 {
-                let req = self.lease_request(room);
-                let now = self.now();
-                let asked = std::time::Instant::now();
-                let root = self.out.root().to_path_buf();
-                let leased = self
-                    .store_call(move |s| {
-                        let a = s.lease(&req, now)?;
-                        let dups: Vec<_> = a
-                            .value
-                            .iter()
-                            .map(|j| drive::duplicate_of(s, &root, j))
-                            .collect();
-                        Ok((a, dups))
-                    })
-                    .await;
+                let mut leased = self.lease_some(room, false).await;
+                // Nothing else to do: run one suspect, alone, so that a death
+                // while it runs is the suspect's doing.
+                if matches!(&leased, Ok(jobs) if jobs.is_empty()) && tasks.is_empty() {
+                    leased = self.lease_some(1, true).await;
+                    isolated_running = matches!(&leased, Ok(jobs) if !jobs.is_empty());
+                }
                 match leased {
-                    Ok((applied, dups)) => {
-                        self.emit_lease_call(applied.value.len(), asked);
-                        self.emit(&applied.events);
-                        for (job, dup) in applied.value.into_iter().zip(dups) {
+                    Ok(jobs) => {
+                        for (job, dup) in jobs {
                             leased_any = true;
                             let me = Arc::clone(self);
-                            tasks.spawn(async move { me.run_job(job, dup).await });
+                            let alone = job.lease.as_ref().filter(|l| l.isolated).map(|l| l.epoch);
+                            match (alone, self.isolator.clone()) {
+                                (Some(epoch), Some(iso)) => {
+                                    tasks.spawn(me.run_in_child(iso, job.key, epoch));
+                                }
+                                _ => {
+                                    tasks.spawn(async move { me.run_job(job, dup).await });
+                                }
+                            }
                         }
                     }
                     Err(e) if e.is_transient() => {}
@@ -423,6 +455,33 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             reconcile,
             interrupted: self.stopping(),
         })
+    }
+
+    /// Leases up to `limit` jobs (`isolated`: one suspect, to run alone),
+    /// each with the content already held under its URL.
+    async fn lease_some(
+        &self,
+        limit: usize,
+        isolated: bool,
+    ) -> Result<Vec<(idem_core::Job, Option<drive::Stored>)>, StoreError> {
+        let req = self.lease_request(limit, isolated);
+        let now = self.now();
+        let asked = std::time::Instant::now();
+        let root = self.out.root().to_path_buf();
+        let (applied, dups) = self
+            .store_call(move |s| {
+                let a = s.lease(&req, now)?;
+                let dups: Vec<_> = a
+                    .value
+                    .iter()
+                    .map(|j| drive::duplicate_of(s, &root, j))
+                    .collect();
+                Ok((a, dups))
+            })
+            .await?;
+        self.emit_lease_call(applied.value.len(), asked);
+        self.emit(&applied.events);
+        Ok(applied.value.into_iter().zip(dups).collect())
     }
 
     /// Counts a job's terminal outcome.

@@ -89,12 +89,28 @@ impl Sim {
     }
 
     pub(crate) fn lease(&mut self, owner: &str, limit: usize, ttl_s: u64) -> Vec<(JobKey, Epoch)> {
+        self.lease_as(owner, limit, ttl_s, false)
+    }
+
+    /// A lease of one suspect, for a worker that runs it alone.
+    pub(crate) fn lease_alone(&mut self, owner: &str, ttl_s: u64) -> Vec<(JobKey, Epoch)> {
+        self.lease_as(owner, 1, ttl_s, true)
+    }
+
+    fn lease_as(
+        &mut self,
+        owner: &str,
+        limit: usize,
+        ttl_s: u64,
+        isolated: bool,
+    ) -> Vec<(JobKey, Epoch)> {
         let req = LeaseRequest {
             owner: WorkerId::new(owner),
             limit,
             ttl_ms: ttl_s * 1000,
             dead_owners: vec![],
             commit: crate::Commit::Durable,
+            isolated,
         };
         let r = self.store.lease(&req, self.now).expect("lease");
         let got: Vec<(JobKey, Epoch)> = r
@@ -106,8 +122,9 @@ impl Sim {
             .iter()
             .map(|(k, e)| format!("{}@{e}", self.name(k)))
             .collect();
+        let alone = if isolated { " alone" } else { "" };
         self.line(format!(
-            "lease {owner} limit={limit} -> [{}]",
+            "lease{alone} {owner} limit={limit} -> [{}]",
             shown.join(", ")
         ));
         self.events(&r.events);

@@ -510,9 +510,16 @@ fn d01_crash_after_leased_is_not_orphaned() {
         }),
     )
     .unwrap();
-    sim.note("w2 dies after HEAD: still recoverable");
-    assert_eq!(sim.at(22).lease("w3", 1, 10), vec![(j, Epoch(3))]);
-    assert_eq!(sim.job(j).state, JobState::HeadDone);
+    sim.note("w2 dies after HEAD: still recoverable, by a worker that runs it alone");
+    assert!(sim.at(22).lease("w3", 1, 10).is_empty(), "a suspect now");
+    assert_eq!(sim.lease_alone("w3", 10), vec![(j, Epoch(3))]);
+    let job = sim.job(j);
+    assert_eq!(job.state, JobState::HeadDone);
+    assert_eq!(
+        (job.attempts, job.holder_deaths),
+        (1, 2),
+        "deaths spend no attempt"
+    );
     insta::assert_snapshot!(sim.trace);
 }
 
@@ -530,6 +537,7 @@ fn d02_finished_job_is_never_leased_or_moved_again() {
             Command::Acquire {
                 owner: WorkerId::new("w2"),
                 ttl_ms: 1,
+                isolated: false,
             },
         )
         .unwrap_err();
@@ -605,16 +613,46 @@ fn d04_started_op_is_never_replayed_as_success_and_errors_are_not_cached() {
 }
 
 #[test]
-fn d06_attempts_are_bounded_even_when_holders_keep_dying() {
+fn d06_deaths_never_fail_a_job_but_one_that_kills_its_workers_is_poison() {
     let mut sim = Sim::new();
     let j = sim.plan("J1", "w", "a", URL);
-    for i in 0..3 {
-        assert_eq!(sim.at(i * 100).lease("w", 1, 10).len(), 1);
+    sim.note("holders die again and again while it runs among others");
+    assert_eq!(sim.at(0).lease("w", 1, 10).len(), 1);
+    assert_eq!(sim.at(100).lease("w", 1, 10).len(), 1);
+    assert!(
+        sim.at(200).lease("w", 1, 10).is_empty(),
+        "a suspect now: left for a worker that runs it alone"
+    );
+    sim.note("even alone, a death nobody saw is not held against it");
+    for i in 3..10 {
+        assert_eq!(sim.at(i * 100).lease_alone("w", 10).len(), 1, "death {i}");
     }
-    assert!(sim.at(400).lease("w", 1, 10).is_empty());
+    let job = sim.job(j);
+    assert_eq!(job.state, JobState::Leased);
+    assert_eq!(
+        (job.attempts, job.holder_deaths, job.isolated_deaths),
+        (1, 8, 0)
+    );
+    assert!(
+        sim.at(1000).lease("w", 1, 10).is_empty(),
+        "a suspect runs only alone"
+    );
+    sim.note("its child, alone, dies as its parent watches: held against it");
+    for k in 0..3i64 {
+        let epoch = sim.job(j).lease.unwrap().epoch;
+        let died = Command::ChildDied {
+            owner: WorkerId::new("w"),
+            epoch,
+            detail: "killed by SIGABRT".into(),
+        };
+        sim.at(2000 + k * 100).apply("w", j, died).unwrap();
+        if k < 2 {
+            assert_eq!(sim.lease_alone("w", 10).len(), 1);
+        }
+    }
     let job = sim.job(j);
     assert_eq!(job.state, JobState::Failed);
-    assert_eq!(job.attempts, 3);
-    assert!(job.last_error.unwrap().starts_with("attempts_exhausted"));
+    assert_eq!(job.isolated_deaths, 3);
+    assert!(job.last_error.unwrap().starts_with("poison:"));
     insta::assert_snapshot!(sim.trace);
 }
