@@ -228,10 +228,7 @@ fn series_for(slo: &str, bad: bool) -> Vec<(String, String)> {
             ),
         ],
         _ => vec![
-            (
-                "idem_jobs_failed_total{reason=\"poison\"}".into(),
-                b.into(),
-            ),
+            ("idem_jobs_failed_total{reason=\"poison\"}".into(), b.into()),
             ("idem_leases_expired_total".into(), "0+10x100".into()),
         ],
     }

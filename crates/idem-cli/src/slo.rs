@@ -190,23 +190,47 @@ fn compute(
     st: &idem_core::StatusCounts,
 ) -> Option<Outcome> {
     match name {
-        "job_success" => Some(ratio(w.succeeded, w.finished, "finalized or skipped_duplicate, of jobs finished in the window".into())),
+        "job_success" => Some(ratio(
+            w.succeeded,
+            w.finished,
+            "finalized or skipped_duplicate, of jobs finished in the window".into(),
+        )),
         "plan_to_finalize_latency" => {
             let limit_ms = (threshold_s.unwrap_or(120.0) * 1000.0) as u64;
             let ages = &mut w.success_ages_ms;
             ages.sort_unstable();
             let good = ages.iter().filter(|a| **a <= limit_ms).count() as u64;
-            let p95 = ages.get((ages.len() * 95).div_ceil(100).saturating_sub(1)).map(|ms| *ms as f64 / 1000.0);
-            Some(ratio(good, ages.len() as u64, format!("p95 {} s, threshold {} s", p95.map_or_else(|| "-".into(), |v| format!("{v:.1}")), limit_ms / 1000)))
+            let p95 = ages
+                .get((ages.len() * 95).div_ceil(100).saturating_sub(1))
+                .map(|ms| *ms as f64 / 1000.0);
+            Some(ratio(
+                good,
+                ages.len() as u64,
+                format!(
+                    "p95 {} s, threshold {} s",
+                    p95.map_or_else(|| "-".into(), |v| format!("{v:.1}")),
+                    limit_ms / 1000
+                ),
+            ))
         }
         "replay_ratio" => {
             let total = st.ops_started + st.replays;
-            Some(ratio(st.ops_started, total, format!("{} replays of {} op requests (whole ledger)", st.replays, total)))
+            Some(ratio(
+                st.ops_started,
+                total,
+                format!(
+                    "{} replays of {} op requests (whole ledger)",
+                    st.replays, total
+                ),
+            ))
         }
         "crash_recovery" => Some(ratio(
             w.relet - w.relet_poisoned,
             w.relet,
-            format!("jobs leased more than once that did not fail as poison ({} in window)", w.relet),
+            format!(
+                "jobs leased more than once that did not fail as poison ({} in window)",
+                w.relet
+            ),
         )),
         _ => None,
     }
