@@ -10,6 +10,7 @@ mod crash;
 mod deaths;
 mod e2e;
 mod hostile;
+mod hosts;
 mod ledger;
 mod metrics;
 mod repair;

@@ -613,13 +613,31 @@ fn print_status_text(st: &idem_core::StatusCounts) {
     }
 }
 
+/// Hosts `idem status` lists.
+const BUSIEST_SHOWN: usize = 10;
+
 pub(crate) fn status(g: &Global, json: bool) -> anyhow::Result<u8> {
     let store = open_store(g)?;
     let st = store.status(now())?;
+    let hosts = store.busiest_hosts(now(), BUSIEST_SHOWN)?;
     if json {
-        print_json(&status_json(&st))?;
+        let mut v = status_json(&st);
+        v["hosts"] = json!(hosts);
+        print_json(&v)?;
     } else {
         print_status_text(&st);
+        if !hosts.is_empty() {
+            outln!("busiest hosts:           in flight      due  unfinished");
+            for h in &hosts {
+                outln!(
+                    "  {:<24} {:>9} {:>8} {:>11}",
+                    escaped(&h.host),
+                    h.in_flight,
+                    h.due,
+                    h.unfinished
+                );
+            }
+        }
     }
     Ok(0)
 }

@@ -94,7 +94,7 @@ enum Cmd {
     /// over. Run several at once (on one host or, with a shared ledger, several):
     /// each job is worked by one holder at a time.
     Run(RunArgs),
-    /// Counts by state, leases, due jobs and failures.
+    /// Counts by state, leases, due jobs, failures, and the busiest hosts.
     Status(JsonFlag),
     /// One job: its spec, state, lease, attempts and operation ledger.
     Show(ShowArgs),
@@ -195,7 +195,9 @@ struct RunArgs {
     /// Jobs worked at once by this process.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=4096))]
     concurrency: u32,
-    /// Requests in flight per host.
+    /// Jobs in flight per host, across every worker sharing the ledger: a
+    /// worker leases a job only while its host has room, and works it back
+    /// to back (HEAD, GET) in one of the host's slots.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=1024))]
     per_host: u32,
     /// Most requests started per second per host (default: unlimited).

@@ -225,6 +225,10 @@ pub struct Job {
     /// living parent saw: attributable to the job.
     #[serde(default)]
     pub isolated_deaths: u32,
+    /// Its ordinal among its host's jobs, given when it is planned: leases
+    /// go by (rank, due time), interleaving hosts (see `hosts`).
+    #[serde(default)]
+    pub host_rank: u64,
 }
 
 impl Job {
@@ -250,6 +254,7 @@ impl Job {
             finished_at: None,
             holder_deaths: 0,
             isolated_deaths: 0,
+            host_rank: 0,
         }
     }
 

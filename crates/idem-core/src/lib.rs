@@ -9,6 +9,7 @@
 
 pub mod digest;
 pub mod event;
+pub mod hosts;
 pub mod job;
 pub mod ledger;
 pub mod mem;
@@ -20,6 +21,7 @@ pub mod time;
 
 pub use digest::Digest32;
 pub use event::{Event, EventKind, EVENT_NAMES};
+pub use hosts::HostLoad;
 pub use job::{
     transition, BlobInfo, Command, Epoch, ErrorClass, HeadInfo, Job, JobError, JobState, Lease,
     Transition, TransitionError, WorkerId, POISON_AFTER_ISOLATED_DEATHS, SUSPECT_AFTER_DEATHS,

@@ -25,6 +25,8 @@ struct Inner {
     op_seq: Vec<OpKey>,
     fenced: u64,
     replays: u64,
+    /// Jobs planned per host: the next job's host rank.
+    host_ranks: std::collections::HashMap<String, u64>,
 }
 
 /// An in-memory store. See the module docs.
@@ -184,10 +186,35 @@ impl MemStore {
                                 .is_some_and(|l| req.dead_owners.contains(&l.owner))))
             })
             .collect();
-        candidates.sort_by_key(|j| (j.next_attempt_at, j.created_at, j.key));
+        let due = |j: &Job| {
+            j.lease
+                .as_ref()
+                .map_or(j.next_attempt_at, |l| l.expires_at.max(j.next_attempt_at))
+        };
+        candidates
+            .sort_by_cached_key(|j| (j.host_rank, due(j), j.spec.url.host(), j.created_at, j.key));
         // A suspect runs alone: one per isolated lease.
         let limit = if req.isolated { 1 } else { req.limit };
-        let keys: Vec<JobKey> = candidates.iter().take(limit).map(|j| j.key).collect();
+        let live_on = |host: &str| {
+            Ok::<_, StoreError>(
+                g.jobs
+                    .values()
+                    .filter(|j| j.lease.as_ref().is_some_and(|l| l.is_live(now)))
+                    .filter(|j| {
+                        !j.lease
+                            .as_ref()
+                            .is_some_and(|l| req.dead_owners.contains(&l.owner))
+                    })
+                    .filter(|j| j.spec.url.host() == host)
+                    .count(),
+            )
+        };
+        let keys: Vec<JobKey> = crate::hosts::pick_by_host_room(
+            candidates.iter().map(|j| (j.key, j.spec.url.host())),
+            limit,
+            req.per_host,
+            live_on,
+        )?;
         let mut leased = Vec::new();
         let mut events = Vec::new();
         for key in keys {
@@ -284,6 +311,7 @@ impl Store for MemStore {
             op_seq: g.op_seq.clone(),
             fenced: g.fenced,
             replays: g.replays,
+            host_ranks: g.host_ranks.clone(),
         };
         let r = Self::steps_in(&mut copy, steps, now);
         match &r {
@@ -305,7 +333,10 @@ impl Store for MemStore {
         let mut events = Vec::new();
         for spec in specs {
             let (o, job, ev) = plan::decide(g.jobs.get(&spec.key()), spec, max_attempts, now);
-            if let Some(job) = job {
+            if let Some(mut job) = job {
+                let next = g.host_ranks.entry(spec.url.host()).or_default();
+                job.host_rank = *next;
+                *next += 1;
                 g.jobs.insert(job.key, job);
             }
             events.extend(ev);
@@ -444,6 +475,41 @@ impl Store for MemStore {
             .into_iter()
             .collect();
         Ok(Applied { value: n, events })
+    }
+
+    fn busiest_hosts(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<crate::HostLoad>, StoreError> {
+        let g = self.lock();
+        let mut by_host: BTreeMap<String, crate::HostLoad> = BTreeMap::new();
+        for j in g.jobs.values().filter(|j| !j.state.is_terminal()) {
+            let host = j.spec.url.host();
+            let e = by_host.entry(host.clone()).or_insert(crate::HostLoad {
+                host,
+                due: 0,
+                in_flight: 0,
+                unfinished: 0,
+            });
+            e.unfinished += 1;
+            if j.lease.as_ref().is_some_and(|l| l.is_live(now)) {
+                e.in_flight += 1;
+            } else if j.is_acquirable(now) && !j.is_suspect() {
+                e.due += 1;
+            }
+        }
+        let mut all: Vec<_> = by_host.into_values().collect();
+        all.sort_by(|a, b| {
+            (b.in_flight, b.due, b.unfinished, &a.host).cmp(&(
+                a.in_flight,
+                a.due,
+                a.unfinished,
+                &b.host,
+            ))
+        });
+        all.truncate(limit);
+        Ok(all)
     }
 
     fn status(&self, now: Timestamp) -> Result<StatusCounts, StoreError> {

@@ -156,6 +156,9 @@ pub struct LeaseRequest {
     /// Lease suspects only ([`crate::Job::is_suspect`]), for a worker that
     /// runs each alone; otherwise suspects are left out.
     pub isolated: bool,
+    /// At most this many live leases per host, counting every holder's
+    /// (see [`crate::hosts`]); `None`: no host budget.
+    pub per_host: Option<usize>,
 }
 
 /// One step of an atomic [`Store::run_steps`] call.
@@ -211,7 +214,8 @@ pub trait Store: Send + Sync {
     ) -> Result<Applied<Vec<PlanOutcome>>, StoreError>;
 
     /// Leases up to `limit` acquirable jobs (planned and due, or an expired
-    /// lease in any non-terminal state), oldest due first, in one transaction.
+    /// lease in any non-terminal state), in (host rank, due time) order and
+    /// within the host budget ([`crate::hosts`]), in one transaction.
     fn lease(&self, req: &LeaseRequest, now: Timestamp) -> Result<Applied<Vec<Job>>, StoreError>;
 
     /// Applies one command through the core transition function, atomically.
@@ -267,6 +271,15 @@ pub trait Store: Send + Sync {
     /// Counts for `idem status`. Refused stale-epoch writes are counted by
     /// the store itself, as it refuses them.
     fn status(&self, now: Timestamp) -> Result<StatusCounts, StoreError>;
+
+    /// The `limit` hosts with the most jobs in flight (then due, then
+    /// unfinished). It reads every unfinished job: for `idem status`, not
+    /// for a loop.
+    fn busiest_hosts(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<crate::HostLoad>, StoreError>;
 }
 
 /// Why a fetch failed, classified for the retry policy.

@@ -105,11 +105,16 @@ impl CanonicalUrl {
     /// The host (lower-case), for per-host limits. Always present: `parse`
     /// refuses URLs without one.
     pub fn host(&self) -> String {
-        url::Url::parse(&self.0)
-            .ok()
-            .and_then(|u| u.host_str().map(str::to_owned))
-            .unwrap_or_default()
+        host_of(&self.0)
     }
+}
+
+/// The host (lower-case) of a URL string, or empty if it has none.
+pub fn host_of(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 impl fmt::Display for CanonicalUrl {

@@ -23,6 +23,10 @@
 //! | `/norange/NAME` | ignores `Range`, always 200 with the full body |
 //! | `/chunked/NAME` | HEAD gives the length; GET answers 200 in `Transfer-Encoding: chunked`, without one (and ignores `Range`) |
 //!
+//! `?delay_ms=N` (any mode) waits N milliseconds before answering: a slow
+//! host. The origin counts the requests it is answering at once
+//! ([`Origin::max_in_flight`]), to check a client's per-host limit.
+//!
 //! Faulty modes misbehave for the first `?fail=K` requests to that exact
 //! URL (default: always), then serve normally, so recovery can be tested;
 //! body faults (`reset`, `trunc`) count GETs only.
@@ -47,12 +51,23 @@ struct Shared {
     gets: Mutex<HashMap<String, u64>>,
     total: AtomicU64,
     stop: AtomicBool,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
 }
 
 impl Origin {
     /// Starts serving `files` (name → content) on an ephemeral loopback port.
     pub fn start(files: impl IntoIterator<Item = (String, Vec<u8>)>) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST, files)
+    }
+
+    /// The same on another loopback address (`127.0.0.2`, ...): a second
+    /// host, as a client that keys its limits by host sees it.
+    pub fn start_on(
+        ip: std::net::Ipv4Addr,
+        files: impl IntoIterator<Item = (String, Vec<u8>)>,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind((ip, 0))?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             files: Mutex::new(files.into_iter().map(|(k, v)| (k, Arc::new(v))).collect()),
@@ -60,6 +75,8 @@ impl Origin {
             gets: Mutex::new(HashMap::new()),
             total: AtomicU64::new(0),
             stop: AtomicBool::new(false),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
         });
         let s = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -104,6 +121,11 @@ impl Origin {
     /// Requests seen in all.
     pub fn total(&self) -> u64 {
         self.shared.total.load(Ordering::SeqCst)
+    }
+
+    /// The most requests it was answering at once.
+    pub fn max_in_flight(&self) -> u64 {
+        self.shared.max_in_flight.load(Ordering::SeqCst)
     }
 
     /// GET requests seen for `path_and_query`.
@@ -207,7 +229,11 @@ fn serve(conn: TcpStream, s: &Shared) {
             0
         };
         s.total.fetch_add(1, Ordering::SeqCst);
-        match respond(&req, n, n_get, s, &mut w) {
+        let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        s.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let answered = respond(&req, n, n_get, s, &mut w);
+        s.in_flight.fetch_sub(1, Ordering::SeqCst);
+        match answered {
             Ok(true) => {}
             _ => return,
         }
@@ -243,6 +269,9 @@ fn respond(
     let (path, query) = req.target.split_once('?').unwrap_or((&req.target, ""));
     let segs: Vec<&str> = path.trim_start_matches('/').splitn(3, '/').collect();
     let fail = query_param(query, "fail").unwrap_or(u64::MAX);
+    if let Some(ms) = query_param(query, "delay_ms") {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
     let faulty = n <= fail;
     let (mode, rest) = match segs.as_slice() {
         [mode, rest @ ..] => (*mode, rest.join("/")),

@@ -45,6 +45,7 @@ macro_rules! conformance_tests {
             dead_ops_are_abandoned,
             attempts_count_failures_not_deaths_or_stops,
             suspects_are_leased_only_alone_and_poison_fails_them,
+            leases_interleave_hosts_within_their_budget,
             status_counts_are_exact,
             scan_pages_through_every_job,
             finalized_by_url_finds_only_finalized,
@@ -107,6 +108,7 @@ fn lease(
         dead_owners: vec![],
         commit: idem_core::Commit::Durable,
         isolated: false,
+        per_host: None,
     };
     s.lease(&req, now)
         .expect("lease")
@@ -319,6 +321,7 @@ pub fn dead_owner_lease_is_taken_over_early(s: &dyn Store) {
         dead_owners: vec![w("dead")],
         commit: idem_core::Commit::Durable,
         isolated: false,
+        per_host: None,
     };
     let got = s.lease(&req, t(5)).unwrap().value;
     assert_eq!(got.len(), 1);
@@ -328,6 +331,7 @@ pub fn dead_owner_lease_is_taken_over_early(s: &dyn Store) {
         dead_owners: vec![w("alive")],
         commit: idem_core::Commit::Durable,
         isolated: false,
+        per_host: None,
         ..req
     };
     assert!(
@@ -764,6 +768,7 @@ pub fn suspects_are_leased_only_alone_and_poison_fails_them(s: &dyn Store) {
             dead_owners: vec![],
             commit: idem_core::Commit::Durable,
             isolated: true,
+            per_host: None,
         };
         s.lease(&req, now).unwrap().value
     };
@@ -803,6 +808,73 @@ pub fn suspects_are_leased_only_alone_and_poison_fails_them(s: &dyn Store) {
     let got = alone("w5", t(101));
     assert_eq!(got.len(), 1);
     assert_ne!(Some(got[0].key), poisoned);
+}
+
+pub fn leases_interleave_hosts_within_their_budget(s: &dyn Store) {
+    let on = |host: &str, i: usize| {
+        JobSpec::new(
+            "w",
+            &format!("{host}-{i}"),
+            &format!("https://{host}.example/{i}"),
+            None,
+            None,
+        )
+        .unwrap()
+    };
+    // A lopsided plan: the slow host's jobs first, then the fast host's.
+    let mut specs: Vec<JobSpec> = (0..6).map(|i| on("slow", i)).collect();
+    specs.extend((0..3).map(|i| on("fast", i)));
+    s.plan(&specs, 3, t(0)).unwrap();
+    let req = |owner: &str| LeaseRequest {
+        owner: w(owner),
+        limit: 10,
+        ttl_ms: 60_000,
+        dead_owners: vec![],
+        commit: idem_core::Commit::Durable,
+        isolated: false,
+        per_host: Some(2),
+    };
+    let got: Vec<String> = s
+        .lease(&req("w1"), t(1))
+        .unwrap()
+        .value
+        .iter()
+        .map(|j| j.spec.artifact_id.clone())
+        .collect();
+    assert_eq!(
+        got,
+        ["fast-0", "slow-0", "fast-1", "slow-1"],
+        "hosts take turns (by rank, due time, then host), two each"
+    );
+    assert!(
+        s.lease(&req("w2"), t(2)).unwrap().value.is_empty(),
+        "the budget is the ledger's, whoever asks"
+    );
+    let slow0 = specs[0].key();
+    s.apply(
+        &slow0,
+        Command::Release {
+            owner: w("w1"),
+            epoch: Epoch(1),
+        },
+        t(3),
+    )
+    .unwrap();
+    let got = s.lease(&req("w2"), t(4)).unwrap().value;
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].spec.artifact_id, "slow-0",
+        "a released job keeps its place"
+    );
+    let busiest = s.busiest_hosts(t(5), 10).unwrap();
+    let shown: Vec<(&str, u64, u64, u64)> = busiest
+        .iter()
+        .map(|h| (h.host.as_str(), h.in_flight, h.due, h.unfinished))
+        .collect();
+    assert_eq!(
+        shown,
+        [("slow.example", 2, 4, 6), ("fast.example", 2, 1, 3)]
+    );
 }
 
 pub fn status_counts_are_exact(s: &dyn Store) {
@@ -1063,6 +1135,7 @@ pub fn a_lease_step_sees_the_steps_before_it_and_rolls_back_with_them(s: &dyn St
             dead_owners: vec![],
             commit: idem_core::Commit::Deferred,
             isolated: false,
+            per_host: None,
         })
     };
     let stale = Step::Apply {

@@ -509,6 +509,7 @@ mod tests {
             dead_owners: vec![],
             commit: Commit::Durable,
             isolated: false,
+            per_host: None,
         };
         let mut w = Writer {
             conn,

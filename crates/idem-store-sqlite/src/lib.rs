@@ -306,4 +306,12 @@ impl Store for SqliteStore {
     fn status(&self, now: Timestamp) -> Result<StatusCounts, StoreError> {
         self.read(|c| schema::status(c, now))
     }
+
+    fn busiest_hosts(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<idem_core::HostLoad>, StoreError> {
+        self.read(|c| schema::busiest_hosts(c, now, limit))
+    }
 }

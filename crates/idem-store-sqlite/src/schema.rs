@@ -7,8 +7,8 @@ use crate::cache::Cache;
 use crate::{Durability, Options};
 use idem_core::ledger::{self, OpStatus};
 use idem_core::mem::{check_epoch_fence, check_op_fence, failure_reason};
-use idem_core::plan;
 use idem_core::ports::{Applied, LeaseRequest, StatusCounts, Step, StepOutput, StoreError};
+use idem_core::{hosts, plan};
 use idem_core::{
     transition, BlobInfo, CanonicalUrl, Command, Digest32, Epoch, Event, EventKind, HeadInfo, Job,
     JobError, JobKey, JobSpec, JobState, Lease, OpDecision, OpKey, OpKind, OpRecord, OpResult,
@@ -25,7 +25,7 @@ const CACHE_KIB: u32 = 16 * 1024;
 /// `PRAGMA application_id` of an idem ledger: "idem" in ASCII.
 pub(crate) const APPLICATION_ID: i64 = 0x6964_656d;
 /// The schema version this build writes.
-pub(crate) const LATEST: i64 = 3;
+pub(crate) const LATEST: i64 = 4;
 
 /// Forward-only migrations; entry `i` takes version `i` to `i + 1`.
 ///
@@ -127,7 +127,52 @@ ALTER TABLE jobs ADD COLUMN lease_isolated INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN suspect_due_at INTEGER;
 CREATE INDEX jobs_suspect_due ON jobs (suspect_due_at, id) WHERE suspect_due_at IS NOT NULL;
 ",
+    r"
+-- v4: hosts. Leases go by (host rank, due time) over the jobs that are due,
+-- so the queue interleaves hosts, and skip hosts that already have their
+-- budget of live leases (counted by host). The rows already here get their
+-- host and rank from `backfill_hosts`, in the same transaction.
+ALTER TABLE jobs ADD COLUMN host TEXT NOT NULL DEFAULT '';
+ALTER TABLE jobs ADD COLUMN host_rank INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE hosts (
+    host    TEXT PRIMARY KEY,
+    planned INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;
+CREATE INDEX jobs_rank_due ON jobs (host_rank, due_at, host) WHERE due_at IS NOT NULL;
+CREATE INDEX jobs_host_lease ON jobs (host, lease_expires_at) WHERE lease_owner IS NOT NULL;
+",
 ];
+
+/// Gives the rows of a ledger older than v4 their host and host rank, in
+/// plan order, and records each host's count.
+fn backfill_hosts(c: &Connection) -> Result<(), StoreError> {
+    let mut ranks: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    let rows: Vec<(i64, String)> = {
+        let mut st = c
+            .prepare("SELECT id, url FROM jobs ORDER BY id")
+            .map_err(map_err)?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(map_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(map_err)?
+    };
+    let mut up = c
+        .prepare("UPDATE jobs SET host = ?2, host_rank = ?3 WHERE id = ?1")
+        .map_err(map_err)?;
+    for (id, url) in rows {
+        let host = idem_core::spec::host_of(&url);
+        let rank = ranks.entry(host.clone()).or_default();
+        up.execute(params![id, host, *rank]).map_err(map_err)?;
+        *rank += 1;
+    }
+    let mut ins = c
+        .prepare("INSERT INTO hosts (host, planned) VALUES (?1, ?2)")
+        .map_err(map_err)?;
+    for (host, n) in ranks {
+        ins.execute(params![host, n]).map_err(map_err)?;
+    }
+    Ok(())
+}
 
 pub(crate) fn map_err(e: rusqlite::Error) -> StoreError {
     let text = e.to_string();
@@ -319,6 +364,9 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
         .skip(usize::try_from(version).unwrap_or(0))
     {
         tx.execute_batch(sql).map_err(map_err)?;
+        if i + 1 == 4 {
+            backfill_hosts(&tx)?;
+        }
         tx.execute_batch(&format!(
             "PRAGMA user_version = {}; PRAGMA application_id = {APPLICATION_ID};",
             i + 1
@@ -344,7 +392,7 @@ macro_rules! job_cols {
         "key, fingerprint, work_id, artifact_id, url, expected_sha256, expected_type, state, \
          lease_owner, lease_epoch, lease_expires_at, epoch, attempts, max_attempts, next_attempt_at, last_error, \
          head, blob_sha256, blob_size, blob_path, duplicate_of, created_at, updated_at, first_leased_at, finished_at, \
-         holder_deaths, isolated_deaths, lease_isolated"
+         holder_deaths, isolated_deaths, lease_isolated, host_rank"
     };
 }
 
@@ -429,6 +477,7 @@ fn row_to_job(r: &Row<'_>) -> rusqlite::Result<Job> {
         holder_deaths: u32::try_from(r.get::<_, i64>(25)?).map_err(|_| corrupt("holder_deaths"))?,
         isolated_deaths: u32::try_from(r.get::<_, i64>(26)?)
             .map_err(|_| corrupt("isolated_deaths"))?,
+        host_rank: u64::try_from(r.get::<_, i64>(28)?).map_err(|_| corrupt("host_rank"))?,
     })
 }
 
@@ -464,12 +513,12 @@ fn i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn insert_job(c: &Connection, job: &Job) -> Result<bool, StoreError> {
+fn insert_job(c: &Connection, job: &Job, host: &str) -> Result<bool, StoreError> {
     let mut st = c
         .prepare_cached(
             "INSERT INTO jobs (key, fingerprint, work_id, artifact_id, url, expected_sha256, expected_type, state, \
-             epoch, attempts, max_attempts, next_attempt_at, due_at, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, 0, ?9, ?10, ?10, ?11, ?11) ON CONFLICT (key) DO NOTHING",
+             epoch, attempts, max_attempts, next_attempt_at, due_at, created_at, updated_at, host, host_rank) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, 0, ?9, ?10, ?10, ?11, ?11, ?12, ?13) ON CONFLICT (key) DO NOTHING",
         )
         .map_err(map_err)?;
     let n = st
@@ -485,6 +534,8 @@ fn insert_job(c: &Connection, job: &Job) -> Result<bool, StoreError> {
             job.max_attempts,
             job.next_attempt_at.as_millis(),
             job.created_at.as_millis(),
+            host,
+            i(job.host_rank),
         ])
         .map_err(map_err)?;
     Ok(n == 1)
@@ -613,7 +664,7 @@ fn row_to_job_id(r: &Row<'_>) -> rusqlite::Result<(i64, Job)> {
 }
 
 /// The column of `id` in `SELECT job_cols!(), id`.
-const JOB_ID_COL: usize = 28;
+const JOB_ID_COL: usize = 29;
 
 fn must_job_id(c: &Connection, key: &JobKey) -> Result<(i64, Job), StoreError> {
     c.prepare_cached(concat!(
@@ -648,6 +699,7 @@ pub(crate) fn plan(
     // present. Whatever the last item found decides what to try first, so
     // either run costs one statement per item.
     let mut expect_existing = false;
+    let mut ranks = HostRanks::default();
     for spec in specs {
         let key = spec.key();
         let fingerprint = spec.fingerprint();
@@ -659,7 +711,17 @@ pub(crate) fn plan(
         let same = match same {
             Some(same) => same,
             // The job row is built only when it may be new.
-            None if insert_job(c, &Job::planned(spec.clone(), max_attempts, now))? => {
+            None if {
+                let host = spec.url.host();
+                let mut job = Job::planned(spec.clone(), max_attempts, now);
+                job.host_rank = ranks.peek(c, &host)?;
+                let inserted = insert_job(c, &job, &host)?;
+                if inserted {
+                    ranks.take(&host);
+                }
+                inserted
+            } =>
+            {
                 expect_existing = false;
                 let (o, _, ev) = plan::decide(None, spec, max_attempts, now);
                 events.extend(ev);
@@ -683,10 +745,56 @@ pub(crate) fn plan(
         events.extend(ev);
         out.push(o);
     }
+    ranks.save(c)?;
     Ok(Applied {
         value: out,
         events: stamp(events, now),
     })
+}
+
+/// The next host rank of each host a plan batch touches, read from `hosts`
+/// once and written back once per batch.
+#[derive(Default)]
+struct HostRanks(std::collections::HashMap<String, (i64, bool)>);
+
+impl HostRanks {
+    /// The rank the next job of `host` gets.
+    fn peek(&mut self, c: &Connection, host: &str) -> Result<u64, StoreError> {
+        if let Some((next, _)) = self.0.get(host) {
+            return Ok(u64::try_from(*next).unwrap_or(0));
+        }
+        let next: i64 = c
+            .prepare_cached("SELECT planned FROM hosts WHERE host = ?1")
+            .map_err(map_err)?
+            .query_row([host], |r| r.get(0))
+            .optional()
+            .map_err(map_err)?
+            .unwrap_or(0);
+        self.0.insert(host.to_owned(), (next, false));
+        Ok(u64::try_from(next).unwrap_or(0))
+    }
+
+    /// Uses the rank `peek` gave.
+    fn take(&mut self, host: &str) {
+        if let Some((next, dirty)) = self.0.get_mut(host) {
+            *next += 1;
+            *dirty = true;
+        }
+    }
+
+    fn save(&self, c: &Connection) -> Result<(), StoreError> {
+        let mut st = c
+            .prepare_cached(
+                "INSERT INTO hosts (host, planned) VALUES (?1, ?2) ON CONFLICT (host) DO UPDATE SET planned = excluded.planned",
+            )
+            .map_err(map_err)?;
+        for (host, (next, dirty)) in &self.0 {
+            if *dirty {
+                st.execute(params![host, next]).map_err(map_err)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Whether the stored job under `fresh`'s key has its fingerprint; `None`
@@ -719,28 +827,58 @@ pub(crate) fn lease(
     req: &LeaseRequest,
     now: Timestamp,
 ) -> Result<Applied<Vec<Job>>, StoreError> {
-    let mut jobs = {
-        let mut st = if req.isolated {
-            c.prepare_cached(concat!(
-                "SELECT ",
-                job_cols!(),
-                ", id FROM jobs WHERE suspect_due_at <= ?1 ORDER BY suspect_due_at, id LIMIT ?2 + 0"
-            ))
-        } else {
-            c.prepare_cached(concat!(
-                "SELECT ",
-                job_cols!(),
-                ", id FROM jobs WHERE due_at <= ?1 ORDER BY due_at, id LIMIT ?2 + 0"
-            ))
-        }
-        .map_err(map_err)?;
+    let mut jobs = if req.isolated {
         // A suspect runs alone: one per isolated lease.
-        let limit = if req.isolated { 1 } else { req.limit };
+        let mut st = c
+            .prepare_cached(concat!(
+                "SELECT ",
+                job_cols!(),
+                ", id FROM jobs WHERE suspect_due_at <= ?1 ORDER BY suspect_due_at, id LIMIT 1"
+            ))
+            .map_err(map_err)?;
         let rows = st
-            .query_map(params![now.as_millis(), i(limit as u64)], row_to_job_id)
+            .query_map(params![now.as_millis()], row_to_job_id)
             .map_err(map_err)?;
         rows.collect::<rusqlite::Result<Vec<(i64, Job)>>>()
             .map_err(map_err)?
+    } else {
+        // Candidates in lease order (index only), then the rows picked.
+        let candidates: Vec<(i64, String)> = {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT id, host FROM jobs INDEXED BY jobs_rank_due WHERE due_at IS NOT NULL AND due_at <= ?1 ORDER BY host_rank, due_at LIMIT ?2",
+                )
+                .map_err(map_err)?;
+            let rows = st
+                .query_map(
+                    params![now.as_millis(), i(hosts::scan_for(req.limit) as u64)],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .map_err(map_err)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(map_err)?
+        };
+        let mut live = c
+            .prepare_cached(
+                "SELECT count(*) FROM jobs INDEXED BY jobs_host_lease WHERE host = ?1 AND lease_owner IS NOT NULL AND lease_expires_at > ?2",
+            )
+            .map_err(map_err)?;
+        let ids = hosts::pick_by_host_room(candidates, req.limit, req.per_host, |host| {
+            live.query_row(params![host, now.as_millis()], |r| r.get::<_, i64>(0))
+                .map(|n| usize::try_from(n).unwrap_or(0))
+                .map_err(map_err)
+        })?;
+        let mut st = c
+            .prepare_cached(concat!(
+                "SELECT ",
+                job_cols!(),
+                ", id FROM jobs WHERE id = ?1"
+            ))
+            .map_err(map_err)?;
+        let mut jobs = Vec::with_capacity(ids.len());
+        for id in ids {
+            jobs.push(st.query_row([id], row_to_job_id).map_err(map_err)?);
+        }
+        jobs
     };
     if jobs.len() < req.limit && !req.dead_owners.is_empty() && !req.isolated {
         let mut st = c
@@ -1252,6 +1390,34 @@ pub(crate) fn scan(
         )
         .map_err(map_err)?;
     rows.collect::<rusqlite::Result<Vec<_>>>().map_err(map_err)
+}
+
+pub(crate) fn busiest_hosts(
+    c: &Connection,
+    now: Timestamp,
+    limit: usize,
+) -> Result<Vec<idem_core::HostLoad>, StoreError> {
+    let mut st = c
+        .prepare_cached(
+            "SELECT host, \
+               coalesce(sum(lease_owner IS NOT NULL AND lease_expires_at > ?1), 0) AS in_flight, \
+               coalesce(sum(due_at <= ?1), 0) AS due, count(*) AS unfinished \
+             FROM jobs WHERE due_at IS NOT NULL OR suspect_due_at IS NOT NULL \
+             GROUP BY host ORDER BY in_flight DESC, due DESC, unfinished DESC, host LIMIT ?2",
+        )
+        .map_err(map_err)?;
+    let n = |v: i64| u64::try_from(v).unwrap_or(0);
+    let rows = st
+        .query_map(params![now.as_millis(), i(limit as u64)], |r| {
+            Ok(idem_core::HostLoad {
+                host: r.get(0)?,
+                in_flight: n(r.get(1)?),
+                due: n(r.get(2)?),
+                unfinished: n(r.get(3)?),
+            })
+        })
+        .map_err(map_err)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(map_err)
 }
 
 pub(crate) fn check_integrity(c: &Connection, thorough: bool) -> Result<Vec<String>, StoreError> {

@@ -27,6 +27,7 @@ pub fn run_worker<S: Store + ?Sized>(
         dead_owners: vec![],
         commit: Commit::Deferred,
         isolated: false,
+        per_host: None,
     };
     let mut jobs = store.lease(&req, now())?.value;
     while !jobs.is_empty() {

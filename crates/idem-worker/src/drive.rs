@@ -66,6 +66,10 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         let epoch = job.lease.as_ref().map(|l| l.epoch)?;
         let key = job.key;
         self.progress.in_flight.fetch_add(1, Ordering::SeqCst);
+        // The host's slot is held for the job's whole life, so its steps run
+        // back to back. Leases count the host's budget, so it is rarely
+        // waited for.
+        let _slot = self.host_slot(&job.spec.url.host()).await;
         let fenced = Arc::new(AtomicBool::new(false));
         let hb = tokio::spawn(Arc::clone(self).heartbeat(key, epoch, Arc::clone(&fenced)));
         let mut next = None;
@@ -361,10 +365,8 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             return Ok((self.apply(job.key, cmd).await?, None, None));
         }
         let began = self.now();
-        let res = {
-            let _permit = self.host_permit(&job.spec.url.host()).await;
-            self.http.head(&url).await
-        };
+        self.host_pace(&job.spec.url.host()).await;
+        let res = self.http.head(&url).await;
         let elapsed_ms = self.now().millis_since(began);
         let begin = Step::BeginOp {
             op,
@@ -565,7 +567,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         fenced: &AtomicBool,
     ) -> Result<Option<Vec<u8>>, StreamErr> {
         let url = job.spec.url.to_string();
-        let _permit = self.host_permit(&job.spec.url.host()).await;
+        self.host_pace(&job.spec.url.host()).await;
         let GetResponse {
             head: got, body, ..
         } = self.http.get(&url, None).await.map_err(StreamErr::Fetch)?;
@@ -1014,7 +1016,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             file.set_len(0).map_err(StreamErr::Io)?;
         }
         self.check(fenced).map_err(StreamErr::Abort)?;
-        let _permit = self.host_permit(&job.spec.url.host()).await;
+        self.host_pace(&job.spec.url.host()).await;
         let GetResponse {
             head: got,
             offset: start,

@@ -159,6 +159,10 @@ pub struct Engine<S: Store + 'static, H: Http> {
     isolator: Option<Arc<dyn Isolator>>,
 }
 
+/// Hosts whose gates are kept however idle; past this, idle ones are
+/// forgotten.
+const MAX_IDLE_HOSTS: usize = 4096;
+
 #[derive(Clone)]
 struct HostGate {
     permits: Arc<Semaphore>,
@@ -269,6 +273,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
     fn lease_request(&self, limit: usize, isolated: bool) -> LeaseRequest {
         LeaseRequest {
             isolated,
+            per_host: Some(self.cfg.per_host.max(1)),
             owner: self.owner.clone(),
             limit,
             ttl_ms: self.cfg.lease_ttl_ms,
@@ -297,27 +302,47 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         .at(self.now())]);
     }
 
-    /// Waits for a request slot to `host` (concurrency cap and rate).
-    pub(crate) async fn host_permit(&self, host: &str) -> tokio::sync::OwnedSemaphorePermit {
-        let gate = {
-            let mut hosts = self
-                .hosts
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            hosts
-                .entry(host.to_owned())
-                .or_insert_with(|| HostGate {
-                    permits: Arc::new(Semaphore::new(self.cfg.per_host.max(1))),
-                    next_start: Arc::new(tokio::sync::Mutex::new(tokio::time::Instant::now())),
-                })
-                .clone()
-        };
-        let permit = gate
+    /// The gate of `host`, made on first use. The map is bounded: past
+    /// `MAX_IDLE_HOSTS` entries, the hosts with nothing in flight and no
+    /// pacing pending are forgotten, so a service that meets a million hosts
+    /// keeps only the busy ones.
+    fn host_gate(&self, host: &str) -> HostGate {
+        let mut hosts = self
+            .hosts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if hosts.len() > MAX_IDLE_HOSTS && !hosts.contains_key(host) {
+            let per_host = self.cfg.per_host.max(1);
+            let now = tokio::time::Instant::now();
+            hosts.retain(|_, g| {
+                g.permits.available_permits() < per_host
+                    || g.next_start.try_lock().map_or(true, |t| *t > now)
+            });
+        }
+        hosts
+            .entry(host.to_owned())
+            .or_insert_with(|| HostGate {
+                permits: Arc::new(Semaphore::new(self.cfg.per_host.max(1))),
+                next_start: Arc::new(tokio::sync::Mutex::new(tokio::time::Instant::now())),
+            })
+            .clone()
+    }
+
+    /// Waits for one of `host`'s slots (`per_host` jobs at a time), held
+    /// for a job's whole life.
+    pub(crate) async fn host_slot(&self, host: &str) -> tokio::sync::OwnedSemaphorePermit {
+        self.host_gate(host)
             .permits
             .acquire_owned()
             .await
-            .expect("host semaphores are never closed");
+            .expect("host semaphores are never closed")
+    }
+
+    /// Waits until a request to `host` may start (`per_host_rate`), and
+    /// counts it.
+    pub(crate) async fn host_pace(&self, host: &str) {
         if let Some(rate) = self.cfg.per_host_rate.filter(|r| *r > 0.0) {
+            let gate = self.host_gate(host);
             let interval = Duration::from_secs_f64(1.0 / rate);
             let mut next = gate.next_start.lock().await;
             let now = tokio::time::Instant::now();
@@ -327,7 +352,6 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             *next = (*next).max(now) + interval;
         }
         self.progress.requests.fetch_add(1, Ordering::Relaxed);
-        permit
     }
 
     /// Refreshes the owners of live leases that are dead processes on this

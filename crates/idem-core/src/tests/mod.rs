@@ -111,6 +111,7 @@ impl Sim {
             dead_owners: vec![],
             commit: crate::Commit::Durable,
             isolated,
+            per_host: None,
         };
         let r = self.store.lease(&req, self.now).expect("lease");
         let got: Vec<(JobKey, Epoch)> = r

@@ -127,6 +127,7 @@ fn concurrent_callers_in_one_process_are_group_committed_correctly() {
                         dead_owners: vec![],
                         commit: idem_core::Commit::Durable,
                         isolated: false,
+                        per_host: None,
                     };
                     let got = db.lease(&req, now).unwrap().value;
                     if got.is_empty() {
@@ -174,6 +175,7 @@ fn migrates_a_version_1_ledger_and_keeps_its_ops() {
             dead_owners: vec![],
             commit: idem_core::Commit::Durable,
             isolated: false,
+            per_host: None,
         };
         s.plan(&[spec(1)], 3, now).unwrap();
         let e = s.lease(&req, now).unwrap().value[0]
@@ -210,6 +212,8 @@ fn migrates_a_version_1_ledger_and_keeps_its_ops() {
                FROM ops o JOIN jobs j ON j.id = o.job_id;
              DROP TABLE ops; ALTER TABLE ops_v1 RENAME TO ops;
              CREATE INDEX ops_started ON ops (job_key) WHERE status = 'started';
+             DROP INDEX jobs_rank_due; DROP INDEX jobs_host_lease; DROP TABLE hosts;
+             ALTER TABLE jobs DROP COLUMN host; ALTER TABLE jobs DROP COLUMN host_rank;
              DROP INDEX jobs_suspect_due;
              ALTER TABLE jobs DROP COLUMN holder_deaths; ALTER TABLE jobs DROP COLUMN isolated_deaths;
              ALTER TABLE jobs DROP COLUMN lease_isolated; ALTER TABLE jobs DROP COLUMN suspect_due_at;

@@ -159,6 +159,13 @@ mod two_handles_impl {
         fn status(&self, now: Timestamp) -> Result<StatusCounts, StoreError> {
             self.pick().status(now)
         }
+        fn busiest_hosts(
+            &self,
+            now: Timestamp,
+            limit: usize,
+        ) -> Result<Vec<idem_core::HostLoad>, StoreError> {
+            self.pick().busiest_hosts(now, limit)
+        }
     }
 }
 
