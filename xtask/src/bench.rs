@@ -5,7 +5,7 @@
 //! - `store`: planning and the durable per-job ledger path, against raw
 //!   rusqlite loops doing the minimum equivalent SQL;
 //! - `download`: idem against curl, wget and aria2c on the same files from
-//!   the same local origin.
+//!   the same local origin, then the lopsided case (`lopsided.rs`).
 
 use anyhow::{bail, Context, Result};
 use idem_core::ports::Store;
