@@ -415,6 +415,11 @@ fn a_publish_whose_commit_was_lost_is_healed_by_the_reconciler() {
     assert_eq!(r["blobs_healed"], 1, "{r}");
     let j = env.show("w/h");
     assert_eq!(j["state"], "finalized");
+    // The heal is recorded as its holder would have: FINALIZE committed
+    // once, with the blob.
+    let fin = last_op(&j, "finalize");
+    assert_eq!(fin["status"], "committed", "{j}");
+    assert_eq!(fin["result"]["sha256"], j["sha256"], "{j}");
     assert_eq!(o.total(), before, "healed without a request");
     assert!(leftovers(&env.out).is_empty(), "{:?}", leftovers(&env.out));
 }

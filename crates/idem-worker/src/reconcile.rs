@@ -216,7 +216,7 @@ pub fn reconcile<S: Store + ?Sized>(
     }
 
     // 4. Published but not committed.
-    let mut heal: Vec<(JobKey, BlobInfo)> = Vec::new();
+    let mut heal: Vec<(JobKey, BlobInfo, idem_core::Epoch)> = Vec::new();
     scan_all(store, JobState::Streaming, |j| {
         if j.lease.as_ref().is_some_and(|l| l.is_live(now)) {
             return Ok(());
@@ -229,16 +229,22 @@ pub fn reconcile<S: Store + ?Sized>(
         if let Some(si) = si {
             let p = out.blob_path(&si.sha256);
             if files::hash_file(&p).is_ok_and(|(sha, size)| sha == si.sha256 && size == si.size) {
-                heal.push((j.key, BlobInfo::new(si.sha256, si.size)));
+                heal.push((j.key, BlobInfo::new(si.sha256, si.size), j.epoch));
             }
         }
         Ok(())
     })?;
-    for (key, blob) in heal {
+    for (key, blob, seen) in heal {
         if opts.dry_run {
             rep.blobs_healed += 1;
-        } else if let Some(a) = lost_race_is_none(store.apply(&key, Command::Heal { blob }, now))? {
+        } else if let Some(a) = lost_race_is_none(heal_with_op(store, key, blob, seen, now))? {
             sink.emit(&a.events);
+            sink.emit(&[EventKind::CrashRecovery {
+                kind: "blob_healed".into(),
+                job_key: Some(key),
+                count: 1,
+            }
+            .at(now)]);
             rep.blobs_healed += 1;
         }
     }
@@ -287,6 +293,48 @@ pub fn reconcile<S: Store + ?Sized>(
         }
     }
     Ok(rep)
+}
+
+/// Commits the FINALIZE of a job whose blob was published (and checked)
+/// but whose commit was lost, as its holder would have: the reconciler
+/// takes the lease (the epoch after `seen`), and records FINALIZE begun and
+/// committed, in one durable write. Refused, as a lost race, if the job
+/// moved on since it was read.
+fn heal_with_op<S: Store + ?Sized>(
+    store: &S,
+    key: JobKey,
+    blob: BlobInfo,
+    seen: idem_core::Epoch,
+    now: idem_core::Timestamp,
+) -> Result<idem_core::Applied<Vec<idem_core::ports::StepOutput>>, StoreError> {
+    use idem_core::ports::Step;
+    use idem_core::{OpKey, OpKind};
+    let owner = crate::owner::this_worker();
+    let op = OpKey {
+        job: key,
+        kind: OpKind::Finalize,
+        epoch: idem_core::Epoch(seen.0 + 1),
+    };
+    let steps = vec![
+        Step::Apply {
+            key,
+            cmd: Command::Acquire {
+                owner: owner.clone(),
+                ttl_ms: 60_000,
+                isolated: false,
+            },
+        },
+        Step::BeginOp { op, owner },
+        Step::FinishOp {
+            op,
+            outcome: Ok(OpResult::Finalize(blob.clone())),
+            then: Some(Command::Finalize {
+                epoch: op.epoch,
+                blob,
+            }),
+        },
+    ];
+    store.run_steps(steps, now, idem_core::Commit::Durable)
 }
 
 /// A repair refused because the job is no longer as it was read (another
