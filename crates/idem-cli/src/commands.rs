@@ -370,6 +370,7 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
         max_bytes: (a.max_bytes > 0).then_some(a.max_bytes),
         min_speed: (a.min_speed > 0 && a.min_speed_window > 0)
             .then_some((a.min_speed, a.min_speed_window)),
+        probe_head: a.head,
         seed: u64::from(std::process::id()) ^ now().as_millis().unsigned_abs(),
         ..EngineConfig::default()
     };

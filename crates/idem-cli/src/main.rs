@@ -243,6 +243,13 @@ struct RunArgs {
     /// Longest retry delay in milliseconds.
     #[arg(long, default_value_t = 300_000)]
     backoff_cap_ms: u64,
+    /// Send a HEAD before each fresh job's GET, for origins whose GET
+    /// headers differ from their HEAD's. By default a fresh job costs one
+    /// request: its GET's headers (length, type, validators) are recorded
+    /// as HEAD's, and a wrong type or an oversize length is refused before
+    /// any of the body is read.
+    #[arg(long)]
+    head: bool,
     /// Idle timeout of a body read, in seconds.
     #[arg(long, default_value_t = 30)]
     read_timeout: u64,

@@ -44,7 +44,7 @@ impl From<StoreError> for Abort {
     }
 }
 
-enum StreamErr {
+pub(crate) enum StreamErr {
     Fetch(FetchError),
     Io(std::io::Error),
     Abort(Abort),
@@ -140,7 +140,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         }
     }
 
-    fn check(&self, fenced: &AtomicBool) -> Result<(), Abort> {
+    pub(crate) fn check(&self, fenced: &AtomicBool) -> Result<(), Abort> {
         if fenced.load(Ordering::SeqCst) {
             Err(Abort::Fenced)
         } else if self.stopping() {
@@ -182,7 +182,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
 
     /// The command that ends the attempt with `error`: a retry scheduled
     /// with backoff, or failure for good.
-    fn fail_command(&self, job: &Job, epoch: Epoch, error: &JobError) -> Command {
+    pub(crate) fn fail_command(&self, job: &Job, epoch: Epoch, error: &JobError) -> Command {
         let mut rng = SplitMix64::new(self.next_seed() ^ u64::from(job.attempts));
         let retry_at = self.cfg.retry.decide(
             job.attempts.min(job.max_attempts),
@@ -308,7 +308,10 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
 
     /// Emits the events of a `run_steps` call and returns the job after its
     /// last job-returning step and its last op decision, if any.
-    fn outputs(&self, a: idem_core::Applied<Vec<StepOutput>>) -> (Option<Job>, Option<OpDecision>) {
+    pub(crate) fn outputs(
+        &self,
+        a: idem_core::Applied<Vec<StepOutput>>,
+    ) -> (Option<Job>, Option<OpDecision>) {
         self.emit(&a.events);
         let mut job = None;
         let mut decision = None;
@@ -364,9 +367,21 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             };
             return Ok((self.apply(job.key, cmd).await?, None, None));
         }
+        // A fresh job with no part to resume sends one GET, whose headers
+        // stand in for HEAD's: one round trip, one request against the
+        // host's budget. HEAD first only when asked (`probe_head`), or when
+        // a part may be resumed (a ranged GET needs its validators first).
+        let get_first = !self.cfg.probe_head && self.out.parts_of(&job.key, epoch.0).is_empty();
         let began = self.now();
         self.host_pace(&job.spec.url.host()).await;
-        let res = self.http.head(&url).await;
+        let (res, mut opened) = if get_first {
+            match self.http.get(&url, None).await {
+                Ok(r) => (Ok(r.head.clone()), Some(r)),
+                Err(e) => (Err(e), None),
+            }
+        } else {
+            (self.http.head(&url).await, None)
+        };
         let elapsed_ms = self.now().millis_since(began);
         let begin = Step::BeginOp {
             op,
@@ -375,7 +390,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         let (steps, sop) = match res.and_then(|h| self.check_head(job, h)) {
             Ok(head) if head.content_length.is_some_and(|n| n < files::SIDECAR_MIN) => {
                 if let Some(j) = self
-                    .step_small(job, epoch, fenced, &head, elapsed_ms, next)
+                    .step_small(job, epoch, fenced, (&head, elapsed_ms), opened.take(), next)
                     .await?
                 {
                     return Ok((j, None, None));
@@ -460,11 +475,34 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         let (j, d) = self.outputs(a);
         let j =
             j.ok_or_else(|| Abort::Store(StoreError::Backend("steps returned no job".into())))?;
+        // The GET sent in HEAD's place streams into the part just prepared.
+        if let (Some(resp), Some(OpDecision::Run)) = (opened, &d) {
+            let mut chosen = None;
+            let streamed = self
+                .stream(
+                    &j,
+                    epoch,
+                    fenced,
+                    &mut chosen,
+                    prepared,
+                    Begin::Opened(resp),
+                )
+                .await;
+            let j = self
+                .after_stream(&j, epoch, fenced, streamed, chosen, next)
+                .await?;
+            return Ok((j, None, None));
+        }
         Ok((j, sop.zip(d), prepared))
     }
 
     /// HEAD begun and finished with `head`, and the move to streaming.
-    fn head_record(&self, key: idem_core::JobKey, op: OpKey, head: HeadInfo) -> [Step; 3] {
+    pub(crate) fn head_record(
+        &self,
+        key: idem_core::JobKey,
+        op: OpKey,
+        head: HeadInfo,
+    ) -> [Step; 3] {
         [
             Step::BeginOp {
                 op,
@@ -497,8 +535,8 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         job: &Job,
         epoch: Epoch,
         fenced: &Arc<AtomicBool>,
-        head: &HeadInfo,
-        head_ms: u64,
+        (head, head_ms): (&HeadInfo, u64),
+        opened: Option<GetResponse<H::Body>>,
         next: &mut Option<Next>,
     ) -> Result<Option<Job>, Abort> {
         let op = |kind| OpKey {
@@ -509,7 +547,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         let record = self.head_record(job.key, op(OpKind::Head), head.clone());
         self.check(fenced)?;
         let began = self.now();
-        let fetched = self.fetch_small(job, fenced).await;
+        let fetched = self.fetch_small(job, fenced, opened).await;
         let timing = Timing {
             head_ms,
             body_ms: self.now().millis_since(began),
@@ -528,49 +566,75 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 .map(Some),
             Ok(None) => Ok(None),
             Err(StreamErr::Abort(a)) => Err(a),
-            Err(StreamErr::Fetch(e)) => {
-                let error = e.to_job_error();
-                let then = Some(self.fail_command(job, epoch, &error));
-                let steps = record
-                    .into_iter()
-                    .chain([
-                        Step::BeginOp {
-                            op: op(OpKind::Stream),
-                            owner: self.owner.clone(),
-                        },
-                        Step::FinishOp {
-                            op: op(OpKind::Stream),
-                            outcome: Err(error),
-                            then,
-                        },
-                    ])
-                    .collect();
-                let now = self.now();
-                let mut a = self
-                    .store_call(move |s| s.run_steps(steps, now, Commit::Durable))
-                    .await?;
-                timing.apply(&mut a.events);
-                let (j, _) = self.outputs(a);
-                j.map(Some).ok_or_else(|| {
-                    Abort::Store(StoreError::Backend("steps returned no job".into()))
-                })
-            }
+            Err(StreamErr::Fetch(e)) => self
+                .fail_small(job, epoch, record, e, timing)
+                .await
+                .map(Some),
             Err(StreamErr::Io(e)) => Err(Abort::Store(StoreError::Backend(e.to_string()))),
         }
     }
 
-    /// GETs a small body into memory; `None` when the answer is not small.
-    /// An answer without a length (chunked) is held while it stays small.
+    /// A small body's GET failed after HEAD's facts were known: HEAD's
+    /// record (`record`), then STREAM begun and failed, and the attempt's
+    /// end, in one durable commit.
+    pub(crate) async fn fail_small(
+        &self,
+        job: &Job,
+        epoch: Epoch,
+        record: [Step; 3],
+        e: FetchError,
+        timing: Timing,
+    ) -> Result<Job, Abort> {
+        let sop = OpKey {
+            job: job.key,
+            kind: OpKind::Stream,
+            epoch,
+        };
+        let error = e.to_job_error();
+        let then = Some(self.fail_command(job, epoch, &error));
+        let steps = record
+            .into_iter()
+            .chain([
+                Step::BeginOp {
+                    op: sop,
+                    owner: self.owner.clone(),
+                },
+                Step::FinishOp {
+                    op: sop,
+                    outcome: Err(error),
+                    then,
+                },
+            ])
+            .collect();
+        let now = self.now();
+        let mut a = self
+            .store_call(move |s| s.run_steps(steps, now, Commit::Durable))
+            .await?;
+        timing.apply(&mut a.events);
+        let (j, _) = self.outputs(a);
+        j.ok_or_else(|| Abort::Store(StoreError::Backend("steps returned no job".into())))
+    }
+
+    /// GETs a small body into memory (or reads the GET already `opened`);
+    /// `None` when the answer is not small. An answer without a length
+    /// (chunked) is held while it stays small.
     async fn fetch_small(
         &self,
         job: &Job,
         fenced: &AtomicBool,
+        opened: Option<GetResponse<H::Body>>,
     ) -> Result<Option<Vec<u8>>, StreamErr> {
         let url = job.spec.url.to_string();
-        self.host_pace(&job.spec.url.host()).await;
+        let response = match opened {
+            Some(r) => r,
+            None => {
+                self.host_pace(&job.spec.url.host()).await;
+                self.http.get(&url, None).await.map_err(StreamErr::Fetch)?
+            }
+        };
         let GetResponse {
             head: got, body, ..
-        } = self.http.get(&url, None).await.map_err(StreamErr::Fetch)?;
+        } = response;
         self.check_type(job, &got).map_err(StreamErr::Fetch)?;
         let (limit, exact) = match got.content_length {
             Some(n) if n < files::SIDECAR_MIN => (n, true),
@@ -618,7 +682,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         }
     }
 
-    fn check_head(&self, job: &Job, head: HeadInfo) -> Result<HeadInfo, FetchError> {
+    pub(crate) fn check_head(&self, job: &Job, head: HeadInfo) -> Result<HeadInfo, FetchError> {
         self.check_type(job, &head)?;
         if let (Some(len), Some(max)) = (head.content_length, self.cfg.max_bytes) {
             if len > max {
@@ -714,10 +778,37 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         }
         // The part this holder writes (decided when streaming starts).
         let mut chosen: Option<std::path::PathBuf> = None;
-        match self
-            .stream(job, epoch, fenced, &mut chosen, prepared, earlier)
+        let streamed = self
+            .stream(
+                job,
+                epoch,
+                fenced,
+                &mut chosen,
+                prepared,
+                Begin::Ask(earlier),
+            )
+            .await;
+        self.after_stream(job, epoch, fenced, streamed, chosen, next)
             .await
-        {
+    }
+
+    /// What follows a stream: FINALIZE, or the attempt's end with the
+    /// stream's error.
+    pub(crate) async fn after_stream(
+        self: &Arc<Self>,
+        job: &Job,
+        epoch: Epoch,
+        fenced: &Arc<AtomicBool>,
+        streamed: Result<Landed, StreamErr>,
+        chosen: Option<std::path::PathBuf>,
+        next: &mut Option<Next>,
+    ) -> Result<Job, Abort> {
+        let sop = OpKey {
+            job: job.key,
+            kind: OpKind::Stream,
+            epoch,
+        };
+        match streamed {
             Ok(landed) => {
                 self.finalize(job, epoch, landed, fenced, Finish::Streamed, next)
                     .await
@@ -728,7 +819,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 // A part that failed to write (a full disk, an I/O error) is
                 // not worth resuming and may be holding the space other jobs
                 // need.
-                let part = chosen.unwrap_or(primary);
+                let part = chosen.unwrap_or_else(|| self.out.part_path(&job.key));
                 files::remove_part(&part);
                 let err = io_error(format!("writing {}", part.display()), &e);
                 self.fail(job, epoch, sop, err).await
@@ -738,7 +829,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
 
     /// Everything after the body has landed, in one trip off the runtime
     /// (a small file's whole finish is then one hand-off, not four).
-    async fn finalize(
+    pub(crate) async fn finalize(
         self: &Arc<Self>,
         job: &Job,
         epoch: Epoch,
@@ -961,15 +1052,19 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
     /// Streams the body into this holder's part, resuming an earlier
     /// holder's part when it can be locked and its validators still match.
     /// A small body is held in memory and written by `finalize`.
-    async fn stream(
+    pub(crate) async fn stream(
         &self,
         job: &Job,
         epoch: Epoch,
         fenced: &AtomicBool,
         chosen: &mut Option<std::path::PathBuf>,
         prepared: Option<std::io::Result<Prepared>>,
-        committed: Option<StreamInfo>,
+        begin: Begin<H::Body>,
     ) -> Result<Landed, StreamErr> {
+        let (committed, opened) = match begin {
+            Begin::Opened(r) => (None, Some(r)),
+            Begin::Ask(committed) => (committed, None),
+        };
         let url = job.spec.url.to_string();
         let head = job.head.clone().unwrap_or_default();
         let prepared = match prepared {
@@ -1016,16 +1111,23 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             file.set_len(0).map_err(StreamErr::Io)?;
         }
         self.check(fenced).map_err(StreamErr::Abort)?;
-        self.host_pace(&job.spec.url.host()).await;
+        // A fresh job's GET was sent already, in place of a HEAD (see
+        // `first.rs`): its part is new, so there is nothing to resume.
+        let response = match opened {
+            Some(r) => r,
+            None => {
+                self.host_pace(&job.spec.url.host()).await;
+                self.http
+                    .get(&url, resume.as_ref())
+                    .await
+                    .map_err(StreamErr::Fetch)?
+            }
+        };
         let GetResponse {
             head: got,
             offset: start,
             body,
-        } = self
-            .http
-            .get(&url, resume.as_ref())
-            .await
-            .map_err(StreamErr::Fetch)?;
+        } = response;
         if start == 0 && offset > 0 {
             // The server ignored the range (or the entity changed): restart.
             offset = 0;
@@ -1122,7 +1224,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
     /// Reads `body` to its end into `sink` (true), stopping when the lease
     /// is lost, the run stops, or the server is slower than the minimum
     /// speed. False: a held body of unknown length outgrew what is held.
-    async fn read_body<B: Body>(
+    pub(crate) async fn read_body<B: Body>(
         &self,
         url: &str,
         mut body: B,
@@ -1221,7 +1323,7 @@ pub(crate) fn duplicate_of<S: Store + ?Sized>(store: &S, root: &Path, job: &Job)
 
 /// Where a body landed: in its part, fsynced (hashed as it was written), or
 /// held in memory (a small body), with its part if one is open already.
-enum Landed {
+pub(crate) enum Landed {
     Synced {
         part: std::path::PathBuf,
         si: StreamInfo,
@@ -1232,8 +1334,16 @@ enum Landed {
     },
 }
 
+/// How a stream begins: with the GET a fresh job sent in HEAD's place, or
+/// by asking for the body, resuming what earlier holders left (knowing
+/// what STREAM committed, if it did).
+pub(crate) enum Begin<B> {
+    Opened(GetResponse<B>),
+    Ask(Option<StreamInfo>),
+}
+
 /// What the commit before publishing must record besides FINALIZE's start.
-enum Finish {
+pub(crate) enum Finish {
     /// STREAM was committed by an earlier call: nothing.
     Replayed,
     /// STREAM is begun: its result.
@@ -1246,13 +1356,13 @@ enum Finish {
 /// How long the effects recorded after the fact took: their ops are begun
 /// and finished in one commit, so the ledger alone would say zero.
 #[derive(Clone, Copy)]
-struct Timing {
-    head_ms: u64,
-    body_ms: u64,
+pub(crate) struct Timing {
+    pub(crate) head_ms: u64,
+    pub(crate) body_ms: u64,
 }
 
 impl Timing {
-    fn apply(self, events: &mut [idem_core::Event]) {
+    pub(crate) fn apply(self, events: &mut [idem_core::Event]) {
         for ev in events {
             if let EventKind::OperationCompleted { op, elapsed_ms, .. } = &mut ev.kind {
                 match op {
@@ -1266,7 +1376,7 @@ impl Timing {
 }
 
 /// Where the bytes of a body go while it streams.
-enum Sink {
+pub(crate) enum Sink {
     Writer(files::PartWriter),
     Held {
         bytes: Vec<u8>,
@@ -1336,7 +1446,7 @@ fn is_complete(f: &mut std::fs::File, si: &StreamInfo) -> bool {
 /// whose body is the one STREAM committed). The part is
 /// `<job>.part`, or `<job>.e<epoch>.part` while a paused holder still locks
 /// that one.
-fn prepare_part(
+pub(crate) fn prepare_part(
     out: &OutDir,
     key: idem_core::JobKey,
     epoch: Epoch,

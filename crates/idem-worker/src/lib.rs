@@ -75,6 +75,10 @@ pub struct EngineConfig {
     /// (bytes per second, window in seconds): an attempt whose body arrives
     /// slower than this over a whole window is cut off and retried later.
     pub min_speed: Option<(u64, u64)>,
+    /// Send a HEAD before each fresh job's GET. By default a fresh job sends
+    /// only the GET and takes HEAD's facts (length, type, validators) from
+    /// its headers: one round trip and one request per file.
+    pub probe_head: bool,
 }
 
 impl Default for EngineConfig {
@@ -91,6 +95,7 @@ impl Default for EngineConfig {
             seed: 0x1de3,
             max_bytes: None,
             min_speed: Some((1024, 60)),
+            probe_head: false,
         }
     }
 }
