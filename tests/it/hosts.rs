@@ -64,7 +64,7 @@ fn slow_before_last_fast(order: &[String], is_fast: &HashMap<String, bool>) -> u
 #[test]
 fn a_slow_host_does_not_hold_the_fast_one_back() {
     let env = Env::new();
-    let (slow, fast, is_fast) = lopsided(&env, 20, 200, 300);
+    let (slow, fast, is_fast) = lopsided(&env, 12, 100, 1000);
     let events = env.path("events.jsonl");
     let out = env
         .run_cmd()
@@ -73,11 +73,11 @@ fn a_slow_host_does_not_hold_the_fast_one_back() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(count(&env.status(), "finalized"), 220);
+    assert_eq!(count(&env.status(), "finalized"), 112);
     let order = finish_order(&events);
     let n = slow_before_last_fast(&order, &is_fast);
-    // Two slow jobs at a time, each 600 ms: the fast host's 200 jobs are
-    // done long before a fifth of the slow host's.
+    // Two slow jobs at a time, each a second: the fast host's 100 jobs
+    // are done long before a third of the slow host's.
     assert!(n <= 4, "{n} slow jobs finished before the fast host's last");
     assert!(
         slow.max_in_flight() <= 2,
@@ -94,7 +94,7 @@ fn a_slow_host_does_not_hold_the_fast_one_back() {
 #[test]
 fn the_host_budget_holds_across_processes() {
     let env = Env::new();
-    let (slow, fast, is_fast) = lopsided(&env, 16, 200, 300);
+    let (slow, fast, is_fast) = lopsided(&env, 12, 100, 1000);
     let events = env.path("events.jsonl");
     let workers: Vec<_> = (0..4)
         .map(|_| {
@@ -111,7 +111,7 @@ fn the_host_budget_holds_across_processes() {
         let out = w.wait_with_output().unwrap();
         assert!(out.status.success(), "{}", text(&out));
     }
-    assert_eq!(count(&env.status(), "finalized"), 216);
+    assert_eq!(count(&env.status(), "finalized"), 112);
     assert!(
         slow.max_in_flight() <= 2,
         "four workers, one budget: the slow host saw {} at once",

@@ -10,36 +10,76 @@
 //! every process sharing the ledger counts), so no worker holds a lease
 //! while it waits for a host's permit.
 
+/// The host budget of one lease call: how many more leases each host seen
+/// so far may take.
+#[derive(Debug)]
+pub struct HostRoom {
+    per_host: Option<usize>,
+    room: std::collections::HashMap<String, usize>,
+}
+
+impl HostRoom {
+    /// At most `per_host` live leases per host; `None`: no budget.
+    pub fn new(per_host: Option<usize>) -> Self {
+        Self {
+            per_host,
+            room: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Takes a lease on `host` if it has room, counting the leases already
+    /// live there (`live(host)`, asked once per host) and those taken here.
+    pub fn take<E>(
+        &mut self,
+        host: &str,
+        live: impl FnOnce(&str) -> Result<usize, E>,
+    ) -> Result<bool, E> {
+        let Some(max) = self.per_host else {
+            return Ok(true);
+        };
+        let left = match self.room.get_mut(host) {
+            Some(left) => left,
+            None => {
+                let used = live(host)?;
+                self.room
+                    .entry(host.to_owned())
+                    .or_insert(max.saturating_sub(used))
+            }
+        };
+        if *left == 0 {
+            return Ok(false);
+        }
+        *left -= 1;
+        Ok(true)
+    }
+
+    /// The hosts seen to be full: a store's next look at its queue may
+    /// leave them out.
+    pub fn full(&self) -> Vec<String> {
+        self.room
+            .iter()
+            .filter(|(_, left)| **left == 0)
+            .map(|(h, _)| h.clone())
+            .collect()
+    }
+}
+
 /// The jobs to lease from `candidates` (each with its host, in lease
-/// order): at most `limit`, and on each host at most `per_host` live leases
-/// counting those already live (`live(host)`, asked once per host) and
-/// those picked here. Without `per_host`, the first `limit`.
+/// order): at most `limit`, within `room`'s budget.
 pub fn pick_by_host_room<T, E>(
     candidates: impl IntoIterator<Item = (T, String)>,
     limit: usize,
-    per_host: Option<usize>,
+    room: &mut HostRoom,
     mut live: impl FnMut(&str) -> Result<usize, E>,
 ) -> Result<Vec<T>, E> {
     let mut picked = Vec::new();
-    let mut room: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for (item, host) in candidates {
         if picked.len() >= limit {
             break;
         }
-        if let Some(max) = per_host {
-            let left = match room.get_mut(&host) {
-                Some(left) => left,
-                None => {
-                    let used = live(&host)?;
-                    room.entry(host).or_insert(max.saturating_sub(used))
-                }
-            };
-            if *left == 0 {
-                continue;
-            }
-            *left -= 1;
+        if room.take(&host, &mut live)? {
+            picked.push(item);
         }
-        picked.push(item);
     }
     Ok(picked)
 }
@@ -56,9 +96,8 @@ pub struct HostLoad {
     pub unfinished: u64,
 }
 
-/// Rows scanned per lease call for `limit` jobs: enough to pass over the
-/// jobs of hosts that are full, bounded so a lease costs the same however
-/// long the queue.
+/// Rows a store reads at a time, per lease call for `limit` jobs, before it
+/// looks again leaving out the hosts it found full.
 pub fn scan_for(limit: usize) -> usize {
     limit.saturating_mul(8).saturating_add(64)
 }
@@ -79,11 +118,15 @@ mod tests {
         ]
         .map(|(i, h)| (i, h.to_owned()));
         let live = |h: &str| Ok::<_, ()>(usize::from(h == "slow"));
-        let got = pick_by_host_room(rows.clone(), 10, Some(2), live).unwrap();
+        let mut room = HostRoom::new(Some(2));
+        let got = pick_by_host_room(rows.clone(), 10, &mut room, live).unwrap();
         assert_eq!(got, vec![1, 2, 4, 6], "slow had one live lease already");
-        let got = pick_by_host_room(rows.clone(), 2, Some(2), live).unwrap();
+        let mut full = room.full();
+        full.sort();
+        assert_eq!(full, ["fast", "slow"]);
+        let got = pick_by_host_room(rows.clone(), 2, &mut HostRoom::new(Some(2)), live).unwrap();
         assert_eq!(got, vec![1, 2]);
-        let got = pick_by_host_room(rows, 3, None, live).unwrap();
+        let got = pick_by_host_room(rows, 3, &mut HostRoom::new(None), live).unwrap();
         assert_eq!(got, vec![1, 2, 3], "no budget: the first ones");
     }
 }

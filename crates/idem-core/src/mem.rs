@@ -212,7 +212,7 @@ impl MemStore {
         let keys: Vec<JobKey> = crate::hosts::pick_by_host_room(
             candidates.iter().map(|j| (j.key, j.spec.url.host())),
             limit,
-            req.per_host,
+            &mut crate::hosts::HostRoom::new(req.per_host),
             live_on,
         )?;
         let mut leased = Vec::new();

@@ -46,6 +46,7 @@ macro_rules! conformance_tests {
             attempts_count_failures_not_deaths_or_stops,
             suspects_are_leased_only_alone_and_poison_fails_them,
             leases_interleave_hosts_within_their_budget,
+            a_full_hosts_long_queue_does_not_hide_the_others,
             status_counts_are_exact,
             scan_pages_through_every_job,
             finalized_by_url_finds_only_finalized,
@@ -875,6 +876,51 @@ pub fn leases_interleave_hosts_within_their_budget(s: &dyn Store) {
         shown,
         [("slow.example", 2, 4, 6), ("fast.example", 2, 1, 3)]
     );
+}
+
+pub fn a_full_hosts_long_queue_does_not_hide_the_others(s: &dyn Store) {
+    let on = |host: &str, i: usize| {
+        JobSpec::new(
+            "w",
+            &format!("{host}-{i}"),
+            &format!("https://{host}.example/{i}"),
+            None,
+            None,
+        )
+        .unwrap()
+    };
+    let mut specs: Vec<JobSpec> = (0..400).map(|i| on("slow", i)).collect();
+    specs.extend((0..400).map(|i| on("fast", i)));
+    s.plan(&specs, 3, t(0)).unwrap();
+    let req = LeaseRequest {
+        owner: w("w"),
+        limit: 2,
+        ttl_ms: 3_600_000,
+        dead_owners: vec![],
+        commit: idem_core::Commit::Durable,
+        isolated: false,
+        per_host: Some(1),
+    };
+    // The slow host's one slot stays taken; the fast host's jobs go one by
+    // one, past ranks far beyond the slow host's waiting queue.
+    let mut fast_done = 0;
+    for round in 0..300 {
+        let got = s.lease(&req, t(1)).unwrap().value;
+        let fast: Vec<_> = got
+            .iter()
+            .filter(|j| j.spec.artifact_id.starts_with("fast"))
+            .collect();
+        assert_eq!(
+            fast.len(),
+            1,
+            "round {round}: the fast host has room and due jobs: {got:?}"
+        );
+        let (key, epoch) = (fast[0].key, fast[0].lease.as_ref().unwrap().epoch);
+        do_head(s, key, epoch, "w", t(1));
+        do_finish(s, key, epoch, "w", t(1));
+        fast_done += 1;
+    }
+    assert_eq!(fast_done, 300);
 }
 
 pub fn status_counts_are_exact(s: &dyn Store) {

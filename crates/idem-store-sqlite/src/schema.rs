@@ -842,31 +842,52 @@ pub(crate) fn lease(
         rows.collect::<rusqlite::Result<Vec<(i64, Job)>>>()
             .map_err(map_err)?
     } else {
-        // Candidates in lease order (index only), then the rows picked.
-        let candidates: Vec<(i64, String)> = {
-            let mut st = c
-                .prepare_cached(
-                    "SELECT id, host FROM jobs INDEXED BY jobs_rank_due WHERE due_at IS NOT NULL AND due_at <= ?1 ORDER BY host_rank, due_at LIMIT ?2",
-                )
-                .map_err(map_err)?;
-            let rows = st
-                .query_map(
-                    params![now.as_millis(), i(hosts::scan_for(req.limit) as u64)],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .map_err(map_err)?;
-            rows.collect::<rusqlite::Result<_>>().map_err(map_err)?
-        };
+        // Candidates in lease order (index only), a window at a time; a
+        // host found full is left out of the next window, so a long queue
+        // of one full host's jobs does not hide the others'.
+        let mut room = hosts::HostRoom::new(req.per_host);
+        let mut ids: Vec<i64> = Vec::new();
+        let mut left_out: Vec<String> = Vec::new();
+        let window = hosts::scan_for(req.limit);
         let mut live = c
             .prepare_cached(
                 "SELECT count(*) FROM jobs INDEXED BY jobs_host_lease WHERE host = ?1 AND lease_owner IS NOT NULL AND lease_expires_at > ?2",
             )
             .map_err(map_err)?;
-        let ids = hosts::pick_by_host_room(candidates, req.limit, req.per_host, |host| {
-            live.query_row(params![host, now.as_millis()], |r| r.get::<_, i64>(0))
-                .map(|n| usize::try_from(n).unwrap_or(0))
-                .map_err(map_err)
-        })?;
+        let mut scan = c
+            .prepare_cached(
+                "SELECT id, host FROM jobs INDEXED BY jobs_rank_due WHERE due_at IS NOT NULL AND due_at <= ?1 \
+                 AND host NOT IN (SELECT value FROM json_each(?3)) ORDER BY host_rank, due_at LIMIT ?2",
+            )
+            .map_err(map_err)?;
+        loop {
+            let excluded =
+                serde_json::to_string(&left_out).map_err(|e| StoreError::Backend(e.to_string()))?;
+            let candidates: Vec<(i64, String)> = scan
+                .query_map(params![now.as_millis(), i(window as u64), excluded], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .map_err(map_err)?
+                .collect::<rusqlite::Result<_>>()
+                .map_err(map_err)?;
+            let seen = candidates.len();
+            let picked = hosts::pick_by_host_room(
+                candidates.into_iter().filter(|(id, _)| !ids.contains(id)),
+                req.limit - ids.len(),
+                &mut room,
+                |host| {
+                    live.query_row(params![host, now.as_millis()], |r| r.get::<_, i64>(0))
+                        .map(|n| usize::try_from(n).unwrap_or(0))
+                        .map_err(map_err)
+                },
+            )?;
+            ids.extend(picked);
+            let full = room.full();
+            if ids.len() >= req.limit || seen < window || full.len() == left_out.len() {
+                break;
+            }
+            left_out = full;
+        }
         let mut st = c
             .prepare_cached(concat!(
                 "SELECT ",
