@@ -109,12 +109,21 @@ impl CanonicalUrl {
     }
 }
 
-/// The host (lower-case) of a URL string, or empty if it has none.
+/// The host (lower-case) of a URL string, or empty if it has none. A
+/// canonical URL's host is read from its text, with no parse: planning
+/// asks for every job's.
 pub fn host_of(url: &str) -> String {
-    url::Url::parse(url)
-        .ok()
-        .and_then(|u| u.host_str().map(str::to_owned))
-        .unwrap_or_default()
+    let Some((_, rest)) = url.split_once("://") else {
+        return String::new();
+    };
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if host_port.starts_with('[') {
+        host_port.find(']').map_or(host_port, |i| &host_port[..=i])
+    } else {
+        host_port.split_once(':').map_or(host_port, |(h, _)| h)
+    };
+    host.to_ascii_lowercase()
 }
 
 impl fmt::Display for CanonicalUrl {

@@ -138,7 +138,7 @@ CREATE TABLE hosts (
     host    TEXT PRIMARY KEY,
     planned INTEGER NOT NULL
 ) STRICT, WITHOUT ROWID;
-CREATE INDEX jobs_rank_due ON jobs (host_rank, due_at, host) WHERE due_at IS NOT NULL;
+CREATE INDEX jobs_rank_due ON jobs (host_rank, due_at) WHERE due_at IS NOT NULL;
 CREATE INDEX jobs_host_lease ON jobs (host, lease_expires_at) WHERE lease_owner IS NOT NULL;
 ",
 ];

@@ -215,3 +215,25 @@ fn http_dates() {
     assert_eq!(t.as_millis(), 784_111_777_000);
     assert!(parse_http_date("yesterday").is_none());
 }
+
+#[test]
+fn hosts_are_read_from_canonical_urls() {
+    for (url, host) in [
+        ("https://example.org/a?b#c", "example.org"),
+        ("http://u:p@Example.ORG:8080/x", "example.org"),
+        ("http://[::1]:9/x", "[::1]"),
+        ("https://127.0.0.2/f/x?delay_ms=5", "127.0.0.2"),
+        ("https://h?x", "h"),
+    ] {
+        let parsed = CanonicalUrl::parse(url).unwrap();
+        assert_eq!(parsed.host(), host, "{url}");
+        assert_eq!(
+            crate::spec::host_of(parsed.as_str()),
+            url::Url::parse(parsed.as_str())
+                .unwrap()
+                .host_str()
+                .unwrap(),
+            "{url}"
+        );
+    }
+}
