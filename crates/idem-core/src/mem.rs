@@ -27,6 +27,8 @@ struct Inner {
     replays: u64,
     /// Jobs planned per host: the next job's host rank.
     host_ranks: std::collections::HashMap<String, u64>,
+    /// Plan order, which breaks ties in the lease order.
+    planned_seq: BTreeMap<JobKey, u64>,
 }
 
 /// An in-memory store. See the module docs.
@@ -191,8 +193,7 @@ impl MemStore {
                 .as_ref()
                 .map_or(j.next_attempt_at, |l| l.expires_at.max(j.next_attempt_at))
         };
-        candidates
-            .sort_by_cached_key(|j| (j.host_rank, due(j), j.spec.url.host(), j.created_at, j.key));
+        candidates.sort_by_key(|j| (j.host_rank, due(j), g.planned_seq.get(&j.key).copied()));
         // A suspect runs alone: one per isolated lease.
         let limit = if req.isolated { 1 } else { req.limit };
         let live_on = |host: &str| {
@@ -312,6 +313,7 @@ impl Store for MemStore {
             fenced: g.fenced,
             replays: g.replays,
             host_ranks: g.host_ranks.clone(),
+            planned_seq: g.planned_seq.clone(),
         };
         let r = Self::steps_in(&mut copy, steps, now);
         match &r {
@@ -337,6 +339,8 @@ impl Store for MemStore {
                 let next = g.host_ranks.entry(spec.url.host()).or_default();
                 job.host_rank = *next;
                 *next += 1;
+                let seq = g.planned_seq.len() as u64;
+                g.planned_seq.insert(job.key, seq);
                 g.jobs.insert(job.key, job);
             }
             events.extend(ev);

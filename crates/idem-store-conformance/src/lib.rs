@@ -844,8 +844,8 @@ pub fn leases_interleave_hosts_within_their_budget(s: &dyn Store) {
         .collect();
     assert_eq!(
         got,
-        ["fast-0", "slow-0", "fast-1", "slow-1"],
-        "hosts take turns (by rank, due time, then host), two each"
+        ["slow-0", "fast-0", "slow-1", "fast-1"],
+        "hosts take turns (by rank, due time, then plan order), two each"
     );
     assert!(
         s.lease(&req("w2"), t(2)).unwrap().value.is_empty(),

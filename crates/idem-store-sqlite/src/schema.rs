@@ -857,7 +857,7 @@ pub(crate) fn lease(
         let mut scan = c
             .prepare_cached(
                 "SELECT id, host FROM jobs INDEXED BY jobs_rank_due WHERE due_at IS NOT NULL AND due_at <= ?1 \
-                 AND host NOT IN (SELECT value FROM json_each(?3)) ORDER BY host_rank, due_at LIMIT ?2",
+                 AND host NOT IN (SELECT value FROM json_each(?3)) ORDER BY host_rank, due_at, id LIMIT ?2",
             )
             .map_err(map_err)?;
         loop {
