@@ -756,3 +756,49 @@ fn a_read_only_output_fails_at_once() {
     assert_eq!(o.gets("/f/r.pdf"), 1);
     drop(guard);
 }
+
+/// A SHA-256 the server declares (`Repr-Digest`, or the older `Digest`) is
+/// checked even when the plan gave none: a body that hashes otherwise is
+/// corrupt, retried, and then failed as `digest_mismatch`.
+#[test]
+fn a_digest_the_server_declares_is_checked() {
+    let env = Env::new();
+    let o = Origin::start([
+        ("small.pdf".to_owned(), content(15, 5000)),
+        ("big.pdf".to_owned(), content(16, 400 * 1024)),
+    ])
+    .unwrap();
+    let lines = [
+        job("w", "small-right", &o.url("/f/small.pdf?digest=right")),
+        job("w", "small-wrong", &o.url("/f/small.pdf?digest=wrong")),
+        job(
+            "w",
+            "small-legacy",
+            &o.url("/f/small.pdf?digest=legacy-wrong"),
+        ),
+        job("w", "big-right", &o.url("/f/big.pdf?digest=right")),
+        job("w", "big-wrong", &o.url("/f/big.pdf?digest=wrong")),
+    ];
+    let p = plan_with(&env, &lines, &["--max-attempts", "2"]);
+    assert!(p.status.success(), "{}", text(&p));
+    let out = env.run_cmd().output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    for a in ["small-right", "big-right"] {
+        let j = env.show(&format!("w/{a}"));
+        assert!(
+            j["state"] == "finalized" || j["state"] == "skipped_duplicate",
+            "{a}: {j}"
+        );
+    }
+    for a in ["small-wrong", "small-legacy", "big-wrong"] {
+        let j = env.show(&format!("w/{a}"));
+        assert_eq!(j["state"], "failed", "{a}: {j}");
+        let e = j["last_error"].as_str().unwrap();
+        assert!(
+            e.starts_with("digest_mismatch") && e.contains("declared by the server"),
+            "{e}"
+        );
+        assert_eq!(j["attempts"], 2, "retried once: {j}");
+    }
+    assert_eq!(check_blobs(&env.out), 2);
+}

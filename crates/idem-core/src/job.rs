@@ -163,6 +163,11 @@ pub struct HeadInfo {
     pub content_type: Option<String>,
     #[serde(default)]
     pub accept_ranges: bool,
+    /// The SHA-256 of the whole representation, when the server declared
+    /// it (`Repr-Digest`, `Content-Digest` on a full answer, or `Digest`):
+    /// a body that hashes otherwise is corrupt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<Digest32>,
 }
 
 /// A published blob: its digest, size, and path relative to the output root.

@@ -19,7 +19,7 @@
 
 use bytes::Bytes;
 use idem_core::ports::{Body, FetchError, FetchErrorKind, GetResponse, Http, Resume};
-use idem_core::HeadInfo;
+use idem_core::{Digest32, HeadInfo};
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::StatusCode;
 use std::net::{IpAddr, SocketAddr};
@@ -379,7 +379,72 @@ fn head_info(resp: &reqwest::Response) -> HeadInfo {
         content_length: header_str(h, header::CONTENT_LENGTH).and_then(|v| v.parse().ok()),
         content_type: content_type(h),
         accept_ranges: header_str(h, header::ACCEPT_RANGES).is_some_and(|v| v.contains("bytes")),
+        sha256: declared_sha256(h, resp.status().as_u16()),
     }
+}
+
+/// The SHA-256 of the whole representation, as the server declared it:
+/// `Repr-Digest` (RFC 9530), `Content-Digest` on a full (200) answer, whose
+/// content is then the whole representation, or `Digest` (RFC 3230). A
+/// value that does not parse is ignored, as an unknown algorithm is.
+fn declared_sha256(h: &HeaderMap, status: u16) -> Option<Digest32> {
+    let sf = |name: &str| {
+        h.get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .find_map(|item| {
+                let (alg, val) = item.split_once('=')?;
+                let b64 = val.trim().strip_prefix(':')?.strip_suffix(':')?;
+                alg.trim()
+                    .eq_ignore_ascii_case("sha-256")
+                    .then(|| digest_of_base64(b64))
+                    .flatten()
+            })
+    };
+    let legacy = || {
+        h.get_all("digest")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .find_map(|item| {
+                let (alg, val) = item.split_once('=')?;
+                alg.trim()
+                    .eq_ignore_ascii_case("sha-256")
+                    .then(|| digest_of_base64(val.trim()))
+                    .flatten()
+            })
+    };
+    sf("repr-digest")
+        .or_else(|| (status == 200).then(|| sf("content-digest")).flatten())
+        .or_else(legacy)
+}
+
+/// 32 bytes from standard base64 (with or without padding), if that is
+/// what `text` holds.
+fn digest_of_base64(text: &str) -> Option<Digest32> {
+    let mut bits = 0u32;
+    let mut n = 0u32;
+    let mut out = Vec::with_capacity(32);
+    for c in text.trim_end_matches('=').bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        bits = (bits << 6) | u32::from(v);
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+            bits &= (1 << n) - 1;
+        }
+    }
+    let bytes: [u8; 32] = out.try_into().ok()?;
+    Some(Digest32::from_bytes(bytes))
 }
 
 /// A non-success status as an error, with `Retry-After` when given.
@@ -608,6 +673,36 @@ mod tests {
         assert_eq!(
             find_in_chain::<std::io::Error>(&outer).map(std::io::Error::kind),
             Some(std::io::ErrorKind::Other)
+        );
+    }
+
+    #[test]
+    fn declared_digests_are_read_from_each_header() {
+        let sha = Digest32::of(b"hello");
+        // The SHA-256 of "hello" in base64, as a server would send it.
+        let b64 = "LPJNul+wow4m6DsqxbninhsWHlwfp0JecwQzYpOLmCQ=";
+        let with = |name: &str, value: String| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+            h
+        };
+        let repr = with("repr-digest", format!("sha-512=:AAAA:, sha-256=:{b64}:"));
+        assert_eq!(declared_sha256(&repr, 206), Some(sha));
+        let content = with("content-digest", format!("sha-256=:{b64}:"));
+        assert_eq!(declared_sha256(&content, 200), Some(sha));
+        assert_eq!(
+            declared_sha256(&content, 206),
+            None,
+            "a part's digest is the part's"
+        );
+        let legacy = with("digest", format!("MD5=abc, SHA-256={b64}"));
+        assert_eq!(declared_sha256(&legacy, 200), Some(sha));
+        assert_eq!(
+            declared_sha256(&with("digest", "SHA-256=short".into()), 200),
+            None
         );
     }
 

@@ -23,6 +23,10 @@
 //! | `/norange/NAME` | ignores `Range`, always 200 with the full body |
 //! | `/chunked/NAME` | HEAD gives the length; GET answers 200 in `Transfer-Encoding: chunked`, without one (and ignores `Range`) |
 //!
+//! `?digest=right` or `?digest=wrong` (any mode) adds `Repr-Digest:
+//! sha-256=:…:` with the body's SHA-256 or another's; `?digest=legacy-wrong`
+//! sends a wrong `Digest: SHA-256=…` instead.
+//!
 //! `?delay_ms=N` (any mode) waits N milliseconds before answering: a slow
 //! host. The origin counts the requests it is answering at once
 //! ([`Origin::max_in_flight`]), to check a client's per-host limit.
@@ -240,6 +244,36 @@ fn serve(conn: TcpStream, s: &Shared) {
     }
 }
 
+fn query_value<'a>(q: &'a str, name: &str) -> Option<&'a str> {
+    q.split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Standard base64 of `data`'s SHA-256, as digest headers carry it.
+fn sha256_b64(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    let bytes: [u8; 32] = sha2::Sha256::digest(data).into();
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            s.push(char::from(T[((n >> (18 - 6 * i)) & 63) as usize]));
+        }
+    }
+    while !s.len().is_multiple_of(4) {
+        s.push('=');
+    }
+    s
+}
+
 fn query_param(q: &str, name: &str) -> Option<u64> {
     q.split('&')
         .filter_map(|kv| kv.split_once('='))
@@ -398,6 +432,19 @@ fn respond(
             end - 1,
             body.len()
         ));
+    }
+    match query_value(query, "digest") {
+        Some("right") => {
+            head.push_str(&format!("Repr-Digest: sha-256=:{}:\r\n", sha256_b64(&body)))
+        }
+        Some("wrong") => head.push_str(&format!(
+            "Repr-Digest: sha-256=:{}:\r\n",
+            sha256_b64(b"other")
+        )),
+        Some("legacy-wrong") => {
+            head.push_str(&format!("Digest: SHA-256={}\r\n", sha256_b64(b"other")))
+        }
+        _ => {}
     }
     head.push_str("\r\n");
     w.write_all(head.as_bytes())?;

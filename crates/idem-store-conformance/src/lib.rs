@@ -133,6 +133,7 @@ fn head() -> HeadInfo {
         content_length: Some(3),
         content_type: Some("application/pdf".into()),
         accept_ranges: true,
+        sha256: None,
     }
 }
 

@@ -967,15 +967,19 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             self.emit(&a.events);
             return Ok(a.value);
         }
-        if let Some(want) = job.spec.sha256 {
+        // The plan's digest, else the one the server declared for the
+        // whole representation: a body that hashes otherwise is corrupt.
+        let expected = job
+            .spec
+            .sha256
+            .map(|d| (d, "expected"))
+            .or_else(|| declared_sha256(job, &finish).map(|d| (d, "declared by the server")));
+        if let Some((want, whose)) = expected {
             if want != si.sha256 {
                 files::remove_part(part);
                 let err = JobError::retryable(
                     "digest_mismatch",
-                    format!(
-                        "{}: got sha256 {}, expected {want}",
-                        job.spec.url, si.sha256
-                    ),
+                    format!("{}: got sha256 {}, {whose} {want}", job.spec.url, si.sha256),
                 );
                 return self.fail_now(job, epoch, Vec::new(), fop, err);
             }
@@ -1332,6 +1336,22 @@ pub(crate) enum Landed {
         bytes: Vec<u8>,
         part: Option<(std::path::PathBuf, std::fs::File)>,
     },
+}
+
+/// The SHA-256 the server declared for the job's whole representation:
+/// in HEAD's record (made in this finish's commit, or before it).
+fn declared_sha256(job: &Job, finish: &Finish) -> Option<idem_core::Digest32> {
+    let recorded = match finish {
+        Finish::Recorded(steps, _) => steps.iter().find_map(|s| match s {
+            Step::FinishOp {
+                outcome: Ok(OpResult::Head(h)),
+                ..
+            } => Some(h),
+            _ => None,
+        }),
+        Finish::Streamed | Finish::Replayed => job.head.as_ref(),
+    };
+    recorded.and_then(|h| h.sha256)
 }
 
 /// How a stream begins: with the GET a fresh job sent in HEAD's place, or
