@@ -5,7 +5,8 @@
 //! - `store`: planning and the durable per-job ledger path, against raw
 //!   rusqlite loops doing the minimum equivalent SQL;
 //! - `download`: idem against curl, wget and aria2c on the same files from
-//!   the same local origin, then the lopsided case (`lopsided.rs`).
+//!   the same local origin, then the latency-bound case (`latency.rs`) and
+//!   the lopsided case (`lopsided.rs`).
 
 use anyhow::{bail, Context, Result};
 use idem_core::ports::Store;
@@ -381,7 +382,7 @@ fn timed(cmd: &mut Proc, scratch: &Path) -> Result<Timed> {
     })
 }
 
-fn have(tool: &str) -> bool {
+pub(crate) fn have(tool: &str) -> bool {
     Proc::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .output()

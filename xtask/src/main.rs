@@ -2,6 +2,7 @@
 //! written in Rust so CI and developers run the same thing.
 
 mod bench;
+mod latency;
 mod lopsided;
 mod slo;
 mod tidy;
@@ -31,13 +32,16 @@ fn main() -> anyhow::Result<()> {
             if matches!(what, "download" | "all" | "--quick") {
                 bench::download(&root(), quick)?;
             }
+            if matches!(what, "download" | "latency" | "all" | "--quick") {
+                latency::bench(&root(), quick)?;
+            }
             if matches!(what, "download" | "lopsided" | "all" | "--quick") {
                 lopsided::bench(&root(), quick)?;
             }
             Ok(())
         }
         _ => {
-            eprintln!("usage: cargo xtask <tidy | slo-gen [--check] | slo-check | bench [store|download|lopsided|all] [--quick]>");
+            eprintln!("usage: cargo xtask <tidy | slo-gen [--check] | slo-check | bench [store|download|latency|lopsided|all] [--quick]>");
             std::process::exit(2);
         }
     }
