@@ -112,3 +112,51 @@ fn a_job_that_kills_its_workers_fails_as_poison() {
     assert!(deaths >= 1, "the hook never fired");
     assert_eq!(check_blobs(&env.out), 100);
 }
+
+/// Graceful stops spend no attempt: a long download stopped by SIGTERM
+/// more times than it has attempts (a rolling deploy) still finishes.
+#[test]
+fn graceful_stops_spend_no_attempts() {
+    let env = Env::new();
+    let body = content(3, 400 * 1024);
+    let o = Origin::start([("long.pdf".to_owned(), body.clone())]).unwrap();
+    let p = env.write_plan(&[job("w", "long", &o.url("/slow/long.pdf?ms=10"))]);
+    assert!(env
+        .idem()
+        .args(["plan", "--max-attempts", "2"])
+        .arg(&p)
+        .status()
+        .unwrap()
+        .success());
+    for stop in 0..4 {
+        let child = env
+            .run_cmd()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while crate::support::leftovers(&env.out)
+            .iter()
+            .all(|f| !f.ends_with(".part"))
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(150));
+        crate::crash::signal(child.id(), "-TERM");
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(130), "stop {stop}");
+        let j = env.show("w/long");
+        assert_ne!(j["state"], "failed", "stop {stop}: {j}");
+        assert_eq!(
+            j["attempts"], 0,
+            "stop {stop}: a stop is not an attempt: {j}"
+        );
+    }
+    let out = env.run_cmd().output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let j = env.show("w/long");
+    assert_eq!(j["state"], "finalized", "{j}");
+    assert_eq!(j["sha256"], idem_core::Digest32::of(&body).to_hex());
+}

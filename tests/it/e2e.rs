@@ -601,3 +601,43 @@ fn secrets_in_urls_are_used_but_never_shown() {
     // The origin saw the real thing: the credentials and the token.
     assert_eq!(o.gets("/f/ok.pdf?id=7&token=t0k3nt0k3n"), 1);
 }
+
+/// A follower repairs as it goes: a blob deleted from the store while
+/// `idem run --follow` runs is found by its periodic reconcile, and the job
+/// fetched and stored again, without a restart.
+#[test]
+fn a_follower_repairs_what_goes_missing() {
+    let env = Env::new();
+    let o = origin(2, 20_000);
+    env.plan(&[
+        job("w", "a0", &o.url("/f/doc-0.pdf")),
+        job("w", "a1", &o.url("/f/doc-1.pdf")),
+    ]);
+    let mut child = env
+        .run_cmd()
+        .args(["--follow", "--reconcile-every", "1"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while count(&env.status(), "finalized") < 2 {
+        assert!(std::time::Instant::now() < deadline, "never finished");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let path = env.out.join(env.show("w/a0")["path"].as_str().unwrap());
+    std::fs::remove_file(&path).unwrap();
+    while !path.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the blob never came back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    child.wait().unwrap();
+    assert_eq!(env.show("w/a0")["state"], "finalized");
+    assert_eq!(o.gets("/f/doc-0.pdf"), 2, "fetched again once");
+    assert_eq!(check_blobs(&env.out), 2);
+}

@@ -371,6 +371,7 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
         min_speed: (a.min_speed > 0 && a.min_speed_window > 0)
             .then_some((a.min_speed, a.min_speed_window)),
         probe_head: a.head,
+        reconcile_every_ms: (a.reconcile_every > 0).then(|| a.reconcile_every * 1000),
         seed: u64::from(std::process::id()) ^ now().as_millis().unsigned_abs(),
         ..EngineConfig::default()
     };

@@ -237,6 +237,11 @@ struct RunArgs {
     /// Keep polling for new jobs instead of stopping when all are finished.
     #[arg(long)]
     follow: bool,
+    /// With --follow, run the reconciler again every this many seconds
+    /// (blobs gone from the store, parts left by crashed workers); 0: only
+    /// at start.
+    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    reconcile_every: u64,
     /// First retry delay ceiling in milliseconds (full jitter, doubling).
     #[arg(long, default_value_t = 1000)]
     backoff_base_ms: u64,

@@ -75,6 +75,10 @@ pub struct EngineConfig {
     /// (bytes per second, window in seconds): an attempt whose body arrives
     /// slower than this over a whole window is cut off and retried later.
     pub min_speed: Option<(u64, u64)>,
+    /// Under `follow`, how often the reconciler runs again (a blob deleted
+    /// from the store, a part left by a crashed neighbour); `None`: only at
+    /// start.
+    pub reconcile_every_ms: Option<u64>,
     /// Send a HEAD before each fresh job's GET. By default a fresh job sends
     /// only the GET and takes HEAD's facts (length, type, validators) from
     /// its headers: one round trip and one request per file.
@@ -96,6 +100,7 @@ impl Default for EngineConfig {
             max_bytes: None,
             min_speed: Some((1024, 60)),
             probe_head: false,
+            reconcile_every_ms: Some(300_000),
         }
     }
 }
@@ -386,6 +391,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
     /// Runs until every job is terminal (or, following, until stopped).
     pub async fn run(self: &Arc<Self>) -> Result<RunSummary, EngineError> {
         let reconcile = self.reconcile(&ReconcileOptions::default()).await?;
+        let mut reconciled = tokio::time::Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         let mut dead_check = tokio::time::Instant::now();
         let mut isolated_running = false;
@@ -399,6 +405,16 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             }
             if self.stopping() {
                 break;
+            }
+            // A service that runs for weeks repairs as it goes, not only at
+            // its start: its events and summary count what it repairs.
+            if let Some(every) = self.cfg.reconcile_every_ms.filter(|_| self.cfg.follow) {
+                if reconciled.elapsed() >= Duration::from_millis(every) {
+                    reconciled = tokio::time::Instant::now();
+                    if let Err(e) = self.reconcile(&ReconcileOptions::default()).await {
+                        eprintln!("idem: reconcile: {e}");
+                    }
+                }
             }
             // A suspect runs alone: while it does, this process leases
             // nothing else.
