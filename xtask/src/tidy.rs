@@ -39,6 +39,7 @@ pub(crate) fn run() -> Result<()> {
     let mut problems = core_dependency_problems(&root)?;
     problems.extend(core_source_problems(&root)?);
     problems.extend(module_doc_problems(&root)?);
+    problems.extend(library_print_problems(&root)?);
     if problems.is_empty() {
         eprintln!("tidy: ok");
         Ok(())
@@ -159,6 +160,36 @@ fn module_doc_problems(root: &Path) -> Result<Vec<String>> {
                     "{}: does not open with a `//!` module doc",
                     file.display()
                 ));
+            }
+        }
+    }
+    Ok(problems)
+}
+
+/// Libraries log through `tracing`, never straight to the terminal: only
+/// the CLI (and xtask) print. Test modules may.
+fn library_print_problems(root: &Path) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
+    for krate in std::fs::read_dir(root.join("crates"))? {
+        let dir = krate?.path();
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name == "idem-cli" || !dir.join("src").exists() {
+            continue;
+        }
+        for file in rust_files(&dir.join("src"))? {
+            if file.components().any(|c| c.as_os_str() == "tests") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&file)?;
+            // Code after a `#[cfg(test)]` module is test code.
+            let code = text.split("#[cfg(test)]\nmod tests").next().unwrap_or("");
+            for pat in ["eprintln!", "println!", "print!(", "eprint!("] {
+                if code.contains(pat) {
+                    problems.push(format!(
+                        "{}: `{pat}` in a library (log through `tracing`)",
+                        file.display()
+                    ));
+                }
             }
         }
     }

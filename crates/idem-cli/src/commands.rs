@@ -427,7 +427,9 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
         }
         tokio::spawn(async move {
             wait_for_signal().await;
-            eprintln!("idem: stopping: finishing in-flight steps and releasing leases (signal again to force)");
+            tracing::info!(
+                "stopping: finishing in-flight steps and releasing leases (signal again to force)"
+            );
             stopper.stop();
             wait_for_signal().await;
             std::process::exit(i32::from(EXIT_INTERRUPTED));
@@ -537,13 +539,13 @@ async fn progress_log(p: Arc<idem_worker::Progress>) {
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(30)).await;
         let bytes = p.bytes.load(Relaxed);
-        eprintln!(
-            "idem: {} finalized, {} duplicate, {} failed, {} retried, {} in flight; {} at {}/s",
-            p.finalized.load(Relaxed),
-            p.duplicates.load(Relaxed),
-            p.failed.load(Relaxed),
-            p.retried.load(Relaxed),
-            p.in_flight.load(Relaxed),
+        tracing::info!(
+            finalized = p.finalized.load(Relaxed),
+            duplicate = p.duplicates.load(Relaxed),
+            failed = p.failed.load(Relaxed),
+            retried = p.retried.load(Relaxed),
+            in_flight = p.in_flight.load(Relaxed),
+            "progress: {} at {}/s",
             human_bytes(bytes),
             human_bytes((bytes as f64 / started.elapsed().as_secs_f64().max(0.001)) as u64)
         );

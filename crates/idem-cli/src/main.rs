@@ -1,6 +1,8 @@
 //! `idem`: the operator's CLI. Parses raw arguments, validates them into a
 //! config, then builds the store, HTTP client and engine.
 //!
+//! Logs go to stderr through `tracing` (`IDEM_LOG` sets the level).
+//!
 //! Exit codes: 0 ok; 1 error; 2 usage; 3 finished, but some jobs failed (or
 //! some input lines were rejected, or `verify` found a problem); 4 an SLO is
 //! breached; 130 interrupted.
@@ -356,7 +358,24 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is not a size (use bytes, or a number with K, M, G or T)"))
 }
 
+/// Logs (progress lines, warnings from the engine) go to stderr through
+/// `tracing`; `IDEM_LOG` sets the level (error, warn, info, debug, trace;
+/// default info).
+fn init_logs() {
+    let level = std::env::var("IDEM_LOG")
+        .ok()
+        .and_then(|v| v.parse::<tracing::Level>().ok())
+        .unwrap_or(tracing::Level::INFO);
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .with_target(false)
+        .with_ansi(false)
+        .try_init();
+}
+
 fn main() -> ExitCode {
+    init_logs();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -97,7 +97,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 }
             }
             Err(Abort::Store(e)) => {
-                eprintln!("idem: job {key}: ledger error, leaving it for its lease to expire: {e}");
+                tracing::warn!(job = %key, error = %e, "ledger error; the job is left for its lease to expire");
             }
         }
         self.progress.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -997,10 +997,11 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         let (blob, then) = match published {
             Ok(Published::New(blob)) => (blob.clone(), Command::Finalize { epoch, blob }),
             Ok(Published::Replaced(blob, aside)) => {
-                eprintln!(
-                    "idem: {} held other bytes than its name says; moved to {} and replaced by job {key}'s verified content",
-                    blob.path,
-                    aside.display()
+                tracing::warn!(
+                    blob = %blob.path,
+                    moved_to = %aside.display(),
+                    job = %key,
+                    "a file at a blob's address held other bytes than its name says; moved aside and replaced by the job's verified content"
                 );
                 self.emit(&[EventKind::CrashRecovery {
                     kind: "blob_replaced".into(),
@@ -1502,7 +1503,7 @@ pub(crate) fn prepare_part(
             // A link or other non-file at a part's name was not made by
             // idem: its name goes (never what it points to).
             Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
-                eprintln!("idem: removing {}: {e}", p.display());
+                tracing::warn!(path = %p.display(), error = %e, "removing a part idem did not make");
                 files::remove_part(&p);
                 primary_held |= p == primary && p.symlink_metadata().is_ok();
                 continue;

@@ -400,7 +400,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         loop {
             while let Some(r) = tasks.try_join_next() {
                 if let Err(e) = r {
-                    eprintln!("idem: a job task failed: {e}");
+                    tracing::error!(error = %e, "a job task failed");
                 }
             }
             if self.stopping() {
@@ -412,7 +412,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 if reconciled.elapsed() >= Duration::from_millis(every) {
                     reconciled = tokio::time::Instant::now();
                     if let Err(e) = self.reconcile(&ReconcileOptions::default()).await {
-                        eprintln!("idem: reconcile: {e}");
+                        tracing::warn!(error = %e, "reconcile failed; the next one retries");
                     }
                 }
             }
@@ -478,14 +478,14 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 _ = self.stop_notify.notified() => {}
                 Some(r) = tasks.join_next(), if !tasks.is_empty() => {
                     if let Err(e) = r {
-                        eprintln!("idem: a job task failed: {e}");
+                        tracing::error!(error = %e, "a job task failed");
                     }
                 }
             }
         }
         while let Some(r) = tasks.join_next().await {
             if let Err(e) = r {
-                eprintln!("idem: a job task failed: {e}");
+                tracing::error!(error = %e, "a job task failed");
             }
         }
         let p = &self.progress;
