@@ -318,10 +318,12 @@ fn heal_with_op<S: Store + ?Sized>(
     let steps = vec![
         Step::Apply {
             key,
+            // Isolated: a suspect is healed too (nothing runs here that
+            // could die).
             cmd: Command::Acquire {
                 owner: owner.clone(),
                 ttl_ms: 60_000,
-                isolated: false,
+                isolated: true,
             },
         },
         Step::BeginOp { op, owner },
