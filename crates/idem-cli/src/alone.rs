@@ -50,7 +50,9 @@ fn signal_name(status: std::process::ExitStatus) -> String {
     match status.signal() {
         Some(6) => "SIGABRT".into(),
         Some(7) => "SIGBUS".into(),
+        Some(2) => "SIGINT".into(),
         Some(9) => "SIGKILL".into(),
+        Some(15) => "SIGTERM".into(),
         Some(11) => "SIGSEGV".into(),
         Some(n) => format!("signal {n}"),
         None => "an unknown signal".into(),

@@ -46,10 +46,23 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         let ended = tokio::task::spawn_blocking(move || iso.run_alone(&key, epoch, &who)).await;
         let cmd = match ended {
             Ok(Ok(ChildEnd::Exited(0))) => None,
+            // Stopped with this worker (a Ctrl-C or a service stop reaches
+            // the child too), or asked to stop: not the job's doing.
+            Ok(Ok(ChildEnd::Killed(signal)))
+                if self.stopping() || signal == "SIGTERM" || signal == "SIGINT" =>
+            {
+                Some(Command::Release { owner, epoch })
+            }
             Ok(Ok(ChildEnd::Killed(signal))) => Some(Command::ChildDied {
                 owner,
                 epoch,
                 detail: format!("killed by {signal}"),
+            }),
+            // A panic (Rust exits 101 from one) is the job's doing too.
+            Ok(Ok(ChildEnd::Exited(101))) => Some(Command::ChildDied {
+                owner,
+                epoch,
+                detail: "panicked".into(),
             }),
             // It could not run, or gave up without finishing: the lease goes
             // back, and nothing is held against the job.
