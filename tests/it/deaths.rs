@@ -135,15 +135,18 @@ fn graceful_stops_spend_no_attempts() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
+        // This process holds the job (its signal handler is in place by
+        // then) and is streaming it.
+        let me = format!("/{}/", child.id());
         let deadline = Instant::now() + Duration::from_secs(20);
-        while crate::support::leftovers(&env.out)
-            .iter()
-            .all(|f| !f.ends_with(".part"))
+        while !env.show("w/long")["lease"]["owner"]
+            .as_str()
+            .is_some_and(|o| o.contains(&me))
             && Instant::now() < deadline
         {
             std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(150));
+        std::thread::sleep(Duration::from_millis(200));
         crate::crash::signal(child.id(), "-TERM");
         let out = child.wait_with_output().unwrap();
         assert_eq!(out.status.code(), Some(130), "stop {stop}");
