@@ -125,3 +125,70 @@ fn the_host_budget_holds_across_processes() {
     let n = slow_before_last_fast(&finish_order(&events), &is_fast);
     assert!(n <= 2, "{n} slow jobs finished before the fast host's last");
 }
+
+/// A host that answers 429 with `Retry-After` cools down for every worker,
+/// not only for the job it answered: its other jobs wait until then, and
+/// `idem status` says so.
+#[test]
+fn a_throttling_host_cools_down_for_everyone() {
+    let env = Env::new();
+    let o = Origin::start([]).unwrap();
+    let mut lines = Vec::new();
+    for i in 0..4 {
+        o.put(&format!("t{i}.pdf"), content(300 + i, 2000));
+        let path = if i == 0 {
+            format!("/status/429/t{i}.pdf?fail=1&retry_after=3")
+        } else {
+            format!("/f/t{i}.pdf")
+        };
+        lines.push(job("w", &format!("t{i}"), &o.url(&path)));
+    }
+    env.plan(&lines);
+    let events = env.path("events.jsonl");
+    let child = env
+        .run_cmd()
+        .args(["--concurrency", "4", "--per-host", "1", "--events"])
+        .arg(&events)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen_cooling = false;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !seen_cooling && std::time::Instant::now() < deadline {
+        let st = crate::support::json_of(&env.idem().args(["status", "--json"]).output().unwrap());
+        seen_cooling = st["hosts"]
+            .as_array()
+            .is_some_and(|hs| hs.iter().any(|h| h["cooling_down_until"].is_number()));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        seen_cooling,
+        "idem status never showed the host cooling down"
+    );
+    assert_eq!(count(&env.status(), "finalized"), 4);
+    let all: Vec<serde_json::Value> = std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let key = |a: &str| job_key_of("w", a).to_hex();
+    let throttled_at = all
+        .iter()
+        .find(|e| e["event"] == "retry_scheduled" && e["job_key"] == key("t0"))
+        .and_then(|e| e["timestamp"].as_i64())
+        .expect("t0 was told to retry");
+    for a in ["t1", "t2", "t3"] {
+        let leased = all
+            .iter()
+            .find(|e| e["event"] == "job_leased" && e["job_key"] == key(a))
+            .and_then(|e| e["timestamp"].as_i64())
+            .expect("leased");
+        assert!(
+            leased >= throttled_at + 2500,
+            "{a} leased {} ms after the host asked for 3 s",
+            leased - throttled_at
+        );
+    }
+}

@@ -631,10 +631,14 @@ pub(crate) fn status(g: &Global, json: bool) -> anyhow::Result<u8> {
     } else {
         print_status_text(&st);
         if !hosts.is_empty() {
-            outln!("busiest hosts:           in flight      due  unfinished");
+            outln!("busiest hosts:           in flight      due  unfinished  cooling down");
+            let now = now();
             for h in &hosts {
+                let cooling = h.cooling_down_until.map_or_else(String::new, |t| {
+                    format!("{:.0} s more", t.millis_since(now) as f64 / 1000.0)
+                });
                 outln!(
-                    "  {:<24} {:>9} {:>8} {:>11}",
+                    "  {:<24} {:>9} {:>8} {:>11}  {cooling}",
                     escaped(&h.host),
                     h.in_flight,
                     h.due,

@@ -84,6 +84,19 @@ pub fn pick_by_host_room<T, E>(
     Ok(picked)
 }
 
+/// Longest a host's own `Retry-After` cools it down for.
+pub const MAX_COOLDOWN_MS: u64 = 15 * 60 * 1000;
+
+/// When a host that answered with `error` may be asked again, if it asked
+/// to be left alone: a 429 or 503 carrying `Retry-After` (capped at
+/// [`MAX_COOLDOWN_MS`]). The whole fleet holds off that host until then,
+/// not only the job that was told.
+pub fn cooldown_after(error: &crate::JobError, now: crate::Timestamp) -> Option<crate::Timestamp> {
+    let throttled = matches!(error.reason.as_str(), "http_429" | "http_503");
+    let wait = error.retry_after_ms.filter(|_| throttled)?;
+    Some(now.plus_ms(wait.min(MAX_COOLDOWN_MS)))
+}
+
 /// How busy one host is, for `idem status`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HostLoad {
@@ -94,6 +107,9 @@ pub struct HostLoad {
     pub in_flight: u64,
     /// Unfinished jobs in all.
     pub unfinished: u64,
+    /// Until when the host asked to be left alone, if that is still ahead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cooling_down_until: Option<crate::Timestamp>,
 }
 
 /// Rows a store reads at a time, per lease call for `limit` jobs, before it

@@ -29,6 +29,8 @@ struct Inner {
     host_ranks: std::collections::HashMap<String, u64>,
     /// Plan order, which breaks ties in the lease order.
     planned_seq: BTreeMap<JobKey, u64>,
+    /// Hosts cooling down, and until when.
+    cooldowns: std::collections::HashMap<String, Timestamp>,
 }
 
 /// An in-memory store. See the module docs.
@@ -197,6 +199,10 @@ impl MemStore {
         // A suspect runs alone: one per isolated lease.
         let limit = if req.isolated { 1 } else { req.limit };
         let live_on = |host: &str| {
+            // A host cooling down is as good as full.
+            if g.cooldowns.get(host).is_some_and(|t| *t > now) {
+                return Ok(usize::MAX);
+            }
             Ok::<_, StoreError>(
                 g.jobs
                     .values()
@@ -290,6 +296,10 @@ impl MemStore {
                     events.extend(a.events);
                     out.push(StepOutput::Leased(a.value));
                 }
+                Step::HostCooldown { host, until } => {
+                    let e = g.cooldowns.entry(host).or_insert(until);
+                    *e = (*e).max(until);
+                }
             }
         }
         Ok(Applied { value: out, events })
@@ -314,6 +324,7 @@ impl Store for MemStore {
             replays: g.replays,
             host_ranks: g.host_ranks.clone(),
             planned_seq: g.planned_seq.clone(),
+            cooldowns: g.cooldowns.clone(),
         };
         let r = Self::steps_in(&mut copy, steps, now);
         match &r {
@@ -490,11 +501,13 @@ impl Store for MemStore {
         let mut by_host: BTreeMap<String, crate::HostLoad> = BTreeMap::new();
         for j in g.jobs.values().filter(|j| !j.state.is_terminal()) {
             let host = j.spec.url.host();
+            let cooling = g.cooldowns.get(&host).copied().filter(|t| *t > now);
             let e = by_host.entry(host.clone()).or_insert(crate::HostLoad {
                 host,
                 due: 0,
                 in_flight: 0,
                 unfinished: 0,
+                cooling_down_until: cooling,
             });
             e.unfinished += 1;
             if j.lease.as_ref().is_some_and(|l| l.is_live(now)) {

@@ -181,6 +181,13 @@ pub enum Step {
     /// applies). A worker finishing one job takes its next in the same
     /// write, after the steps before it.
     Lease(LeaseRequest),
+    /// `host` asked to be left alone until `until` (a 429 or 503 with
+    /// `Retry-After`, see [`crate::hosts::cooldown_after`]): no lease takes
+    /// its jobs before then, whoever asks. A later `until` wins.
+    HostCooldown {
+        host: String,
+        until: Timestamp,
+    },
 }
 
 /// What a step returned: the job after it, an op decision, or the jobs a

@@ -47,6 +47,7 @@ macro_rules! conformance_tests {
             suspects_are_leased_only_alone_and_poison_fails_them,
             leases_interleave_hosts_within_their_budget,
             a_full_hosts_long_queue_does_not_hide_the_others,
+            a_host_cooling_down_is_not_leased,
             status_counts_are_exact,
             scan_pages_through_every_job,
             finalized_by_url_finds_only_finalized,
@@ -922,6 +923,45 @@ pub fn a_full_hosts_long_queue_does_not_hide_the_others(s: &dyn Store) {
         fast_done += 1;
     }
     assert_eq!(fast_done, 300);
+}
+
+pub fn a_host_cooling_down_is_not_leased(s: &dyn Store) {
+    let specs: Vec<JobSpec> = ["busy", "calm"]
+        .iter()
+        .map(|h| JobSpec::new("w", h, &format!("https://{h}.example/x"), None, None).unwrap())
+        .collect();
+    s.plan(&specs, 3, t(0)).unwrap();
+    let cool = |until| {
+        s.run_steps(
+            vec![idem_core::ports::Step::HostCooldown {
+                host: "busy.example".into(),
+                until,
+            }],
+            t(1),
+            idem_core::Commit::Durable,
+        )
+        .unwrap();
+    };
+    cool(t(30));
+    cool(t(20)); // an earlier end does not shorten it
+    let req = LeaseRequest {
+        owner: w("w"),
+        limit: 5,
+        ttl_ms: 60_000,
+        dead_owners: vec![],
+        commit: idem_core::Commit::Durable,
+        isolated: false,
+        per_host: Some(2),
+    };
+    let got = s.lease(&req, t(25)).unwrap().value;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].spec.artifact_id, "calm");
+    let hosts = s.busiest_hosts(t(25), 5).unwrap();
+    let busy = hosts.iter().find(|h| h.host == "busy.example").unwrap();
+    assert_eq!(busy.cooling_down_until, Some(t(30)));
+    let got = s.lease(&req, t(30)).unwrap().value;
+    assert_eq!(got.len(), 1, "cooled down at its time");
+    assert_eq!(got[0].spec.artifact_id, "busy");
 }
 
 pub fn status_counts_are_exact(s: &dyn Store) {

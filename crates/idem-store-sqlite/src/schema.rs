@@ -25,7 +25,7 @@ const CACHE_KIB: u32 = 16 * 1024;
 /// `PRAGMA application_id` of an idem ledger: "idem" in ASCII.
 pub(crate) const APPLICATION_ID: i64 = 0x6964_656d;
 /// The schema version this build writes.
-pub(crate) const LATEST: i64 = 4;
+pub(crate) const LATEST: i64 = 5;
 
 /// Forward-only migrations; entry `i` takes version `i` to `i + 1`.
 ///
@@ -140,6 +140,11 @@ CREATE TABLE hosts (
 ) STRICT, WITHOUT ROWID;
 CREATE INDEX jobs_rank_due ON jobs (host_rank, due_at) WHERE due_at IS NOT NULL;
 CREATE INDEX jobs_host_lease ON jobs (host, lease_expires_at) WHERE lease_owner IS NOT NULL;
+",
+    r"
+-- v5: a host that answers 429 or 503 with Retry-After cools down for every
+-- worker: no lease takes its jobs before cooldown_until.
+ALTER TABLE hosts ADD COLUMN cooldown_until INTEGER;
 ",
 ];
 
@@ -849,9 +854,11 @@ pub(crate) fn lease(
         let mut ids: Vec<i64> = Vec::new();
         let mut left_out: Vec<String> = Vec::new();
         let window = hosts::scan_for(req.limit);
+        // Live leases on a host; a host cooling down counts as full.
         let mut live = c
             .prepare_cached(
-                "SELECT count(*) FROM jobs INDEXED BY jobs_host_lease WHERE host = ?1 AND lease_owner IS NOT NULL AND lease_expires_at > ?2",
+                "SELECT CASE WHEN coalesce((SELECT cooldown_until FROM hosts WHERE host = ?1), 0) > ?2 THEN -1 \
+                 ELSE (SELECT count(*) FROM jobs INDEXED BY jobs_host_lease WHERE host = ?1 AND lease_owner IS NOT NULL AND lease_expires_at > ?2) END",
             )
             .map_err(map_err)?;
         let mut scan = c
@@ -877,7 +884,7 @@ pub(crate) fn lease(
                 &mut room,
                 |host| {
                     live.query_row(params![host, now.as_millis()], |r| r.get::<_, i64>(0))
-                        .map(|n| usize::try_from(n).unwrap_or(0))
+                        .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
                         .map_err(map_err)
                 },
             )?;
@@ -1420,11 +1427,14 @@ pub(crate) fn busiest_hosts(
 ) -> Result<Vec<idem_core::HostLoad>, StoreError> {
     let mut st = c
         .prepare_cached(
-            "SELECT host, \
+            "SELECT j.host, j.in_flight, j.due, j.unfinished, \
+               (SELECT cooldown_until FROM hosts h WHERE h.host = j.host AND h.cooldown_until > ?1) \
+             FROM (SELECT host, \
                coalesce(sum(lease_owner IS NOT NULL AND lease_expires_at > ?1), 0) AS in_flight, \
                coalesce(sum(due_at <= ?1), 0) AS due, count(*) AS unfinished \
              FROM jobs WHERE due_at IS NOT NULL OR suspect_due_at IS NOT NULL \
-             GROUP BY host ORDER BY in_flight DESC, due DESC, unfinished DESC, host LIMIT ?2",
+             GROUP BY host ORDER BY in_flight DESC, due DESC, unfinished DESC, host LIMIT ?2) j \
+             ORDER BY j.in_flight DESC, j.due DESC, j.unfinished DESC, j.host",
         )
         .map_err(map_err)?;
     let n = |v: i64| u64::try_from(v).unwrap_or(0);
@@ -1435,6 +1445,7 @@ pub(crate) fn busiest_hosts(
                 in_flight: n(r.get(1)?),
                 due: n(r.get(2)?),
                 unfinished: n(r.get(3)?),
+                cooling_down_until: r.get::<_, Option<i64>>(4)?.map(Timestamp::from_millis),
             })
         })
         .map_err(map_err)?;
@@ -1685,6 +1696,14 @@ fn run_segment(
             }
             Step::Lease(_) => {
                 return Err(StoreError::Backend("a lease step inside a segment".into()))
+            }
+            Step::HostCooldown { host, until } => {
+                c.prepare_cached(
+                    "INSERT INTO hosts (host, planned, cooldown_until) VALUES (?1, 0, ?2) \
+                     ON CONFLICT (host) DO UPDATE SET cooldown_until = max(coalesce(cooldown_until, 0), excluded.cooldown_until)",
+                )
+                .and_then(|mut st| st.execute(params![host, until.as_millis()]))
+                .map_err(map_err)?;
             }
         }
     }

@@ -213,6 +213,16 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         }
     }
 
+    /// The cooldown a failure asks of the job's host (a 429 or 503 with
+    /// `Retry-After`), as a step of the commit that records the failure:
+    /// every worker then holds off that host, not only this job.
+    pub(crate) fn cooldown_step(&self, job: &Job, error: &JobError) -> Option<Step> {
+        idem_core::hosts::cooldown_after(error, self.now()).map(|until| Step::HostCooldown {
+            host: job.spec.url.host(),
+            until,
+        })
+    }
+
     /// Blocking: ends the attempt with `error` (retry later, or fail for
     /// good), finishing `op` with it after the steps of `prefix` (what had
     /// not been recorded yet).
@@ -225,6 +235,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         error: JobError,
     ) -> Result<Job, Abort> {
         let then = Some(self.fail_command(job, epoch, &error));
+        prefix.extend(self.cooldown_step(job, &error));
         prefix.push(Step::FinishOp {
             op,
             outcome: Err(error),
@@ -447,12 +458,17 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             Err(e) => {
                 let error = e.to_job_error();
                 let then = Some(self.fail_command(job, epoch, &error));
+                let cooldown = self.cooldown_step(job, &error);
                 let finish = Step::FinishOp {
                     op,
                     outcome: Err(error),
                     then,
                 };
-                (vec![begin, finish], None)
+                let steps = std::iter::once(begin)
+                    .chain(cooldown)
+                    .chain([finish])
+                    .collect();
+                (steps, None)
             }
         };
         let now = self.now();
@@ -610,6 +626,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         let then = Some(self.fail_command(job, epoch, &error));
         let steps = record
             .into_iter()
+            .chain(self.cooldown_step(job, &error))
             .chain([
                 Step::BeginOp {
                     op: sop,
