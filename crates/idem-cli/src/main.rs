@@ -42,7 +42,7 @@ pub const EXIT_INTERRUPTED: u8 = 130;
         Plan downloads into a ledger, run workers (as many processes as you like, \
         killed and restarted at will), and every artifact is fetched, verified and \
         published exactly once into a content-addressed store.\n\n\
-        Typical session:\n  \
+        Typical use:\n  \
         idem plan urls.jsonl        # record what to fetch (re-planning is a no-op)\n  \
         idem run --concurrency 16   # fetch until every job is finished\n  \
         idem status                 # counts by state, leases, failures\n  \
