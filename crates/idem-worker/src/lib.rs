@@ -22,6 +22,7 @@ pub mod files;
 mod hooks;
 mod isolate;
 pub mod owner;
+mod part_writer;
 pub mod reconcile;
 pub mod verify;
 
