@@ -19,6 +19,7 @@ mod commands;
 mod demo;
 mod input;
 mod out;
+mod plan;
 mod sink;
 mod slo;
 
@@ -401,7 +402,7 @@ fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     let g = cli.global;
     match cli.command {
-        Cmd::Plan(a) => commands::plan(&g, &a),
+        Cmd::Plan(a) => plan::plan(&g, &a),
         Cmd::Run(a) => commands::run(&g, &a),
         Cmd::Status(a) => commands::status(&g, a.json),
         Cmd::Show(a) => commands::show(&g, &a),
