@@ -277,6 +277,18 @@ impl Job {
         self.holder_deaths += 1;
     }
 
+    /// When the job may next be leased: the later of its backoff and its
+    /// lease's expiry; `None` once terminal. Leases take jobs in this order
+    /// within a host rank.
+    pub fn due_at(&self) -> Option<Timestamp> {
+        if self.state.is_terminal() {
+            return None;
+        }
+        Some(self.lease.as_ref().map_or(self.next_attempt_at, |l| {
+            l.expires_at.max(self.next_attempt_at)
+        }))
+    }
+
     /// May a worker acquire this job at `now`? Non-terminal, due, and no live
     /// lease. (A suspect is acquired only by an isolated lease.)
     pub fn is_acquirable(&self, now: Timestamp) -> bool {
@@ -959,4 +971,11 @@ fn stamp_age(events: &mut [EventKind], job: &Job, now: Timestamp) {
             }
         }
     }
+}
+
+/// The reason code of a stored `last_error` (`reason: detail`).
+pub fn failure_reason(last_error: Option<&str>) -> String {
+    last_error
+        .and_then(|e| e.split(':').next())
+        .map_or_else(|| "unknown".to_owned(), |r| r.trim().to_owned())
 }

@@ -9,6 +9,7 @@
 
 pub mod digest;
 pub mod event;
+pub mod exec;
 pub mod hosts;
 pub mod job;
 pub mod ledger;
@@ -18,13 +19,16 @@ pub mod ports;
 pub mod retry;
 pub mod spec;
 pub mod time;
+pub mod tx;
 
 pub use digest::Digest32;
 pub use event::{Event, EventKind, EVENT_NAMES};
+pub use exec::{Write, Written};
 pub use hosts::HostLoad;
 pub use job::{
-    transition, BlobInfo, Command, Epoch, ErrorClass, HeadInfo, Job, JobError, JobState, Lease,
-    Transition, TransitionError, WorkerId, POISON_AFTER_ISOLATED_DEATHS, SUSPECT_AFTER_DEATHS,
+    failure_reason, transition, BlobInfo, Command, Epoch, ErrorClass, HeadInfo, Job, JobError,
+    JobState, Lease, Transition, TransitionError, WorkerId, POISON_AFTER_ISOLATED_DEATHS,
+    SUSPECT_AFTER_DEATHS,
 };
 pub use ledger::{OpDecision, OpKey, OpKind, OpRecord, OpResult, OpStatus, StreamInfo};
 pub use mem::MemStore;
@@ -38,6 +42,7 @@ pub use spec::{
     job_key_of, redact_text, redact_url, CanonicalUrl, Fingerprint, JobKey, JobSpec, SpecError,
 };
 pub use time::{Clock, ManualClock, Timestamp};
+pub use tx::{Counter, Tx};
 
 #[cfg(test)]
 mod tests;

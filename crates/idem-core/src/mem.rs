@@ -1,36 +1,34 @@
 //! `MemStore`: the reference implementation of the [`Store`] port, in memory.
 //!
 //! It defines what every store must do in the simplest possible terms (a
-//! mutex around two maps, every call applying the core's pure decisions), so
-//! the conformance suite can be checked against it, and scenarios and
-//! simulations can run without a database. Not durable, by design.
+//! mutex around a few maps, each transaction run on a copy that replaces
+//! them only if every step passed), so the conformance suite can be checked
+//! against it, and scenarios and simulations can run without a database.
+//! Not durable, by design.
 
-use crate::event::{Event, EventKind};
-use crate::job::{transition, Command, Job, JobError, JobState, TransitionError, WorkerId};
-use crate::ledger::{self, OpDecision, OpKey, OpRecord, OpResult, OpStatus};
-use crate::plan::{self, PlanOutcome};
-use crate::ports::{
-    Applied, Commit, LeaseRequest, StatusCounts, Step, StepOutput, Store, StoreError,
-};
-use crate::spec::{JobKey, JobSpec};
+use crate::exec::{self, Write, Written};
+use crate::job::{Epoch, Job, JobState, WorkerId};
+use crate::ledger::{self, OpKey, OpRecord, OpStatus};
+use crate::ports::{Applied, Commit, StatusCounts, Store, StoreError};
+use crate::spec::{Fingerprint, JobKey};
 use crate::time::Timestamp;
-use std::collections::BTreeMap;
+use crate::tx::{Counter, Tx};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Inner {
     jobs: BTreeMap<JobKey, Job>,
     ops: BTreeMap<OpKey, OpRecord>,
     /// Start order of ops, for `ops()`.
     op_seq: Vec<OpKey>,
-    fenced: u64,
-    replays: u64,
+    counters: HashMap<Counter, u64>,
     /// Jobs planned per host: the next job's host rank.
-    host_ranks: std::collections::HashMap<String, u64>,
+    host_ranks: HashMap<String, u64>,
     /// Plan order, which breaks ties in the lease order.
     planned_seq: BTreeMap<JobKey, u64>,
     /// Hosts cooling down, and until when.
-    cooldowns: std::collections::HashMap<String, Timestamp>,
+    cooldowns: HashMap<String, Timestamp>,
 }
 
 /// An in-memory store. See the module docs.
@@ -51,353 +49,210 @@ impl MemStore {
     }
 }
 
-fn stamp(events: Vec<EventKind>, now: Timestamp) -> Vec<Event> {
-    events.into_iter().map(|e| e.at(now)).collect()
-}
-
-fn refused(job: JobKey, error: TransitionError) -> StoreError {
-    StoreError::Refused { job, error }
-}
-
-/// Checks that `op`'s epoch is the job's live lease, the shared fence of
-/// `begin_op` and `finish_op`.
-pub fn check_op_fence(job: &Job, op: &OpKey) -> Result<(), StoreError> {
-    check_epoch_fence(job.key, job.lease.as_ref().map(|l| l.epoch), op)
-}
-
-/// The fence of an op given only the epoch of the job's current lease
-/// (`None`: not held), for stores that read just that column.
-pub fn check_epoch_fence(
-    job: JobKey,
-    current: Option<crate::job::Epoch>,
-    op: &OpKey,
-) -> Result<(), StoreError> {
-    if current == Some(op.epoch) {
-        return Ok(());
-    }
-    Err(refused(
-        job,
-        TransitionError::Fenced {
-            presented: op.epoch,
-            current: current.map_or_else(|| "none".to_owned(), |e| e.to_string()),
-        },
-    ))
-}
-
-impl MemStore {
-    fn count_fenced<T>(&self, r: &Result<T, StoreError>) {
-        if r.as_ref().is_err_and(StoreError::is_fenced) {
-            self.lock().fenced += 1;
-        }
+impl Inner {
+    fn counter(&self, c: Counter) -> u64 {
+        self.counters.get(&c).copied().unwrap_or(0)
     }
 
-    fn apply_in(
-        g: &mut Inner,
+    fn seq(&self, key: &JobKey) -> u64 {
+        self.planned_seq.get(key).copied().unwrap_or(u64::MAX)
+    }
+}
+
+impl Tx for Inner {
+    fn job(&mut self, key: &JobKey) -> Result<Option<Job>, StoreError> {
+        Ok(self.jobs.get(key).cloned())
+    }
+
+    fn same_fingerprint(
+        &mut self,
         key: &JobKey,
-        cmd: Command,
-        now: Timestamp,
-    ) -> Result<Applied<Job>, StoreError> {
-        let job = g.jobs.get(key).ok_or(StoreError::NotFound(*key))?;
-        let t = transition(job, cmd, now).map_err(|e| refused(*key, e))?;
-        g.jobs.insert(*key, t.job.clone());
-        Ok(Applied {
-            value: t.job,
-            events: stamp(t.events, now),
-        })
+        fingerprint: &Fingerprint,
+    ) -> Result<Option<bool>, StoreError> {
+        Ok(self.jobs.get(key).map(|j| j.fingerprint == *fingerprint))
     }
 
-    fn begin_in(
-        g: &mut Inner,
-        op: &OpKey,
-        owner: &WorkerId,
-        now: Timestamp,
-    ) -> Result<Applied<OpDecision>, StoreError> {
-        let job = g.jobs.get(&op.job).ok_or(StoreError::NotFound(op.job))?;
-        check_op_fence(job, op)?;
-        let existing = g.ops.get(op).cloned();
-        let decision = ledger::begin_op(existing.as_ref());
-        match &decision {
-            OpDecision::Run => {
-                let rec = ledger::started(*op, owner.clone(), existing.as_ref(), now);
-                if existing.is_none() {
-                    g.op_seq.push(*op);
-                }
-                g.ops.insert(*op, rec);
+    fn insert_job(&mut self, job: &Job) -> Result<bool, StoreError> {
+        if self.jobs.contains_key(&job.key) {
+            return Ok(false);
+        }
+        let seq = self.planned_seq.len() as u64;
+        self.planned_seq.insert(job.key, seq);
+        self.jobs.insert(job.key, job.clone());
+        Ok(true)
+    }
+
+    fn update_job(&mut self, old: &Job, new: &Job) -> Result<(), StoreError> {
+        match self.jobs.get(&old.key) {
+            None => Err(StoreError::NotFound(old.key)),
+            Some(j) if j.epoch != old.epoch => Err(StoreError::Conflict(format!(
+                "job {} is at epoch {}, not {}",
+                old.key, j.epoch, old.epoch
+            ))),
+            Some(_) => {
+                self.jobs.insert(new.key, new.clone());
+                Ok(())
             }
-            OpDecision::Replay { .. } => g.replays += 1,
         }
-        let ev = ledger::begin_event(op, &decision);
-        Ok(Applied {
-            value: decision,
-            events: vec![ev.at(now)],
-        })
     }
 
-    fn finish_in(
-        g: &mut Inner,
-        op: &OpKey,
-        outcome: Result<OpResult, JobError>,
-        then: Option<Command>,
+    fn op(&mut self, key: &OpKey) -> Result<Option<OpRecord>, StoreError> {
+        Ok(self.ops.get(key).cloned())
+    }
+
+    fn insert_op(&mut self, rec: &OpRecord) -> Result<bool, StoreError> {
+        if self.ops.contains_key(&rec.key) {
+            return Ok(false);
+        }
+        self.op_seq.push(rec.key);
+        self.ops.insert(rec.key, rec.clone());
+        Ok(true)
+    }
+
+    fn update_op(&mut self, rec: &OpRecord) -> Result<(), StoreError> {
+        match self.ops.get_mut(&rec.key) {
+            Some(r) => {
+                r.clone_from(rec);
+                Ok(())
+            }
+            None => Err(StoreError::OpNotStarted(rec.key.to_string())),
+        }
+    }
+
+    fn abandon_ops_before(
+        &mut self,
+        job: &JobKey,
+        epoch: Epoch,
         now: Timestamp,
-    ) -> Result<Applied<Job>, StoreError> {
-        let job = g
+    ) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for rec in self.ops.values_mut() {
+            if rec.key.job == *job && rec.status == OpStatus::Started && rec.key.epoch < epoch {
+                rec.status = OpStatus::Abandoned;
+                rec.finished_at = Some(now);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn abandon_dead_ops(&mut self, now: Timestamp) -> Result<u64, StoreError> {
+        let live: BTreeMap<JobKey, Option<Epoch>> = self
             .jobs
-            .get(&op.job)
-            .ok_or(StoreError::NotFound(op.job))?
-            .clone();
-        check_op_fence(&job, op)?;
-        let Some(rec) = g.ops.get(op).cloned() else {
-            return Err(StoreError::OpNotStarted(op.to_string()));
-        };
-        if rec.status != OpStatus::Started {
-            return Err(StoreError::OpNotStarted(op.to_string()));
+            .values()
+            .map(|j| {
+                (
+                    j.key,
+                    j.lease.as_ref().filter(|l| l.is_live(now)).map(|l| l.epoch),
+                )
+            })
+            .collect();
+        let mut n = 0;
+        for rec in self.ops.values_mut() {
+            if ledger::is_dead(rec, live.get(&rec.key.job).copied().flatten()) {
+                rec.status = OpStatus::Abandoned;
+                rec.finished_at = Some(now);
+                n += 1;
+            }
         }
-        let t = match then {
-            Some(cmd) => transition(&job, cmd, now).map_err(|e| refused(op.job, e))?,
-            None => crate::job::Transition {
-                job: job.clone(),
-                events: vec![],
-            },
-        };
-        let (rec, completed) = ledger::finished(rec, outcome, now);
-        let mut events = vec![completed];
-        events.extend(t.events);
-        g.ops.insert(*op, rec);
-        g.jobs.insert(op.job, t.job.clone());
-        Ok(Applied {
-            value: t.job,
-            events: stamp(events, now),
-        })
+        Ok(n)
     }
-}
 
-impl MemStore {
-    fn lease_in(
-        g: &mut Inner,
-        req: &LeaseRequest,
+    fn host_planned(&mut self, host: &str) -> Result<u64, StoreError> {
+        Ok(self.host_ranks.get(host).copied().unwrap_or(0))
+    }
+
+    fn set_host_planned(&mut self, host: &str, planned: u64) -> Result<(), StoreError> {
+        self.host_ranks.insert(host.to_owned(), planned);
+        Ok(())
+    }
+
+    fn due(
+        &mut self,
         now: Timestamp,
-    ) -> Result<Applied<Vec<Job>>, StoreError> {
-        let mut candidates: Vec<&Job> = g
+        limit: usize,
+        skip: &[String],
+    ) -> Result<Vec<(JobKey, String)>, StoreError> {
+        let mut due: Vec<(&Job, String)> = self
+            .jobs
+            .values()
+            .filter(|j| !j.is_suspect() && j.is_acquirable(now))
+            .map(|j| (j, j.spec.url.host()))
+            .filter(|(_, h)| !skip.contains(h))
+            .collect();
+        due.sort_by_key(|(j, _)| (j.host_rank, j.due_at(), self.seq(&j.key)));
+        Ok(due
+            .into_iter()
+            .take(limit)
+            .map(|(j, h)| (j.key, h))
+            .collect())
+    }
+
+    fn due_suspect(&mut self, now: Timestamp) -> Result<Option<JobKey>, StoreError> {
+        Ok(self
+            .jobs
+            .values()
+            .filter(|j| j.is_suspect() && j.is_acquirable(now))
+            .min_by_key(|j| (j.due_at(), self.seq(&j.key)))
+            .map(|j| j.key))
+    }
+
+    fn live_on_host(&mut self, host: &str, now: Timestamp) -> Result<usize, StoreError> {
+        Ok(self
+            .jobs
+            .values()
+            .filter(|j| j.lease.as_ref().is_some_and(|l| l.is_live(now)))
+            .filter(|j| j.spec.url.host() == host)
+            .count())
+    }
+
+    fn cooldown(&mut self, host: &str) -> Result<Option<Timestamp>, StoreError> {
+        Ok(self.cooldowns.get(host).copied())
+    }
+
+    fn extend_cooldown(&mut self, host: &str, until: Timestamp) -> Result<(), StoreError> {
+        let e = self.cooldowns.entry(host.to_owned()).or_insert(until);
+        *e = (*e).max(until);
+        Ok(())
+    }
+
+    fn held_by(&mut self, owner: &WorkerId, now: Timestamp) -> Result<Vec<JobKey>, StoreError> {
+        let mut held: Vec<&Job> = self
             .jobs
             .values()
             .filter(|j| {
-                j.is_suspect() == req.isolated
-                    && (j.is_acquirable(now)
-                        || (!j.state.is_terminal()
-                            && j.next_attempt_at <= now
-                            && j.lease
-                                .as_ref()
-                                .is_some_and(|l| req.dead_owners.contains(&l.owner))))
+                !j.state.is_terminal()
+                    && !j.is_suspect()
+                    && j.next_attempt_at <= now
+                    && j.lease.as_ref().is_some_and(|l| l.owner == *owner)
             })
             .collect();
-        let due = |j: &Job| {
-            j.lease
-                .as_ref()
-                .map_or(j.next_attempt_at, |l| l.expires_at.max(j.next_attempt_at))
-        };
-        candidates.sort_by_key(|j| (j.host_rank, due(j), g.planned_seq.get(&j.key).copied()));
-        // A suspect runs alone: one per isolated lease.
-        let limit = if req.isolated { 1 } else { req.limit };
-        let live_on = |host: &str| {
-            // A host cooling down is as good as full.
-            if g.cooldowns.get(host).is_some_and(|t| *t > now) {
-                return Ok(usize::MAX);
-            }
-            Ok::<_, StoreError>(
-                g.jobs
-                    .values()
-                    .filter(|j| j.lease.as_ref().is_some_and(|l| l.is_live(now)))
-                    .filter(|j| {
-                        !j.lease
-                            .as_ref()
-                            .is_some_and(|l| req.dead_owners.contains(&l.owner))
-                    })
-                    .filter(|j| j.spec.url.host() == host)
-                    .count(),
-            )
-        };
-        let keys: Vec<JobKey> = crate::hosts::pick_by_host_room(
-            candidates.iter().map(|j| (j.key, j.spec.url.host())),
-            limit,
-            &mut crate::hosts::HostRoom::new(req.per_host),
-            live_on,
-        )?;
-        let mut leased = Vec::new();
-        let mut events = Vec::new();
-        for key in keys {
-            let mut job = g.jobs[&key].clone();
-            if job.lease.as_ref().is_some_and(|l| l.is_live(now)) {
-                // A dead owner's live lease: expire it now so acquire may proceed.
-                if let Some(l) = job.lease.as_mut() {
-                    l.expires_at = now;
-                }
-            }
-            let t = transition(
-                &job,
-                Command::Acquire {
-                    owner: req.owner.clone(),
-                    ttl_ms: req.ttl_ms,
-                    isolated: req.isolated,
-                },
-                now,
-            )
-            .map_err(|e| refused(key, e))?;
-            events.extend(t.events);
-            if let Some(l) = &t.job.lease {
-                // The previous holders' unfinished ops died with their epochs.
-                let mut n = 0;
-                for rec in g.ops.values_mut() {
-                    if rec.key.job == key
-                        && rec.status == OpStatus::Started
-                        && rec.key.epoch < l.epoch
-                    {
-                        rec.status = OpStatus::Abandoned;
-                        rec.finished_at = Some(now);
-                        n += 1;
-                    }
-                }
-                events.extend(ledger::abandoned_event(Some(key), n));
-                leased.push(t.job.clone());
-            }
-            g.jobs.insert(key, t.job);
-        }
-        Ok(Applied {
-            value: leased,
-            events: stamp(events, now),
-        })
+        held.sort_by_key(|j| self.seq(&j.key));
+        Ok(held.into_iter().map(|j| j.key).collect())
     }
 
-    fn steps_in(
-        g: &mut Inner,
-        steps: Vec<Step>,
-        now: Timestamp,
-    ) -> Result<Applied<Vec<StepOutput>>, StoreError> {
-        let mut out = Vec::with_capacity(steps.len());
-        let mut events = Vec::new();
-        for step in steps {
-            match step {
-                Step::Apply { key, cmd } => {
-                    let a = Self::apply_in(g, &key, cmd, now)?;
-                    events.extend(a.events);
-                    out.push(StepOutput::Job(Box::new(a.value)));
-                }
-                Step::BeginOp { op, owner } => {
-                    let a = Self::begin_in(g, &op, &owner, now)?;
-                    events.extend(a.events);
-                    out.push(StepOutput::Decision(a.value));
-                }
-                Step::FinishOp { op, outcome, then } => {
-                    let a = Self::finish_in(g, &op, outcome, then, now)?;
-                    events.extend(a.events);
-                    out.push(StepOutput::Job(Box::new(a.value)));
-                }
-                Step::Lease(req) => {
-                    let a = Self::lease_in(g, &req, now)?;
-                    events.extend(a.events);
-                    out.push(StepOutput::Leased(a.value));
-                }
-                Step::HostCooldown { host, until } => {
-                    let e = g.cooldowns.entry(host).or_insert(until);
-                    *e = (*e).max(until);
-                }
-            }
-        }
-        Ok(Applied { value: out, events })
+    fn bump(&mut self, counter: Counter, _job: &JobKey) -> Result<(), StoreError> {
+        *self.counters.entry(counter).or_default() += 1;
+        Ok(())
     }
 }
 
 impl Store for MemStore {
-    fn run_steps(
+    fn transact(
         &self,
-        steps: Vec<Step>,
+        write: Write<'_>,
         now: Timestamp,
         _commit: Commit,
-    ) -> Result<Applied<Vec<StepOutput>>, StoreError> {
+    ) -> Result<Applied<Written>, StoreError> {
         // Memory has no stable storage: every commit is as durable as any.
         let mut g = self.lock();
-        // All or nothing: work on a copy, keep it only if every step passed.
-        let mut copy = Inner {
-            jobs: g.jobs.clone(),
-            ops: g.ops.clone(),
-            op_seq: g.op_seq.clone(),
-            fenced: g.fenced,
-            replays: g.replays,
-            host_ranks: g.host_ranks.clone(),
-            planned_seq: g.planned_seq.clone(),
-            cooldowns: g.cooldowns.clone(),
-        };
-        let r = Self::steps_in(&mut copy, steps, now);
+        // All or nothing: work on a copy, keep it only if the write passed.
+        let mut copy = g.clone();
+        let r = exec::run(&mut copy, write, now);
         match &r {
             Ok(_) => *g = copy,
-            Err(e) if e.is_fenced() => g.fenced += 1,
-            Err(_) => {}
+            Err(e) => exec::count_refusal(&mut *g, e)?,
         }
-        r
-    }
-
-    fn plan(
-        &self,
-        specs: &[JobSpec],
-        max_attempts: u32,
-        now: Timestamp,
-    ) -> Result<Applied<Vec<PlanOutcome>>, StoreError> {
-        let mut g = self.lock();
-        let mut out = Vec::with_capacity(specs.len());
-        let mut events = Vec::new();
-        for spec in specs {
-            let (o, job, ev) = plan::decide(g.jobs.get(&spec.key()), spec, max_attempts, now);
-            if let Some(mut job) = job {
-                let next = g.host_ranks.entry(spec.url.host()).or_default();
-                job.host_rank = *next;
-                *next += 1;
-                let seq = g.planned_seq.len() as u64;
-                g.planned_seq.insert(job.key, seq);
-                g.jobs.insert(job.key, job);
-            }
-            events.extend(ev);
-            out.push(o);
-        }
-        Ok(Applied {
-            value: out,
-            events: stamp(events, now),
-        })
-    }
-
-    fn lease(&self, req: &LeaseRequest, now: Timestamp) -> Result<Applied<Vec<Job>>, StoreError> {
-        Self::lease_in(&mut self.lock(), req, now)
-    }
-
-    fn apply(
-        &self,
-        key: &JobKey,
-        cmd: Command,
-        now: Timestamp,
-    ) -> Result<Applied<Job>, StoreError> {
-        let r = Self::apply_in(&mut self.lock(), key, cmd, now);
-        self.count_fenced(&r);
-        r
-    }
-
-    fn begin_op(
-        &self,
-        op: &OpKey,
-        owner: &WorkerId,
-        now: Timestamp,
-    ) -> Result<Applied<OpDecision>, StoreError> {
-        let r = Self::begin_in(&mut self.lock(), op, owner, now);
-        self.count_fenced(&r);
-        r
-    }
-
-    fn finish_op(
-        &self,
-        op: &OpKey,
-        outcome: Result<OpResult, JobError>,
-        then: Option<Command>,
-        now: Timestamp,
-    ) -> Result<Applied<Job>, StoreError> {
-        let r = Self::finish_in(&mut self.lock(), op, outcome, then, now);
-        self.count_fenced(&r);
         r
     }
 
@@ -465,33 +320,6 @@ impl Store for MemStore {
         Ok(set.into_iter().collect())
     }
 
-    fn abandon_dead_ops(&self, now: Timestamp) -> Result<Applied<u64>, StoreError> {
-        let mut g = self.lock();
-        let live: BTreeMap<JobKey, Option<crate::job::Epoch>> = g
-            .jobs
-            .values()
-            .map(|j| {
-                (
-                    j.key,
-                    j.lease.as_ref().filter(|l| l.is_live(now)).map(|l| l.epoch),
-                )
-            })
-            .collect();
-        let mut n = 0;
-        for rec in g.ops.values_mut() {
-            if ledger::is_dead(rec, live.get(&rec.key.job).copied().flatten()) {
-                rec.status = OpStatus::Abandoned;
-                rec.finished_at = Some(now);
-                n += 1;
-            }
-        }
-        let events = ledger::abandoned_event(None, n)
-            .map(|e| e.at(now))
-            .into_iter()
-            .collect();
-        Ok(Applied { value: n, events })
-    }
-
     fn busiest_hosts(
         &self,
         now: Timestamp,
@@ -532,9 +360,9 @@ impl Store for MemStore {
     fn status(&self, now: Timestamp) -> Result<StatusCounts, StoreError> {
         let g = self.lock();
         let mut c = StatusCounts {
-            fenced_writes: g.fenced,
-            replays: g.replays,
-            ops_started: g.ops.values().map(|o| u64::from(o.runs)).sum(),
+            fenced_writes: g.counter(Counter::FencedWrites),
+            replays: g.counter(Counter::Replays),
+            ops_started: g.ops.len() as u64 + g.counter(Counter::OpRestarts),
             ..StatusCounts::default()
         };
         for s in JobState::ALL {
@@ -560,17 +388,10 @@ impl Store for MemStore {
                 c.oldest_due_age_ms = Some(c.oldest_due_age_ms.map_or(age, |a: u64| a.max(age)));
             }
             if j.state == JobState::Failed {
-                let reason = failure_reason(j.last_error.as_deref());
+                let reason = crate::job::failure_reason(j.last_error.as_deref());
                 *c.failures_by_reason.entry(reason).or_default() += 1;
             }
         }
         Ok(c)
     }
-}
-
-/// The reason code of a stored `last_error` (`reason: detail`).
-pub fn failure_reason(last_error: Option<&str>) -> String {
-    last_error
-        .and_then(|e| e.split(':').next())
-        .map_or_else(|| "unknown".to_owned(), |r| r.trim().to_owned())
 }

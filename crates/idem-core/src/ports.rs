@@ -10,6 +10,7 @@
 //! single transaction.
 
 use crate::event::Event;
+use crate::exec::{Write, Written};
 use crate::job::{Command, HeadInfo, Job, JobError, JobState, TransitionError, WorkerId};
 use crate::ledger::{OpDecision, OpKey, OpRecord, OpResult};
 use crate::plan::PlanOutcome;
@@ -48,6 +49,11 @@ pub enum StoreError {
     /// Contention outlasted the busy timeout; safe to retry.
     #[error("store busy: {0}")]
     Busy(String),
+    /// The write lost a race with another writer (a row changed since it
+    /// was read, a serialization failure, a deadlock) and was not applied;
+    /// running it again decides again on the rows as they are then.
+    #[error("write conflict: {0}")]
+    Conflict(String),
     #[error("store is read-only: {0}")]
     ReadOnly(String),
     #[error("disk full: {0}")]
@@ -62,7 +68,7 @@ pub enum StoreError {
 impl StoreError {
     /// Would the same call succeed later without anyone intervening?
     pub const fn is_transient(&self) -> bool {
-        matches!(self, Self::Busy(_))
+        matches!(self, Self::Busy(_) | Self::Conflict(_))
     }
 
     /// Was this a stale-epoch write?
@@ -97,7 +103,9 @@ pub struct StatusCounts {
     pub failures_by_reason: BTreeMap<String, u64>,
     /// Stale-epoch writes refused so far.
     pub fenced_writes: u64,
-    /// Operations run (every start, restarts included).
+    /// Op starts: every op begun to run (one begun and finished in one
+    /// write included), and every start again of an op under the same key
+    /// (a failed or abandoned op run again); replays are not starts.
     pub ops_started: u64,
     /// Committed operations answered from the ledger instead of run.
     pub replays: u64,
@@ -177,9 +185,9 @@ pub enum Step {
         outcome: Result<OpResult, JobError>,
         then: Option<Command>,
     },
-    /// Leases as [`Store::lease`] does (its `commit` is ignored: the call's
-    /// applies). A worker finishing one job takes its next in the same
-    /// write, after the steps before it.
+    /// Leases as [`Store::lease`] does. A worker finishing one job takes
+    /// its next in the same write, after the steps before it; a durable
+    /// lease request makes the whole write durable.
     Lease(LeaseRequest),
     /// `host` asked to be left alone until `until` (a 429 or 503 with
     /// `Retry-After`, see [`crate::hosts::cooldown_after`]): no lease takes
@@ -199,18 +207,70 @@ pub enum StepOutput {
     Leased(Vec<Job>),
 }
 
+/// How many times a write that lost a race ([`StoreError::Conflict`]) is
+/// run again before the conflict is returned.
+pub const CONFLICT_RETRIES: u32 = 8;
+
 /// The store port.
+///
+/// A store implements [`Store::transact`] by running
+/// [`crate::exec::run`] in one transaction of its own (with the isolation
+/// [`crate::tx`] states), plus the reads; every write method is provided
+/// here, on top of `transact`, so the ledger's decisions exist once.
 pub trait Store: Send + Sync {
+    /// Runs `write` in one transaction: calls [`crate::exec::run`] with
+    /// the store's [`crate::tx::Tx`], commits as `commit` says, and on an
+    /// error rolls back and counts the refusal
+    /// ([`crate::exec::count_refusal`]). The ledger is unchanged by a
+    /// failed call.
+    fn transact(
+        &self,
+        write: Write<'_>,
+        now: Timestamp,
+        commit: Commit,
+    ) -> Result<Applied<Written>, StoreError>;
+
+    /// [`Store::transact`], run again while it loses races, up to
+    /// [`CONFLICT_RETRIES`] times.
+    fn write(
+        &self,
+        write: Write<'_>,
+        now: Timestamp,
+        commit: Commit,
+    ) -> Result<Applied<Written>, StoreError> {
+        let mut tries = 0;
+        loop {
+            match self.transact(write, now, commit) {
+                Err(StoreError::Conflict(_)) if tries < CONFLICT_RETRIES => tries += 1,
+                r => return r,
+            }
+        }
+    }
+
     /// Runs several steps (as `apply`, `begin_op`, `finish_op` would) in
     /// one transaction: all of them, in order, or none. The engine uses it
     /// to commit an op's result, the next transition and the next op's start
-    /// with one write, durable or deferred as `commit` says.
+    /// with one write, durable or deferred as `commit` says (durable if a
+    /// lease step among them asks for it).
     fn run_steps(
         &self,
         steps: Vec<Step>,
         now: Timestamp,
         commit: Commit,
-    ) -> Result<Applied<Vec<StepOutput>>, StoreError>;
+    ) -> Result<Applied<Vec<StepOutput>>, StoreError> {
+        let durable = steps
+            .iter()
+            .any(|s| matches!(s, Step::Lease(r) if r.commit == Commit::Durable));
+        let commit = if durable { Commit::Durable } else { commit };
+        let a = self.write(Write::Steps(&steps), now, commit)?;
+        match a.value {
+            Written::Steps(out) => Ok(Applied {
+                value: out,
+                events: a.events,
+            }),
+            _ => Err(wrong_reply()),
+        }
+    }
 
     /// Plans a batch in one transaction. `max_attempts` is stored on new jobs.
     fn plan(
@@ -218,16 +278,46 @@ pub trait Store: Send + Sync {
         specs: &[JobSpec],
         max_attempts: u32,
         now: Timestamp,
-    ) -> Result<Applied<Vec<PlanOutcome>>, StoreError>;
+    ) -> Result<Applied<Vec<PlanOutcome>>, StoreError> {
+        let write = Write::Plan {
+            specs,
+            max_attempts,
+        };
+        let a = self.write(write, now, Commit::Durable)?;
+        match a.value {
+            Written::Plan(out) => Ok(Applied {
+                value: out,
+                events: a.events,
+            }),
+            _ => Err(wrong_reply()),
+        }
+    }
 
     /// Leases up to `limit` acquirable jobs (planned and due, or an expired
     /// lease in any non-terminal state), in (host rank, due time) order and
-    /// within the host budget ([`crate::hosts`]), in one transaction.
-    fn lease(&self, req: &LeaseRequest, now: Timestamp) -> Result<Applied<Vec<Job>>, StoreError>;
+    /// within the host budget ([`crate::hosts`]), in one transaction,
+    /// committed as `req.commit` says.
+    fn lease(&self, req: &LeaseRequest, now: Timestamp) -> Result<Applied<Vec<Job>>, StoreError> {
+        let mut a = self.run_steps(vec![Step::Lease(req.clone())], now, req.commit)?;
+        match a.value.pop() {
+            Some(StepOutput::Leased(jobs)) => Ok(Applied {
+                value: jobs,
+                events: a.events,
+            }),
+            _ => Err(wrong_reply()),
+        }
+    }
 
     /// Applies one command through the core transition function, atomically.
-    fn apply(&self, key: &JobKey, cmd: Command, now: Timestamp)
-        -> Result<Applied<Job>, StoreError>;
+    fn apply(
+        &self,
+        key: &JobKey,
+        cmd: Command,
+        now: Timestamp,
+    ) -> Result<Applied<Job>, StoreError> {
+        let a = self.run_steps(vec![Step::Apply { key: *key, cmd }], now, Commit::Durable)?;
+        one_job(a)
+    }
 
     /// Claims an op for the live lease holder: `Run` (row now `started`) or
     /// `Replay` with the recorded result. Fenced when the epoch is not live.
@@ -236,7 +326,20 @@ pub trait Store: Send + Sync {
         op: &OpKey,
         owner: &WorkerId,
         now: Timestamp,
-    ) -> Result<Applied<OpDecision>, StoreError>;
+    ) -> Result<Applied<OpDecision>, StoreError> {
+        let step = Step::BeginOp {
+            op: *op,
+            owner: owner.clone(),
+        };
+        let mut a = self.run_steps(vec![step], now, Commit::Durable)?;
+        match a.value.pop() {
+            Some(StepOutput::Decision(d)) => Ok(Applied {
+                value: d,
+                events: a.events,
+            }),
+            _ => Err(wrong_reply()),
+        }
+    }
 
     /// Records the op's outcome and, in the same transaction, applies
     /// `then` (the transition the outcome implies). Fenced like `begin_op`.
@@ -246,7 +349,27 @@ pub trait Store: Send + Sync {
         outcome: Result<OpResult, JobError>,
         then: Option<Command>,
         now: Timestamp,
-    ) -> Result<Applied<Job>, StoreError>;
+    ) -> Result<Applied<Job>, StoreError> {
+        let step = Step::FinishOp {
+            op: *op,
+            outcome,
+            then,
+        };
+        let a = self.run_steps(vec![step], now, Commit::Durable)?;
+        one_job(a)
+    }
+
+    /// Marks `started` ops whose epoch is no longer live as `abandoned`.
+    fn abandon_dead_ops(&self, now: Timestamp) -> Result<Applied<u64>, StoreError> {
+        let a = self.write(Write::AbandonDeadOps, now, Commit::Durable)?;
+        match a.value {
+            Written::Abandoned(n) => Ok(Applied {
+                value: n,
+                events: a.events,
+            }),
+            _ => Err(wrong_reply()),
+        }
+    }
 
     fn job(&self, key: &JobKey) -> Result<Option<Job>, StoreError>;
 
@@ -272,11 +395,7 @@ pub trait Store: Send + Sync {
     /// dead processes on this host, to take their jobs over early.
     fn lease_owners(&self, now: Timestamp) -> Result<Vec<WorkerId>, StoreError>;
 
-    /// Marks `started` ops whose epoch is no longer live as `abandoned`.
-    fn abandon_dead_ops(&self, now: Timestamp) -> Result<Applied<u64>, StoreError>;
-
-    /// Counts for `idem status`. Refused stale-epoch writes are counted by
-    /// the store itself, as it refuses them.
+    /// Counts for `idem status`, each as [`StatusCounts`] defines it.
     fn status(&self, now: Timestamp) -> Result<StatusCounts, StoreError>;
 
     /// The `limit` hosts with the most jobs in flight (then due, then
@@ -287,6 +406,20 @@ pub trait Store: Send + Sync {
         now: Timestamp,
         limit: usize,
     ) -> Result<Vec<crate::HostLoad>, StoreError>;
+}
+
+fn wrong_reply() -> StoreError {
+    StoreError::Backend("the store answered a write with another kind of reply".into())
+}
+
+fn one_job(mut a: Applied<Vec<StepOutput>>) -> Result<Applied<Job>, StoreError> {
+    match a.value.pop() {
+        Some(StepOutput::Job(j)) => Ok(Applied {
+            value: *j,
+            events: a.events,
+        }),
+        _ => Err(wrong_reply()),
+    }
 }
 
 /// Why a fetch failed, classified for the retry policy.

@@ -62,7 +62,7 @@ impl Cache {
         self.ops.clear();
     }
 
-    fn id(&self, key: &JobKey) -> Option<i64> {
+    pub(crate) fn id(&self, key: &JobKey) -> Option<i64> {
         self.ids.get(key).copied()
     }
 

@@ -22,73 +22,72 @@
 //! blocked `flock` is woken by the kernel the moment the lock is released.
 
 use crate::cache::Cache;
-use crate::schema;
+use crate::open::map_err;
+use crate::tx::SqliteTx;
 use crate::Durability;
-use idem_core::ports::{Applied, Commit, LeaseRequest, Step, StepOutput, StoreError};
-use idem_core::{
-    Command, Job, JobError, JobKey, JobSpec, OpDecision, OpKey, OpResult, PlanOutcome, Timestamp,
-    WorkerId,
-};
+use idem_core::exec::{self, Write, Written};
+use idem_core::ports::{Applied, Commit, Step, StoreError};
+use idem_core::{JobSpec, Timestamp};
 use rusqlite::Connection;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-pub(crate) enum Req {
+/// A write as queued: the caller's [`Write`], owned, with its clock
+/// reading and durability.
+pub(crate) struct Req {
+    pub(crate) write: OwnedWrite,
+    pub(crate) now: Timestamp,
+    pub(crate) commit: Commit,
+}
+
+pub(crate) enum OwnedWrite {
     Plan {
         specs: Vec<JobSpec>,
         max_attempts: u32,
-        now: Timestamp,
     },
-    Lease {
-        req: LeaseRequest,
-        now: Timestamp,
-    },
-    Apply {
-        key: JobKey,
-        cmd: Command,
-        now: Timestamp,
-    },
-    BeginOp {
-        op: OpKey,
-        owner: WorkerId,
-        now: Timestamp,
-    },
-    FinishOp {
-        op: OpKey,
-        outcome: Result<OpResult, JobError>,
-        then: Option<Command>,
-        now: Timestamp,
-    },
-    AbandonDeadOps {
-        now: Timestamp,
-    },
-    Steps {
-        steps: Vec<Step>,
-        now: Timestamp,
-        commit: Commit,
-    },
+    Steps(Vec<Step>),
+    AbandonDeadOps,
+}
+
+impl OwnedWrite {
+    pub(crate) fn of(write: Write<'_>) -> Self {
+        match write {
+            Write::Plan {
+                specs,
+                max_attempts,
+            } => Self::Plan {
+                specs: specs.to_vec(),
+                max_attempts,
+            },
+            Write::Steps(steps) => Self::Steps(steps.to_vec()),
+            Write::AbandonDeadOps => Self::AbandonDeadOps,
+        }
+    }
+
+    fn as_write(&self) -> Write<'_> {
+        match self {
+            Self::Plan {
+                specs,
+                max_attempts,
+            } => Write::Plan {
+                specs,
+                max_attempts: *max_attempts,
+            },
+            Self::Steps(steps) => Write::Steps(steps),
+            Self::AbandonDeadOps => Write::AbandonDeadOps,
+        }
+    }
 }
 
 impl Req {
     /// Must the commit holding this request be on disk before it is
     /// acknowledged?
     fn durable(&self) -> bool {
-        match self {
-            Self::Lease { req, .. } => req.commit == Commit::Durable,
-            Self::Steps { commit, .. } => *commit == Commit::Durable,
-            _ => true,
-        }
+        self.commit == Commit::Durable
     }
 }
 
-pub(crate) enum Res {
-    Plan(Applied<Vec<PlanOutcome>>),
-    Lease(Applied<Vec<Job>>),
-    Job(Box<Applied<Job>>),
-    Begin(Applied<OpDecision>),
-    Count(Applied<u64>),
-    Steps(Applied<Vec<StepOutput>>),
-}
+pub(crate) type Res = Applied<Written>;
 
 type Slot = Arc<Mutex<Option<Result<Res, StoreError>>>>;
 
@@ -355,7 +354,7 @@ fn begin(conn: &Connection, cache: &mut Cache) -> Result<(), StoreError> {
     begin_immediate(conn)?;
     if let Err(e) = cache.validate(conn) {
         rollback(conn);
-        return Err(schema::map_err(e));
+        return Err(map_err(e));
     }
     Ok(())
 }
@@ -382,9 +381,7 @@ fn run_requests(
             } else if conn.total_changes() != before || !is_decision(e) {
                 return Ok(None);
             }
-            if e.is_fenced() {
-                schema::bump_counter(conn, "fenced_writes")?;
-            }
+            exec::count_refusal(&mut SqliteTx { c: conn, cache }, e)?;
         }
         if savepoints {
             sql(conn, "RELEASE req")?;
@@ -406,7 +403,7 @@ fn sql(c: &Connection, text: &str) -> Result<(), StoreError> {
     c.prepare_cached(text)
         .and_then(|mut st| st.execute([]))
         .map(|_| ())
-        .map_err(schema::map_err)
+        .map_err(map_err)
 }
 
 fn commit(conn: &Connection) -> Result<(), StoreError> {
@@ -443,42 +440,22 @@ fn begin_immediate(conn: &Connection) -> Result<(), StoreError> {
     }
 }
 
-fn exec(tx: &Connection, cache: &mut Cache, req: &Req) -> Result<Res, StoreError> {
-    Ok(match req {
-        Req::Plan {
-            specs,
-            max_attempts,
-            now,
-        } => Res::Plan(schema::plan(tx, specs, *max_attempts, *now)?),
-        Req::Lease { req, now } => Res::Lease(schema::lease(tx, cache, req, *now)?),
-        Req::Apply { key, cmd, now } => {
-            Res::Job(Box::new(schema::apply(tx, cache, key, cmd.clone(), *now)?))
-        }
-        Req::BeginOp { op, owner, now } => {
-            Res::Begin(schema::begin_op(tx, cache, op, owner, *now)?)
-        }
-        Req::FinishOp {
-            op,
-            outcome,
-            then,
-            now,
-        } => Res::Job(Box::new(schema::finish_op(
-            tx,
-            cache,
-            op,
-            outcome.clone(),
-            then.clone(),
-            *now,
-        )?)),
-        Req::AbandonDeadOps { now } => Res::Count(schema::abandon_dead_ops(tx, cache, *now)?),
-        Req::Steps { steps, now, .. } => Res::Steps(schema::run_steps(tx, cache, steps, *now)?),
-    })
+fn exec(c: &Connection, cache: &mut Cache, req: &Req) -> Result<Res, StoreError> {
+    exec::run(&mut SqliteTx { c, cache }, req.write.as_write(), req.now)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use idem_core::{Epoch, JobState, OpKind};
+    use idem_core::{Epoch, JobState, LeaseRequest, OpKey, OpKind, WorkerId};
+
+    fn steps(steps: Vec<Step>, now: Timestamp, commit: Commit) -> Req {
+        Req {
+            write: OwnedWrite::Steps(steps),
+            now,
+            commit,
+        }
+    }
 
     fn pending(req: Req) -> Pending {
         Pending {
@@ -495,13 +472,27 @@ mod tests {
     fn a_request_failing_after_writing_rolls_back_alone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("g.db");
-        let conns = schema::open(&path, &crate::Options::default()).unwrap();
+        let conns = crate::open::open(&path, &crate::Options::default()).unwrap();
         let conn = conns.0;
         let now = Timestamp::from_millis(1_000);
         let spec = |i: u32| {
             JobSpec::new("w", &format!("a{i}"), &format!("http://h/{i}"), None, None).unwrap()
         };
-        schema::plan(&conn, &[spec(1), spec(2)], 3, now).unwrap();
+        let mut cache = Cache::default();
+        let specs = [spec(1), spec(2)];
+        let plan = Write::Plan {
+            specs: &specs,
+            max_attempts: 3,
+        };
+        exec::run(
+            &mut SqliteTx {
+                c: &conn,
+                cache: &mut cache,
+            },
+            plan,
+            now,
+        )
+        .unwrap();
         let lease = LeaseRequest {
             owner: WorkerId::new("w"),
             limit: 2,
@@ -515,9 +506,20 @@ mod tests {
             conn,
             cache: Cache::default(),
         };
-        let jobs = schema::lease(&w.conn, &mut w.cache, &lease, now)
+        let leased = [Step::Lease(lease)];
+        let mut tx = SqliteTx {
+            c: &w.conn,
+            cache: &mut w.cache,
+        };
+        let Written::Steps(mut out) = exec::run(&mut tx, Write::Steps(&leased), now)
             .unwrap()
-            .value;
+            .value
+        else {
+            panic!("a lease answers steps")
+        };
+        let Some(idem_core::StepOutput::Leased(jobs)) = out.pop() else {
+            panic!("a lease step answers leased jobs")
+        };
         let (a, b) = (jobs[0].key, jobs[1].key);
         let op = |key, epoch| OpKey {
             job: key,
@@ -527,15 +529,18 @@ mod tests {
         let e = Epoch(1);
         let owner = WorkerId::new("w");
         let batch = vec![
-            pending(Req::BeginOp {
-                op: op(a, e),
-                owner: owner.clone(),
+            pending(steps(
+                vec![Step::BeginOp {
+                    op: op(a, e),
+                    owner: owner.clone(),
+                }],
                 now,
-            }),
+                Commit::Durable,
+            )),
             // Writes (begins a's STREAM op under the live epoch), then is
             // refused (a stale epoch for b): must leave no trace.
-            pending(Req::Steps {
-                steps: vec![
+            pending(steps(
+                vec![
                     Step::BeginOp {
                         op: OpKey {
                             kind: OpKind::Stream,
@@ -549,13 +554,16 @@ mod tests {
                     },
                 ],
                 now,
-                commit: Commit::Deferred,
-            }),
-            pending(Req::BeginOp {
-                op: op(b, e),
-                owner: owner.clone(),
+                Commit::Deferred,
+            )),
+            pending(steps(
+                vec![Step::BeginOp {
+                    op: op(b, e),
+                    owner: owner.clone(),
+                }],
                 now,
-            }),
+                Commit::Durable,
+            )),
         ];
         let results = run_in_tx(&mut w, &batch).unwrap();
         let conn = &w.conn;
@@ -563,7 +571,7 @@ mod tests {
         assert!(results[1].as_ref().is_err_and(StoreError::is_fenced));
         assert!(results[2].is_ok());
         let kinds = |k| -> Vec<OpKind> {
-            schema::load_ops(conn, &k)
+            crate::reads::load_ops(conn, &k)
                 .unwrap()
                 .into_iter()
                 .map(|o| o.key.kind)
@@ -584,7 +592,7 @@ mod tests {
             .unwrap();
         assert_eq!(fenced, 1, "counted once, not once per run of the batch");
         assert_eq!(
-            schema::load_job(conn, &a).unwrap().unwrap().state,
+            crate::reads::load_job(conn, &a).unwrap().unwrap().state,
             JobState::Leased
         );
     }

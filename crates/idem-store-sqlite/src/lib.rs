@@ -71,21 +71,22 @@
 //! step forwards can expire leases early, which fencing makes safe: the old
 //! holder's writes are refused.
 
+#[macro_use]
+mod rows;
 mod cache;
 mod group;
+mod open;
+mod reads;
 mod schema;
+mod tx;
 
 #[cfg(test)]
 mod tests;
 
-use group::{Group, Req, Res};
-use idem_core::ports::{
-    Applied, Commit, LeaseRequest, StatusCounts, Step, StepOutput, Store, StoreError,
-};
-use idem_core::{
-    Command, Job, JobError, JobKey, JobSpec, JobState, OpDecision, OpKey, OpRecord, OpResult,
-    PlanOutcome, Timestamp, WorkerId,
-};
+use group::{Group, OwnedWrite, Req};
+use idem_core::exec::{Write, Written};
+use idem_core::ports::{Applied, Commit, StatusCounts, Store, StoreError};
+use idem_core::{Job, JobKey, JobState, OpRecord, Timestamp, WorkerId};
 use std::path::{Path, PathBuf};
 
 /// How hard each commit is pushed to disk.
@@ -145,7 +146,7 @@ impl SqliteStore {
     /// writing, a file that is not an idem ledger or is from a newer idem.
     pub fn open(path: impl AsRef<Path>, opts: &Options) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
-        let conn = schema::open(&path, opts)?;
+        let conn = open::open(&path, opts)?;
         Ok(Self {
             group: Group::new(conn, &path, opts.durability, opts.max_batch),
             path,
@@ -161,16 +162,12 @@ impl SqliteStore {
     /// against its table). Returns the problems found; none is a sound
     /// ledger.
     pub fn check_integrity(&self, thorough: bool) -> Result<Vec<String>, StoreError> {
-        self.read(|c| schema::check_integrity(c, thorough))
+        self.read(|c| open::check_integrity(c, thorough))
     }
 
     /// The schema version this build writes.
     pub const fn schema_version() -> i64 {
         schema::LATEST
-    }
-
-    fn write(&self, req: Req) -> Result<Res, StoreError> {
-        self.group.submit(req)
     }
 
     fn read<T>(
@@ -181,100 +178,26 @@ impl SqliteStore {
     }
 }
 
-macro_rules! expect_res {
-    ($res:expr, $variant:ident) => {
-        match $res {
-            Res::$variant(v) => Ok(v),
-            _ => Err(StoreError::Backend(
-                "group commit returned the wrong reply".into(),
-            )),
-        }
-    };
-}
-
 impl Store for SqliteStore {
-    fn run_steps(
+    fn transact(
         &self,
-        steps: Vec<Step>,
+        write: Write<'_>,
         now: Timestamp,
         commit: Commit,
-    ) -> Result<Applied<Vec<StepOutput>>, StoreError> {
-        let r = self.write(Req::Steps { steps, now, commit })?;
-        expect_res!(r, Steps)
-    }
-
-    fn plan(
-        &self,
-        specs: &[JobSpec],
-        max_attempts: u32,
-        now: Timestamp,
-    ) -> Result<Applied<Vec<PlanOutcome>>, StoreError> {
-        let r = self.write(Req::Plan {
-            specs: specs.to_vec(),
-            max_attempts,
+    ) -> Result<Applied<Written>, StoreError> {
+        self.group.submit(Req {
+            write: OwnedWrite::of(write),
             now,
-        })?;
-        expect_res!(r, Plan)
-    }
-
-    fn lease(&self, req: &LeaseRequest, now: Timestamp) -> Result<Applied<Vec<Job>>, StoreError> {
-        let r = self.write(Req::Lease {
-            req: req.clone(),
-            now,
-        })?;
-        expect_res!(r, Lease)
-    }
-
-    fn apply(
-        &self,
-        key: &JobKey,
-        cmd: Command,
-        now: Timestamp,
-    ) -> Result<Applied<Job>, StoreError> {
-        let r = self.write(Req::Apply {
-            key: *key,
-            cmd,
-            now,
-        })?;
-        expect_res!(r, Job).map(|b| *b)
-    }
-
-    fn begin_op(
-        &self,
-        op: &OpKey,
-        owner: &WorkerId,
-        now: Timestamp,
-    ) -> Result<Applied<OpDecision>, StoreError> {
-        let r = self.write(Req::BeginOp {
-            op: *op,
-            owner: owner.clone(),
-            now,
-        })?;
-        expect_res!(r, Begin)
-    }
-
-    fn finish_op(
-        &self,
-        op: &OpKey,
-        outcome: Result<OpResult, JobError>,
-        then: Option<Command>,
-        now: Timestamp,
-    ) -> Result<Applied<Job>, StoreError> {
-        let r = self.write(Req::FinishOp {
-            op: *op,
-            outcome,
-            then,
-            now,
-        })?;
-        expect_res!(r, Job).map(|b| *b)
+            commit,
+        })
     }
 
     fn job(&self, key: &JobKey) -> Result<Option<Job>, StoreError> {
-        self.read(|c| schema::load_job(c, key))
+        self.read(|c| reads::load_job(c, key))
     }
 
     fn ops(&self, key: &JobKey) -> Result<Vec<OpRecord>, StoreError> {
-        self.read(|c| schema::load_ops(c, key))
+        self.read(|c| reads::load_ops(c, key))
     }
 
     fn scan(
@@ -283,28 +206,23 @@ impl Store for SqliteStore {
         after: Option<&JobKey>,
         limit: usize,
     ) -> Result<Vec<Job>, StoreError> {
-        self.read(|c| schema::scan(c, state, after, limit))
+        self.read(|c| reads::scan(c, state, after, limit))
     }
 
     fn finalized_by_url(&self, url: &str) -> Result<Option<Job>, StoreError> {
-        self.read(|c| schema::finalized_by_url(c, url))
+        self.read(|c| reads::finalized_by_url(c, url))
     }
 
     fn expired_leases(&self, now: Timestamp, limit: usize) -> Result<Vec<Job>, StoreError> {
-        self.read(|c| schema::expired_leases(c, now, limit))
+        self.read(|c| reads::expired_leases(c, now, limit))
     }
 
     fn lease_owners(&self, now: Timestamp) -> Result<Vec<WorkerId>, StoreError> {
-        self.read(|c| schema::lease_owners(c, now))
-    }
-
-    fn abandon_dead_ops(&self, now: Timestamp) -> Result<Applied<u64>, StoreError> {
-        let r = self.write(Req::AbandonDeadOps { now })?;
-        expect_res!(r, Count)
+        self.read(|c| reads::lease_owners(c, now))
     }
 
     fn status(&self, now: Timestamp) -> Result<StatusCounts, StoreError> {
-        self.read(|c| schema::status(c, now))
+        self.read(|c| reads::status(c, now))
     }
 
     fn busiest_hosts(
@@ -312,6 +230,6 @@ impl Store for SqliteStore {
         now: Timestamp,
         limit: usize,
     ) -> Result<Vec<idem_core::HostLoad>, StoreError> {
-        self.read(|c| schema::busiest_hosts(c, now, limit))
+        self.read(|c| reads::busiest_hosts(c, now, limit))
     }
 }

@@ -74,61 +74,17 @@ impl TwoHandles {
 
 mod two_handles_impl {
     use super::TwoHandles;
-    use idem_core::ports::{Applied, Commit, LeaseRequest, StatusCounts, Step, StepOutput};
-    use idem_core::ports::{Store, StoreError};
-    use idem_core::{
-        Command, Job, JobError, JobKey, JobSpec, JobState, OpDecision, OpKey, OpRecord, OpResult,
-        PlanOutcome, Timestamp, WorkerId,
-    };
+    use idem_core::ports::{Applied, Commit, StatusCounts, Store, StoreError};
+    use idem_core::{Job, JobKey, JobState, OpRecord, Timestamp, WorkerId, Write, Written};
 
     impl Store for TwoHandles {
-        fn run_steps(
+        fn transact(
             &self,
-            steps: Vec<Step>,
+            write: Write<'_>,
             now: Timestamp,
             commit: Commit,
-        ) -> Result<Applied<Vec<StepOutput>>, StoreError> {
-            self.pick().run_steps(steps, now, commit)
-        }
-        fn plan(
-            &self,
-            specs: &[JobSpec],
-            max_attempts: u32,
-            now: Timestamp,
-        ) -> Result<Applied<Vec<PlanOutcome>>, StoreError> {
-            self.pick().plan(specs, max_attempts, now)
-        }
-        fn lease(
-            &self,
-            req: &LeaseRequest,
-            now: Timestamp,
-        ) -> Result<Applied<Vec<Job>>, StoreError> {
-            self.pick().lease(req, now)
-        }
-        fn apply(
-            &self,
-            key: &JobKey,
-            cmd: Command,
-            now: Timestamp,
-        ) -> Result<Applied<Job>, StoreError> {
-            self.pick().apply(key, cmd, now)
-        }
-        fn begin_op(
-            &self,
-            op: &OpKey,
-            owner: &WorkerId,
-            now: Timestamp,
-        ) -> Result<Applied<OpDecision>, StoreError> {
-            self.pick().begin_op(op, owner, now)
-        }
-        fn finish_op(
-            &self,
-            op: &OpKey,
-            outcome: Result<OpResult, JobError>,
-            then: Option<Command>,
-            now: Timestamp,
-        ) -> Result<Applied<Job>, StoreError> {
-            self.pick().finish_op(op, outcome, then, now)
+        ) -> Result<Applied<Written>, StoreError> {
+            self.pick().transact(write, now, commit)
         }
         fn job(&self, key: &JobKey) -> Result<Option<Job>, StoreError> {
             self.pick().job(key)
@@ -152,9 +108,6 @@ mod two_handles_impl {
         }
         fn lease_owners(&self, now: Timestamp) -> Result<Vec<WorkerId>, StoreError> {
             self.pick().lease_owners(now)
-        }
-        fn abandon_dead_ops(&self, now: Timestamp) -> Result<Applied<u64>, StoreError> {
-            self.pick().abandon_dead_ops(now)
         }
         fn status(&self, now: Timestamp) -> Result<StatusCounts, StoreError> {
             self.pick().status(now)

@@ -1,0 +1,113 @@
+//! Leasing: which due jobs a worker takes, within every host's budget, and
+//! what taking one changes.
+
+use super::{refused, stamp};
+use crate::hosts::{self, HostRoom};
+use crate::job::{transition, Command, Job};
+use crate::ledger;
+use crate::ports::{Applied, LeaseRequest, StoreError};
+use crate::spec::JobKey;
+use crate::time::Timestamp;
+use crate::tx::Tx;
+
+/// Leases up to `req.limit` jobs: due ones in lease order within the host
+/// budget, then (room left) the jobs of owners known dead; a suspect only
+/// by an isolated lease, one at a time.
+pub(super) fn lease<T: Tx + ?Sized>(
+    tx: &mut T,
+    req: &LeaseRequest,
+    now: Timestamp,
+) -> Result<Applied<Vec<Job>>, StoreError> {
+    let mut keys = if req.isolated {
+        tx.due_suspect(now)?.into_iter().collect()
+    } else {
+        pick_due(tx, req, now)?
+    };
+    if keys.len() < req.limit && !req.dead_owners.is_empty() && !req.isolated {
+        for owner in &req.dead_owners {
+            for key in tx.held_by(owner, now)? {
+                if keys.len() >= req.limit {
+                    break;
+                }
+                if !keys.contains(&key) {
+                    keys.push(key);
+                }
+            }
+        }
+    }
+    let mut leased = Vec::with_capacity(keys.len());
+    let mut events = Vec::new();
+    for key in keys {
+        let old = tx.job(&key)?.ok_or(StoreError::NotFound(key))?;
+        let mut job = old.clone();
+        if let Some(l) = job.lease.as_mut() {
+            if req.dead_owners.contains(&l.owner) {
+                // Its holder is gone: the lease is as good as expired.
+                l.expires_at = l.expires_at.min(now);
+            }
+        }
+        let t = transition(
+            &job,
+            Command::Acquire {
+                owner: req.owner.clone(),
+                ttl_ms: req.ttl_ms,
+                isolated: req.isolated,
+            },
+            now,
+        )
+        .map_err(|e| refused(key, e))?;
+        tx.update_job(&old, &t.job)?;
+        events.extend(t.events);
+        if let Some(l) = &t.job.lease {
+            // The previous holders' unfinished ops died with their epochs
+            // (a first lease has no previous holder).
+            let n = if l.epoch.0 <= 1 {
+                0
+            } else {
+                tx.abandon_ops_before(&key, l.epoch, now)?
+            };
+            events.extend(ledger::abandoned_event(Some(key), n));
+            leased.push(t.job);
+        }
+    }
+    Ok(Applied {
+        value: leased,
+        events: stamp(events, now),
+    })
+}
+
+/// Due jobs in lease order, a window at a time, within the host budget; a
+/// host found full is left out of the next window, so a long queue of one
+/// full host's jobs does not hide the others'.
+fn pick_due<T: Tx + ?Sized>(
+    tx: &mut T,
+    req: &LeaseRequest,
+    now: Timestamp,
+) -> Result<Vec<JobKey>, StoreError> {
+    let mut room = HostRoom::new(req.per_host);
+    let mut keys: Vec<JobKey> = Vec::new();
+    let mut left_out: Vec<String> = Vec::new();
+    let window = hosts::scan_for(req.limit);
+    loop {
+        let candidates = tx.due(now, window, &left_out)?;
+        let seen = candidates.len();
+        let picked = hosts::pick_by_host_room(
+            candidates.into_iter().filter(|(k, _)| !keys.contains(k)),
+            req.limit - keys.len(),
+            &mut room,
+            |host| {
+                // A host cooling down is as good as full.
+                if tx.cooldown(host)?.is_some_and(|t| t > now) {
+                    return Ok(usize::MAX);
+                }
+                tx.live_on_host(host, now)
+            },
+        )?;
+        keys.extend(picked);
+        let full = room.full();
+        if keys.len() >= req.limit || seen < window || full.len() == left_out.len() {
+            return Ok(keys);
+        }
+        left_out = full;
+    }
+}
