@@ -14,6 +14,13 @@
 //! unfenced zombies, started ops replayed as success, errors replayed
 //! forever, truncated results, renew failing outside `leased`.
 
+mod counts;
+mod model;
+pub mod races;
+
+pub use counts::status_counts_mean_what_they_say;
+pub use model::the_store_agrees_with_the_model_under_random_interleavings;
+
 use idem_core::ports::{LeaseRequest, Store};
 use idem_core::{
     BlobInfo, Command, Digest32, Epoch, HeadInfo, JobError, JobKey, JobSpec, JobState, OpDecision,
@@ -56,8 +63,38 @@ macro_rules! conformance_tests {
             steps_are_all_or_nothing,
             op_begun_and_finished_in_one_request_is_recorded_once,
             a_lease_step_sees_the_steps_before_it_and_rolls_back_with_them,
-            operator_retry_restarts_a_failed_job
+            operator_retry_restarts_a_failed_job,
+            status_counts_mean_what_they_say,
+            the_store_agrees_with_the_model_under_random_interleavings
         );
+    };
+}
+
+/// Generates one `#[test]` per race between two handles on one ledger,
+/// for the handles `$make_two` builds (fresh ones per case): a value whose
+/// `.0` and `.1` dereference to stores sharing a ledger.
+#[macro_export]
+macro_rules! conformance_races {
+    ($make_two:expr) => {
+        $crate::__conformance_races!($make_two;
+            racing_leasers_never_share_a_job,
+            racing_finishes_commit_an_op_once,
+            a_renewal_racing_a_takeover_has_one_winner
+        );
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_races {
+    ($make_two:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                let two = $make_two;
+                $crate::races::$name(&*two.0, &*two.1);
+            }
+        )*
     };
 }
 
@@ -1288,4 +1325,11 @@ mod tests {
     //! The reference in-memory store passes the suite: the suite's
     //! expectations are satisfiable by the simplest correct store.
     crate::conformance_tests!(Box::new(idem_core::MemStore::new()));
+
+    mod races {
+        crate::conformance_races!({
+            let s = std::sync::Arc::new(idem_core::MemStore::new());
+            (std::sync::Arc::clone(&s), s)
+        });
+    }
 }

@@ -46,6 +46,19 @@ mod conformance_two_handles {
     idem_store_conformance::conformance_tests!(super::two_handles());
 }
 
+/// Two handles on one file racing each other on real threads, as two
+/// processes would.
+mod races {
+    idem_store_conformance::conformance_races!(super::pair());
+}
+
+pub(crate) fn pair() -> (Box<SqliteStore>, Box<SqliteStore>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("idem.db");
+    let open = || Box::new(SqliteStore::open(&path, &Options::default()).expect("open"));
+    (open(), open(), dir)
+}
+
 /// Two stores on one file; each call goes to the next one in turn.
 pub(crate) struct TwoHandles {
     _dir: tempfile::TempDir,
