@@ -136,3 +136,4 @@ mod two_handles_impl {
 }
 
 mod files;
+mod upgrade;
