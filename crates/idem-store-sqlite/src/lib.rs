@@ -37,26 +37,33 @@
 //!   every call alternating between two handles on one file to hold it to
 //!   that.
 //!
-//! Every decision (plan, acquire, transition, op replay) is the core's; this
-//! crate only loads rows, calls the core, and writes rows back.
+//! Every decision (plan, acquire, transition, op replay, what to count) is
+//! the core's: this crate implements the core's row port
+//! ([`idem_core::tx::Tx`]) in SQL and runs [`idem_core::exec::run`] inside
+//! the group commit's transaction. One `BEGIN IMMEDIATE` writer at a time
+//! (across processes, under the writer lock) is the isolation the port
+//! asks for; every job update is also guarded by the epoch it read.
 //!
-//! ## Schema (version 2)
+//! ## Schema (version 5)
 //!
 //! - `jobs`: one row per job key (32-byte BLOB, unique), its spec, state,
-//!   lease (owner, epoch, expiry), attempts, backoff, last error, HEAD
-//!   validators (JSON), blob (sha256, size, path), timestamps, and `due_at`:
-//!   when the job may next be leased (its backoff or its lease expiry,
-//!   whichever is later; NULL once terminal). A partial index on `due_at`
-//!   makes leasing one index range scan.
+//!   lease (owner, epoch, expiry, isolated), attempts, backoff, last error,
+//!   HEAD validators (JSON), blob (sha256, size, path), timestamps, holder
+//!   deaths, its host and host rank, and `due_at`: when the job may next be
+//!   leased (its backoff or its lease expiry, whichever is later; NULL once
+//!   terminal, and for a suspect, which is due in `suspect_due_at`). A
+//!   partial index on (host rank, `due_at`) makes leasing an index range
+//!   scan, and one on (host, lease expiry) counts a host's live leases.
 //! - `ops`: the operation ledger, unique on (job rowid, kind, epoch), with
 //!   status, result (JSON, never truncated), error, run count, timestamps.
-//!   Version 1 keyed ops by the job's 32-byte random key; version 2 (the
-//!   migration copies every op) uses the job's rowid, so a batch's inserts
-//!   land on neighbouring index pages and entries are a third of the size.
-//!   A request that moves a job through several steps reads and writes its
-//!   row once, naming only the columns that changed (SQLite rewrites an
-//!   index entry for every indexed column an UPDATE names).
-//! - `counters`: refused stale-epoch writes.
+//!   Ops point at their job by rowid, not by its 32-byte random key, so a
+//!   batch's inserts land on neighbouring index pages. A request that moves
+//!   a job through several steps reads and writes its row once, naming
+//!   only the columns that changed (SQLite rewrites an index entry for
+//!   every indexed column an UPDATE names).
+//! - `hosts`: jobs planned per host (the next host rank) and a cooldown.
+//! - `counters`: refused stale-epoch writes, replays, and starts again of
+//!   an op under its key (op rows count the first starts).
 //!
 //! The file is marked with `PRAGMA application_id` and versioned with
 //! `PRAGMA user_version`; migrations are forward-only. A file that is not a
