@@ -8,7 +8,9 @@
 //! ```
 //!
 //! where `make_store()` returns something that dereferences to a fresh,
-//! empty store. Every case passes explicit times; none sleeps or spawns
+//! empty store (`conformance_tests!(optional: maybe_store())` takes an
+//! `Option` of one, and runs nothing when it is `None`: for a server that
+//! may not be configured). Every case passes explicit times; none sleeps or spawns
 //! pollers. The cases include every store-level defect of the prior art
 //! (reference §15.2): orphaned jobs after a crash, finished jobs re-leased,
 //! unfenced zombies, started ops replayed as success, errors replayed
@@ -31,6 +33,17 @@ use idem_core::{
 /// builds (a fresh one per case).
 #[macro_export]
 macro_rules! conformance_tests {
+    (optional: $make:expr) => {
+        $crate::__conformance_list!($make);
+    };
+    ($make:expr) => {
+        $crate::__conformance_list!(::core::option::Option::Some($make));
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_list {
     ($make:expr) => {
         $crate::__conformance_cases!($make;
             plan_is_idempotent_and_reports_conflicts,
@@ -75,6 +88,17 @@ macro_rules! conformance_tests {
 /// `.0` and `.1` dereference to stores sharing a ledger.
 #[macro_export]
 macro_rules! conformance_races {
+    (optional: $make_two:expr) => {
+        $crate::__race_list!($make_two);
+    };
+    ($make_two:expr) => {
+        $crate::__race_list!(::core::option::Option::Some($make_two));
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __race_list {
     ($make_two:expr) => {
         $crate::__conformance_races!($make_two;
             racing_leasers_never_share_a_job,
@@ -91,7 +115,9 @@ macro_rules! __conformance_races {
         $(
             #[test]
             fn $name() {
-                let two = $make_two;
+                let ::core::option::Option::Some(two) = $make_two else {
+                    return;
+                };
                 $crate::races::$name(&*two.0, &*two.1);
             }
         )*
@@ -105,7 +131,9 @@ macro_rules! __conformance_cases {
         $(
             #[test]
             fn $name() {
-                let store = $make;
+                let ::core::option::Option::Some(store) = $make else {
+                    return;
+                };
                 $crate::$name(&*store);
             }
         )*

@@ -1,0 +1,342 @@
+//! idem-store-postgres: the idem ledger on PostgreSQL, for workers on many
+//! hosts sharing one ledger, behind the core's [`Store`] port.
+//!
+//! Every decision is the core's: this crate implements the core's row port
+//! ([`idem_core::tx::Tx`]) in SQL and runs [`idem_core::exec::run`] in one
+//! transaction per write, at READ COMMITTED with row locks (see `tx.rs`):
+//! due jobs are leased with `FOR UPDATE SKIP LOCKED`, so hosts never queue
+//! on the same rows; every job row read for writing is locked and its
+//! update guarded by the epoch read; a deadlock or serialization failure
+//! (`40P01`, `40001`) is [`StoreError::Conflict`], which
+//! [`Store::write`] runs again. A connection lost mid-transaction leaves
+//! the ledger as it was (the server rolls it back); the call fails with
+//! [`StoreError::Busy`] and the next one takes a fresh connection.
+//!
+//! Durability: a [`Commit::Durable`] write returns once PostgreSQL has
+//! flushed its commit record; a [`Commit::Deferred`] one commits with
+//! `synchronous_commit = off` (visible at once, on disk within the server's
+//! WAL writer delay, and never on disk without every commit before it).
+//!
+//! ## Time
+//!
+//! Lease expiry and due times come from the database's clock: each write
+//! reads it once, as its transaction starts, and ignores the caller's
+//! `now`; reads that depend on time use it too. Workers whose clocks are
+//! skewed therefore agree on every lease. ([`Options::caller_clock`] uses
+//! the caller's time instead, for tests and simulations that drive a
+//! manual clock.)
+//!
+//! ## Schema
+//!
+//! `idem_ledger` marks the schema as an idem ledger and holds its version;
+//! `jobs`, `ops`, `hosts` mirror the SQLite store's tables; `counters` is
+//! sharded by job, so concurrent writers never queue on one row. A schema
+//! that holds other tables but no ledger, or a ledger written by a newer
+//! idem, is refused untouched. Migrations are forward-only and run under an
+//! advisory lock.
+
+#[macro_use]
+mod rows;
+mod error;
+mod reads;
+mod schema;
+mod tx;
+
+#[cfg(test)]
+mod tests;
+
+use error::{map_err, pool_err};
+use idem_core::exec::{self, Write, Written};
+use idem_core::ports::{Applied, Commit, StatusCounts, Store, StoreError};
+use idem_core::{HostLoad, Job, JobKey, JobState, OpRecord, Timestamp, WorkerId};
+use std::sync::OnceLock;
+use tokio::runtime::Runtime;
+
+/// Options for [`PgStore::connect`].
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Connections in the pool: at most this many calls run at once.
+    pub pool_size: usize,
+    /// The schema holding the ledger's tables (created if absent); `None`:
+    /// the connection's `search_path`.
+    pub schema: Option<String>,
+    /// Use the `now` each call passes instead of the database's clock.
+    pub caller_clock: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            pool_size: 16,
+            schema: None,
+            caller_clock: false,
+        }
+    }
+}
+
+/// The PostgreSQL store. See the crate docs.
+pub struct PgStore {
+    pool: deadpool_postgres::Pool,
+    caller_clock: bool,
+    shown: String,
+    schema: Option<String>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").field("url", &self.shown).finish()
+    }
+}
+
+/// The runtime the connections run on: one for the process, never shut
+/// down, so a store may be dropped anywhere. Calls block on it from the
+/// caller's thread, as the port is synchronous.
+fn runtime() -> Result<&'static Runtime, StoreError> {
+    static RT: OnceLock<Runtime> = OnceLock::new();
+    if let Some(rt) = RT.get() {
+        return Ok(rt);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("idem-postgres")
+        .enable_all()
+        .build()
+        .map_err(|e| StoreError::Backend(format!("starting the PostgreSQL runtime: {e}")))?;
+    Ok(RT.get_or_init(|| rt))
+}
+
+/// Is `s` a PostgreSQL connection URL?
+pub fn is_url(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
+/// `url` without its password, for messages.
+pub fn redacted(url: &str) -> String {
+    idem_core::redact_url(url).into_owned()
+}
+
+impl PgStore {
+    /// Connects to the ledger at `url` (`postgres://user:password@host:port/db`),
+    /// creating or migrating its tables. Refuses a schema that holds other
+    /// tables but no ledger, or a newer ledger, without touching it.
+    pub fn connect(url: &str, opts: &Options) -> Result<Self, StoreError> {
+        let shown = redacted(url);
+        let mut cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Backend(format!("{shown}: not a PostgreSQL URL: {e}")))?;
+        if let Some(schema) = &opts.schema {
+            if !schema
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return Err(StoreError::Backend(format!(
+                    "schema name {schema:?}: letters, digits and _ only"
+                )));
+            }
+            cfg.options(format!("-c search_path={schema}"));
+        }
+        if cfg.get_connect_timeout().is_none() {
+            cfg.connect_timeout(std::time::Duration::from_secs(10));
+        }
+        let rt = runtime()?;
+        let mgr = deadpool_postgres::Manager::from_config(
+            cfg.clone(),
+            tokio_postgres::NoTls,
+            deadpool_postgres::ManagerConfig {
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
+        );
+        let pool = deadpool_postgres::Pool::builder(mgr)
+            .max_size(opts.pool_size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Backend(format!("{shown}: {e}")))?;
+        rt.block_on(async {
+            let (mut client, conn) = cfg
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|e| with_url(map_err(e), &shown))?;
+            let task = tokio::spawn(conn);
+            if let Some(schema) = &opts.schema {
+                client
+                    .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+                    .await
+                    .map_err(map_err)?;
+            }
+            let r = schema::migrate(&mut client).await;
+            drop(client);
+            let _ = task.await;
+            r.map_err(|e| with_url(e, &shown))
+        })?;
+        Ok(Self {
+            pool,
+            caller_clock: opts.caller_clock,
+            shown,
+            schema: opts.schema.clone(),
+        })
+    }
+
+    /// The URL it was opened with, password hidden.
+    pub fn url(&self) -> &str {
+        &self.shown
+    }
+
+    /// The schema holding the ledger's tables, when [`Options::schema`]
+    /// named one.
+    pub fn schema(&self) -> Option<&str> {
+        self.schema.as_deref()
+    }
+
+    /// The schema version this build writes.
+    pub const fn schema_version() -> i64 {
+        schema::LATEST
+    }
+
+    fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        runtime()?.block_on(self.pool.get()).map_err(pool_err)
+    }
+
+    /// The time a call uses: the database's clock, or the caller's.
+    async fn now(
+        &self,
+        c: &tokio_postgres::Client,
+        caller: Timestamp,
+    ) -> Result<Timestamp, StoreError> {
+        if self.caller_clock {
+            return Ok(caller);
+        }
+        let r = c
+            .query_one("SELECT (extract(epoch FROM now()) * 1000)::bigint", &[])
+            .await
+            .map_err(map_err)?;
+        Ok(Timestamp::from_millis(r.try_get(0).map_err(map_err)?))
+    }
+
+    fn read<T>(
+        &self,
+        caller_now: Timestamp,
+        f: impl AsyncFnOnce(&tokio_postgres::Client, Timestamp) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let client = self.client()?;
+        runtime()?.block_on(async {
+            let now = self.now(&client, caller_now).await?;
+            f(&client, now).await
+        })
+    }
+}
+
+fn with_url(e: StoreError, shown: &str) -> StoreError {
+    match e {
+        StoreError::Backend(t) => StoreError::Backend(format!("{shown}: {t}")),
+        StoreError::Busy(t) => StoreError::Busy(format!("{shown}: {t}")),
+        StoreError::NotALedger(t) => {
+            StoreError::NotALedger(format!("{shown} is not an idem ledger: {t}"))
+        }
+        other => other,
+    }
+}
+
+impl Store for PgStore {
+    fn transact(
+        &self,
+        write: Write<'_>,
+        now: Timestamp,
+        commit: Commit,
+    ) -> Result<Applied<Written>, StoreError> {
+        let rt = runtime()?;
+        let mut client = self.client()?;
+        let tx = rt.block_on(client.transaction()).map_err(map_err)?;
+        let setup = async {
+            if commit == Commit::Deferred {
+                tx.batch_execute("SET LOCAL synchronous_commit = off")
+                    .await
+                    .map_err(map_err)?;
+            }
+            if self.caller_clock {
+                return Ok(now);
+            }
+            let r = tx
+                .query_one("SELECT (extract(epoch FROM now()) * 1000)::bigint", &[])
+                .await
+                .map_err(map_err)?;
+            Ok::<_, StoreError>(Timestamp::from_millis(r.try_get(0).map_err(map_err)?))
+        };
+        let now = rt.block_on(setup)?;
+        let mut t = tx::PgTx {
+            tx: &tx,
+            rt,
+            ids: std::collections::HashMap::new(),
+        };
+        match exec::run(&mut t, write, now) {
+            Ok(a) => {
+                rt.block_on(tx.commit()).map_err(map_err)?;
+                Ok(a)
+            }
+            Err(e) => {
+                // A failed statement aborts the transaction: roll back,
+                // then count the refusal in a transaction of its own.
+                let _ = rt.block_on(tx.rollback());
+                if e.is_fenced() {
+                    let tx = rt.block_on(client.transaction()).map_err(map_err)?;
+                    let mut t = tx::PgTx {
+                        tx: &tx,
+                        rt,
+                        ids: std::collections::HashMap::new(),
+                    };
+                    exec::count_refusal(&mut t, &e)?;
+                    rt.block_on(tx.commit()).map_err(map_err)?;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn job(&self, key: &JobKey) -> Result<Option<Job>, StoreError> {
+        self.read(Timestamp::from_millis(0), async |c, _| {
+            reads::job(c, key).await
+        })
+    }
+
+    fn ops(&self, key: &JobKey) -> Result<Vec<OpRecord>, StoreError> {
+        self.read(Timestamp::from_millis(0), async |c, _| {
+            reads::ops(c, key).await
+        })
+    }
+
+    fn scan(
+        &self,
+        state: Option<JobState>,
+        after: Option<&JobKey>,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError> {
+        self.read(Timestamp::from_millis(0), async |c, _| {
+            reads::scan(c, state, after, limit).await
+        })
+    }
+
+    fn finalized_by_url(&self, url: &str) -> Result<Option<Job>, StoreError> {
+        self.read(Timestamp::from_millis(0), async |c, _| {
+            reads::finalized_by_url(c, url).await
+        })
+    }
+
+    fn expired_leases(&self, now: Timestamp, limit: usize) -> Result<Vec<Job>, StoreError> {
+        self.read(now, async |c, now| {
+            reads::expired_leases(c, now, limit).await
+        })
+    }
+
+    fn lease_owners(&self, now: Timestamp) -> Result<Vec<WorkerId>, StoreError> {
+        self.read(now, async |c, now| reads::lease_owners(c, now).await)
+    }
+
+    fn status(&self, now: Timestamp) -> Result<StatusCounts, StoreError> {
+        self.read(now, async |c, now| reads::status(c, now).await)
+    }
+
+    fn busiest_hosts(&self, now: Timestamp, limit: usize) -> Result<Vec<HostLoad>, StoreError> {
+        self.read(now, async |c, now| {
+            reads::busiest_hosts(c, now, limit).await
+        })
+    }
+}
