@@ -13,5 +13,6 @@ mod hostile;
 mod hosts;
 mod ledger;
 mod metrics;
+mod postgres;
 mod repair;
 mod support;

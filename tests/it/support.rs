@@ -15,6 +15,35 @@ pub(crate) struct Env {
     pub(crate) dir: tempfile::TempDir,
     pub(crate) db: PathBuf,
     pub(crate) out: PathBuf,
+    /// A scratch PostgreSQL database this env made: (server URL, name).
+    pg: Option<(String, String)>,
+}
+
+/// Runs one statement with `psql` against `url`.
+pub(crate) fn psql(url: &str, sql: &str) {
+    let st = Command::new("psql")
+        .args([url, "-v", "ON_ERROR_STOP=1", "-qAtc", sql])
+        .stdout(Stdio::null())
+        .status()
+        .expect("psql runs");
+    assert!(st.success(), "psql: {sql}");
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some((server, name)) = &self.pg {
+            let st = Command::new("psql")
+                .args([
+                    server.as_str(),
+                    "-qAtc",
+                    &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            drop(st);
+        }
+    }
 }
 
 impl Env {
@@ -22,7 +51,39 @@ impl Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("idem.db");
         let out = dir.path().join("artifacts");
-        Self { dir, db, out }
+        Self {
+            dir,
+            db,
+            out,
+            pg: None,
+        }
+    }
+
+    /// An env whose ledger is a fresh PostgreSQL database on the server
+    /// `IDEM_PG_URL` names, reached with `password` in its URL (the server
+    /// trusts the connection; the password is there to be kept secret).
+    /// `None` when `IDEM_PG_URL` is unset.
+    pub(crate) fn postgres(password: &str) -> Option<Self> {
+        let server = std::env::var("IDEM_PG_URL")
+            .ok()
+            .filter(|u| !u.is_empty())?;
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let name = format!(
+            "idem_it_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        psql(&server, &format!("CREATE DATABASE {name}"));
+        let (base, _) = server.rsplit_once('/').expect("a URL with a database");
+        let (_, rest) = base.split_once("://").expect("a URL");
+        let (user, host) = match rest.rsplit_once('@') {
+            Some((info, host)) => (info.split(':').next().unwrap_or("postgres"), host),
+            None => ("postgres", rest),
+        };
+        let mut env = Self::new();
+        env.db = PathBuf::from(format!("postgres://{user}:{password}@{host}/{name}"));
+        env.pg = Some((server, name));
+        Some(env)
     }
 
     pub(crate) fn path(&self, name: &str) -> PathBuf {

@@ -9,24 +9,13 @@ use crate::{
 use anyhow::{bail, Context};
 use idem_core::ports::Store;
 use idem_core::{Clock, Command, Job, JobKey, JobState, RetryPolicy};
-use idem_store_sqlite::{Durability, Options, SqliteStore};
 use idem_worker::{EngineConfig, EventSink, OutDir, ReconcileOptions, SystemClock};
 use serde_json::json;
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 
-pub(crate) fn open_store(g: &Global) -> anyhow::Result<SqliteStore> {
-    let opts = Options {
-        durability: if g.unsafe_fast_sync {
-            Durability::Normal
-        } else if g.strict_sync {
-            Durability::Strict
-        } else {
-            Durability::Full
-        },
-        ..Options::default()
-    };
-    SqliteStore::open(&g.db, &opts).with_context(|| format!("opening ledger {}", g.db.display()))
+pub(crate) fn open_store(g: &Global) -> anyhow::Result<crate::ledger::Ledger> {
+    crate::ledger::open(g)
 }
 
 pub(crate) fn now() -> idem_core::Timestamp {
@@ -68,7 +57,7 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
     if let Some(first) = problems.first() {
         bail!(
             "ledger {} fails SQLite's quick check ({first}); run `idem verify` for the details, and restore it from a backup",
-            g.db.display()
+            crate::ledger::shown(g)
         );
     }
     let policy = idem_http::Policy {
@@ -456,7 +445,7 @@ pub(crate) fn show(g: &Global, a: &ShowArgs) -> anyhow::Result<u8> {
         bail!(
             "no job {} in {} (looked up {:?})",
             key,
-            g.db.display(),
+            crate::ledger::shown(g),
             a.job
         );
     };
@@ -595,9 +584,9 @@ pub(crate) fn verify(g: &Global, a: &VerifyArgs) -> anyhow::Result<u8> {
         }))?;
     } else {
         if ledger.is_empty() {
-            outln!("ledger {}: ok", g.db.display());
+            outln!("ledger {}: ok", crate::ledger::shown(g));
         } else {
-            outln!("ledger {}: damaged", g.db.display());
+            outln!("ledger {}: damaged", crate::ledger::shown(g));
             for p in &ledger {
                 outln!("  {p}");
             }

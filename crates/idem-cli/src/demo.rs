@@ -245,7 +245,7 @@ pub(crate) fn run(_g: &Global, a: &DemoArgs) -> anyhow::Result<u8> {
 
 /// From the ledger: ops abandoned by a takeover, streams resumed from a
 /// partial body, and jobs leased more than once.
-fn crash_traces(store: &idem_store_sqlite::SqliteStore) -> anyhow::Result<(u64, u64, u64)> {
+fn crash_traces(store: &crate::ledger::Ledger) -> anyhow::Result<(u64, u64, u64)> {
     let (mut abandoned, mut resumed, mut taken_over) = (0, 0, 0);
     let mut after = None;
     loop {

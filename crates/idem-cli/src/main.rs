@@ -18,6 +18,7 @@ mod alone;
 mod commands;
 mod demo;
 mod input;
+mod ledger;
 mod out;
 mod plan;
 mod sink;
@@ -61,7 +62,9 @@ struct Cli {
 
 #[derive(Args, Debug, Clone)]
 struct Global {
-    /// The ledger: a SQLite file (created if absent).
+    /// The ledger: a SQLite file (created if absent), or a PostgreSQL
+    /// database shared by workers on many hosts
+    /// (postgres://user:password@host:5432/db; the password is never shown).
     #[arg(long, global = true, env = "IDEM_DB", default_value = "idem.db")]
     db: PathBuf,
     /// The output directory: blobs/ and tmp/ live here.

@@ -8,7 +8,6 @@ use crate::{Global, PlanArgs, EXIT_PARTIAL};
 use anyhow::bail;
 use idem_core::ports::Store;
 use idem_core::{JobSpec, PlanCounts, PlanOutcome};
-use idem_store_sqlite::SqliteStore;
 use idem_worker::EventSink as _;
 use serde_json::json;
 use std::io::IsTerminal;
@@ -208,7 +207,7 @@ fn warn(bar: Option<&indicatif::ProgressBar>, msg: impl std::fmt::Display) {
 /// Plans one batch and tallies its outcomes; a conflict is reported on
 /// stderr with the line it came from.
 fn apply_plan(
-    store: &SqliteStore,
+    store: &crate::ledger::Ledger,
     max_attempts: u32,
     batch: &PlanBatch,
     events: Option<&EventsFile>,

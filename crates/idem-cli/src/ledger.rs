@@ -1,0 +1,115 @@
+//! The ledger a command opens: a SQLite file, or a PostgreSQL database
+//! named by a `postgres://` URL, behind one [`Store`].
+
+use crate::Global;
+use anyhow::Context;
+use idem_core::ports::{Applied, Commit, StatusCounts, Store, StoreError};
+use idem_core::{HostLoad, Job, JobKey, JobState, OpRecord, Timestamp, WorkerId, Write, Written};
+use idem_store_postgres::PgStore;
+use idem_store_sqlite::{Durability, Options, SqliteStore};
+
+pub(crate) enum Ledger {
+    Sqlite(SqliteStore),
+    Postgres(PgStore),
+}
+
+/// How `--db` is shown: a path, or a URL without its password.
+pub(crate) fn shown(g: &Global) -> String {
+    let db = g.db.to_string_lossy();
+    if idem_store_postgres::is_url(&db) {
+        idem_store_postgres::redacted(&db)
+    } else {
+        g.db.display().to_string()
+    }
+}
+
+pub(crate) fn open(g: &Global) -> anyhow::Result<Ledger> {
+    let db = g.db.to_string_lossy();
+    if idem_store_postgres::is_url(&db) {
+        let store = PgStore::connect(&db, &idem_store_postgres::Options::default())
+            .with_context(|| format!("opening ledger {}", shown(g)))?;
+        return Ok(Ledger::Postgres(store));
+    }
+    let opts = Options {
+        durability: if g.unsafe_fast_sync {
+            Durability::Normal
+        } else if g.strict_sync {
+            Durability::Strict
+        } else {
+            Durability::Full
+        },
+        ..Options::default()
+    };
+    let store = SqliteStore::open(&g.db, &opts)
+        .with_context(|| format!("opening ledger {}", g.db.display()))?;
+    Ok(Ledger::Sqlite(store))
+}
+
+impl Ledger {
+    /// Problems the database finds in its own files (SQLite's
+    /// `quick_check`, or with `thorough` its `integrity_check`); none is a
+    /// sound ledger. PostgreSQL checks its own pages as it reads them.
+    pub(crate) fn check_integrity(&self, thorough: bool) -> Result<Vec<String>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.check_integrity(thorough),
+            Self::Postgres(_) => Ok(Vec::new()),
+        }
+    }
+}
+
+macro_rules! each {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Ledger::Sqlite($s) => $e,
+            Ledger::Postgres($s) => $e,
+        }
+    };
+}
+
+impl Store for Ledger {
+    fn transact(
+        &self,
+        write: Write<'_>,
+        now: Timestamp,
+        commit: Commit,
+    ) -> Result<Applied<Written>, StoreError> {
+        each!(self, s => s.transact(write, now, commit))
+    }
+
+    fn job(&self, key: &JobKey) -> Result<Option<Job>, StoreError> {
+        each!(self, s => s.job(key))
+    }
+
+    fn ops(&self, key: &JobKey) -> Result<Vec<OpRecord>, StoreError> {
+        each!(self, s => s.ops(key))
+    }
+
+    fn scan(
+        &self,
+        state: Option<JobState>,
+        after: Option<&JobKey>,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError> {
+        each!(self, s => s.scan(state, after, limit))
+    }
+
+    fn finalized_by_url(&self, url: &str) -> Result<Option<Job>, StoreError> {
+        each!(self, s => s.finalized_by_url(url))
+    }
+
+    fn expired_leases(&self, now: Timestamp, limit: usize) -> Result<Vec<Job>, StoreError> {
+        each!(self, s => s.expired_leases(now, limit))
+    }
+
+    fn lease_owners(&self, now: Timestamp) -> Result<Vec<WorkerId>, StoreError> {
+        each!(self, s => s.lease_owners(now))
+    }
+
+    fn status(&self, now: Timestamp) -> Result<StatusCounts, StoreError> {
+        each!(self, s => s.status(now))
+    }
+
+    fn busiest_hosts(&self, now: Timestamp, limit: usize) -> Result<Vec<HostLoad>, StoreError> {
+        each!(self, s => s.busiest_hosts(now, limit))
+    }
+}
