@@ -9,7 +9,7 @@ use idem_store_postgres::PgStore;
 use idem_store_sqlite::{Durability, Options, SqliteStore};
 
 pub(crate) enum Ledger {
-    Sqlite(SqliteStore),
+    Sqlite(Box<SqliteStore>),
     Postgres(PgStore),
 }
 
@@ -42,7 +42,7 @@ pub(crate) fn open(g: &Global) -> anyhow::Result<Ledger> {
     };
     let store = SqliteStore::open(&g.db, &opts)
         .with_context(|| format!("opening ledger {}", g.db.display()))?;
-    Ok(Ledger::Sqlite(store))
+    Ok(Ledger::Sqlite(Box::new(store)))
 }
 
 impl Ledger {
