@@ -212,3 +212,81 @@ fn child_of(pid: u32) -> u32 {
     }
     panic!("unshare {pid} has no child")
 }
+
+/// Restarts the local PostgreSQL cluster, when this machine runs one and
+/// lets us (root, `pg_ctlcluster`).
+fn restart_postgres() -> bool {
+    let Ok(versions) = std::fs::read_dir("/etc/postgresql") else {
+        return false;
+    };
+    let Some(version) = versions.flatten().next().map(|d| d.file_name()) else {
+        return false;
+    };
+    Command::new("pg_ctlcluster")
+        .args(["--skip-systemctl-redirect"])
+        .arg(version)
+        .args(["main", "restart"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn a_postgres_restart_mid_run_loses_nothing_and_repeats_nothing() {
+    let Some(env) = Env::postgres_with(SECRET, true) else {
+        eprintln!("IDEM_PG_URL is not set: skipped");
+        return;
+    };
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0"));
+    if !is_root || !std::path::Path::new("/etc/postgresql").exists() {
+        eprintln!("needs root and a local PostgreSQL cluster to restart: skipped");
+        return;
+    }
+    let n = 300;
+    let o =
+        Origin::start((0..n).map(|i| (format!("d{i}"), content(i as u64 + 11, 1_500 + i * 13))))
+            .unwrap();
+    let lines: Vec<_> = (0..n)
+        .map(|i| {
+            job(
+                "w",
+                &format!("a{i}"),
+                &o.url(&format!("/f/d{i}?delay_ms=40")),
+            )
+        })
+        .collect();
+    env.plan(&lines);
+    let run = env
+        .run_cmd()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    assert!(restart_postgres(), "pg_ctlcluster restart failed");
+    let out = run.wait_with_output().unwrap();
+    let st = env.status();
+    assert_eq!(count(&st, "finalized"), n as u64, "{st}\n{}", text(&out));
+    assert_eq!(check_blobs(&env.out), n);
+    // Nothing done twice: one FINALIZE committed per job.
+    let ops = env
+        .idem()
+        .args(["export", "--format", "jsonl"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&ops.stdout).lines().count(), n);
+    for i in (0..n).step_by(37) {
+        let shown = env.show(&format!("w/a{i}"));
+        let finals = shown["ops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|o| o["kind"] == "finalize" && o["status"] == "committed")
+            .count();
+        assert_eq!(finals, 1, "{shown}");
+    }
+}

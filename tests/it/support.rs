@@ -12,11 +12,22 @@ pub(crate) fn slow_tests() -> bool {
 }
 
 pub(crate) struct Env {
+    /// Keeps a PostgreSQL restart out while this env uses the server.
+    _pg_guard: Option<PgGuard>,
     pub(crate) dir: tempfile::TempDir,
     pub(crate) db: PathBuf,
     pub(crate) out: PathBuf,
     /// A scratch PostgreSQL database this env made: (server URL, name).
     pg: Option<(String, String)>,
+}
+
+/// Held by every test that uses the PostgreSQL server: shared, or alone by
+/// a test that restarts the server.
+static PG: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+enum PgGuard {
+    Shared(#[allow(dead_code)] std::sync::RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code)] std::sync::RwLockWriteGuard<'static, ()>),
 }
 
 /// Runs one statement with `psql` against `url`.
@@ -52,6 +63,7 @@ impl Env {
         let db = dir.path().join("idem.db");
         let out = dir.path().join("artifacts");
         Self {
+            _pg_guard: None,
             dir,
             db,
             out,
@@ -64,9 +76,23 @@ impl Env {
     /// trusts the connection; the password is there to be kept secret).
     /// `None` when `IDEM_PG_URL` is unset.
     pub(crate) fn postgres(password: &str) -> Option<Self> {
+        Self::postgres_with(password, false)
+    }
+
+    /// [`Env::postgres`], with the server to itself when `alone` (no other
+    /// test uses it meanwhile: this one may restart it).
+    pub(crate) fn postgres_with(password: &str, alone: bool) -> Option<Self> {
         let server = std::env::var("IDEM_PG_URL")
             .ok()
             .filter(|u| !u.is_empty())?;
+        let guard = if alone {
+            PgGuard::Alone(
+                PG.write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            )
+        } else {
+            PgGuard::Shared(PG.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+        };
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let name = format!(
             "idem_it_{}_{}",
@@ -83,6 +109,7 @@ impl Env {
         let mut env = Self::new();
         env.db = PathBuf::from(format!("postgres://{user}:{password}@{host}/{name}"));
         env.pg = Some((server, name));
+        env._pg_guard = Some(guard);
         Some(env)
     }
 

@@ -9,7 +9,10 @@ pub(crate) fn map_err(e: tokio_postgres::Error) -> StoreError {
     let Some(db) = e.as_db_error() else {
         // No answer from the server: the connection failed or closed. A
         // transaction it held rolled back with it.
-        return if e.is_closed() || text.contains("connection") || text.contains("timed out") {
+        let unreachable = ["connect", "communicat", "closed", "timed out", "timeout"]
+            .iter()
+            .any(|w| text.contains(w));
+        return if e.is_closed() || unreachable {
             StoreError::Busy(format!("PostgreSQL connection: {text}"))
         } else {
             StoreError::Backend(text)

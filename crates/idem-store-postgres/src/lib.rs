@@ -62,6 +62,9 @@ pub struct Options {
     pub schema: Option<String>,
     /// Use the `now` each call passes instead of the database's clock.
     pub caller_clock: bool,
+    /// How long a call waits for an unreachable server (restarting, or
+    /// a connection dropped) before it fails with [`StoreError::Busy`].
+    pub reconnect_wait_ms: u64,
 }
 
 impl Default for Options {
@@ -70,6 +73,7 @@ impl Default for Options {
             pool_size: 16,
             schema: None,
             caller_clock: false,
+            reconnect_wait_ms: 60_000,
         }
     }
 }
@@ -78,6 +82,7 @@ impl Default for Options {
 pub struct PgStore {
     pool: deadpool_postgres::Pool,
     caller_clock: bool,
+    reconnect_wait_ms: u64,
     shown: String,
     schema: Option<String>,
 }
@@ -171,6 +176,7 @@ impl PgStore {
         Ok(Self {
             pool,
             caller_clock: opts.caller_clock,
+            reconnect_wait_ms: opts.reconnect_wait_ms,
             shown,
             schema: opts.schema.clone(),
         })
@@ -212,37 +218,33 @@ impl PgStore {
         Ok(Timestamp::from_millis(r.try_get(0).map_err(map_err)?))
     }
 
-    fn read<T>(
-        &self,
-        caller_now: Timestamp,
-        f: impl AsyncFnOnce(&tokio_postgres::Client, Timestamp) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let client = self.client()?;
-        runtime()?.block_on(async {
-            let now = self.now(&client, caller_now).await?;
-            f(&client, now).await
-        })
-    }
-}
-
-fn with_url(e: StoreError, shown: &str) -> StoreError {
-    match e {
-        StoreError::Backend(t) => StoreError::Backend(format!("{shown}: {t}")),
-        StoreError::Busy(t) => StoreError::Busy(format!("{shown}: {t}")),
-        StoreError::NotALedger(t) => {
-            StoreError::NotALedger(format!("{shown} is not an idem ledger: {t}"))
+    /// Runs `f` again while it fails before anything could have been
+    /// applied because the server is unreachable (a restart, a dropped
+    /// connection), for up to [`Options::reconnect_wait_ms`].
+    fn patiently<T>(&self, f: impl Fn() -> Result<T, Attempt>) -> Result<T, StoreError> {
+        let start = std::time::Instant::now();
+        let mut pause_ms = 50;
+        loop {
+            match f() {
+                Ok(v) => return Ok(v),
+                Err(Attempt::Unapplied(StoreError::Busy(why)))
+                    if start.elapsed().as_millis() < u128::from(self.reconnect_wait_ms) =>
+                {
+                    pause(&why, pause_ms);
+                    pause_ms = (pause_ms * 2).min(2_000);
+                }
+                Err(Attempt::Unapplied(e) | Attempt::Unknown(e)) => return Err(e),
+            }
         }
-        other => other,
     }
-}
 
-impl Store for PgStore {
-    fn transact(
+    /// One write, in one transaction.
+    fn attempt(
         &self,
         write: Write<'_>,
         now: Timestamp,
         commit: Commit,
-    ) -> Result<Applied<Written>, StoreError> {
+    ) -> Result<Applied<Written>, Attempt> {
         let rt = runtime()?;
         let mut client = self.client()?;
         let tx = rt.block_on(client.transaction()).map_err(map_err)?;
@@ -269,7 +271,10 @@ impl Store for PgStore {
         };
         match exec::run(&mut t, write, now) {
             Ok(a) => {
-                rt.block_on(tx.commit()).map_err(map_err)?;
+                // A commit whose answer is lost may or may not have been
+                // applied: never run again blindly.
+                rt.block_on(tx.commit())
+                    .map_err(|e| Attempt::Unknown(map_err(e)))?;
                 Ok(a)
             }
             Err(e) => {
@@ -286,9 +291,66 @@ impl Store for PgStore {
                     exec::count_refusal(&mut t, &e)?;
                     rt.block_on(tx.commit()).map_err(map_err)?;
                 }
-                Err(e)
+                Err(Attempt::Unapplied(e))
             }
         }
+    }
+
+    fn read<T>(
+        &self,
+        caller_now: Timestamp,
+        f: impl AsyncFn(&tokio_postgres::Client, Timestamp) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.patiently(|| {
+            let client = self.client()?;
+            runtime()?
+                .block_on(async {
+                    let now = self.now(&client, caller_now).await?;
+                    f(&client, now).await
+                })
+                .map_err(Attempt::Unapplied)
+        })
+    }
+}
+
+/// How a write failed: before anything could be applied, or with its
+/// outcome unknown (its commit's answer was lost).
+enum Attempt {
+    Unapplied(StoreError),
+    Unknown(StoreError),
+}
+
+impl From<StoreError> for Attempt {
+    fn from(e: StoreError) -> Self {
+        Self::Unapplied(e)
+    }
+}
+
+/// Waits before trying an unreachable server again.
+fn pause(why: &str, pause_ms: u64) {
+    tracing::warn!(retry_in_ms = pause_ms, "PostgreSQL unreachable: {why}");
+    std::thread::sleep(std::time::Duration::from_millis(pause_ms));
+}
+
+fn with_url(e: StoreError, shown: &str) -> StoreError {
+    match e {
+        StoreError::Backend(t) => StoreError::Backend(format!("{shown}: {t}")),
+        StoreError::Busy(t) => StoreError::Busy(format!("{shown}: {t}")),
+        StoreError::NotALedger(t) => {
+            StoreError::NotALedger(format!("{shown} is not an idem ledger: {t}"))
+        }
+        other => other,
+    }
+}
+
+impl Store for PgStore {
+    fn transact(
+        &self,
+        write: Write<'_>,
+        now: Timestamp,
+        commit: Commit,
+    ) -> Result<Applied<Written>, StoreError> {
+        self.patiently(|| self.attempt(write, now, commit))
     }
 
     fn job(&self, key: &JobKey) -> Result<Option<Job>, StoreError> {

@@ -25,6 +25,7 @@ pub(crate) fn fresh() -> Option<Box<PgStore>> {
         schema: Some(schema),
         caller_clock: true,
         pool_size: 4,
+        ..Options::default()
     };
     Some(Box::new(PgStore::connect(&url, &opts).expect("connect")))
 }
@@ -41,6 +42,7 @@ pub(crate) fn pair() -> Option<(Box<PgStore>, Box<PgStore>)> {
         schema: first.schema().map(str::to_owned),
         caller_clock: true,
         pool_size: 4,
+        ..Options::default()
     };
     let second = Box::new(PgStore::connect(&url, &opts).expect("connect"));
     Some((first, second))
