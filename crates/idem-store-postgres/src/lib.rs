@@ -246,54 +246,60 @@ impl PgStore {
         commit: Commit,
     ) -> Result<Applied<Written>, Attempt> {
         let rt = runtime()?;
-        let mut client = self.client()?;
-        let tx = rt.block_on(client.transaction()).map_err(map_err)?;
-        let setup = async {
-            if commit == Commit::Deferred {
-                tx.batch_execute("SET LOCAL synchronous_commit = off")
-                    .await
-                    .map_err(map_err)?;
-            }
-            if self.caller_clock {
-                return Ok(now);
-            }
-            let r = tx
-                .query_one("SELECT (extract(epoch FROM now()) * 1000)::bigint", &[])
-                .await
-                .map_err(map_err)?;
-            Ok::<_, StoreError>(Timestamp::from_millis(r.try_get(0).map_err(map_err)?))
-        };
-        let now = rt.block_on(setup)?;
-        let mut t = tx::PgTx {
-            tx: &tx,
-            rt,
-            ids: std::collections::HashMap::new(),
-        };
+        let client = self.client()?;
+        let now = self.begin(&client, now, commit)?;
+        let mut t = tx::PgTx::new(&client, rt);
         match exec::run(&mut t, write, now) {
             Ok(a) => {
                 // A commit whose answer is lost may or may not have been
                 // applied: never run again blindly.
-                rt.block_on(tx.commit())
-                    .map_err(|e| Attempt::Unknown(map_err(e)))?;
+                drop(end(client, "COMMIT").map_err(Attempt::Unknown)?);
                 Ok(a)
             }
             Err(e) => {
                 // A failed statement aborts the transaction: roll back,
                 // then count the refusal in a transaction of its own.
-                let _ = rt.block_on(tx.rollback());
-                if e.is_fenced() {
-                    let tx = rt.block_on(client.transaction()).map_err(map_err)?;
-                    let mut t = tx::PgTx {
-                        tx: &tx,
-                        rt,
-                        ids: std::collections::HashMap::new(),
-                    };
-                    exec::count_refusal(&mut t, &e)?;
-                    rt.block_on(tx.commit()).map_err(map_err)?;
+                let client = end(client, "ROLLBACK").ok();
+                if let (true, Some(client)) = (e.is_fenced(), client) {
+                    self.begin(&client, now, Commit::Durable)?;
+                    if let Err(err) = exec::count_refusal(&mut tx::PgTx::new(&client, rt), &e) {
+                        let _ = end(client, "ROLLBACK");
+                        return Err(err.into());
+                    }
+                    drop(end(client, "COMMIT")?);
                 }
                 Err(Attempt::Unapplied(e))
             }
         }
+    }
+
+    /// Opens a transaction (durable or not) and reads the time it runs at,
+    /// in one round trip.
+    fn begin(
+        &self,
+        client: &deadpool_postgres::Object,
+        caller: Timestamp,
+        commit: Commit,
+    ) -> Result<Timestamp, StoreError> {
+        let sql = if commit == Commit::Deferred {
+            "BEGIN; SET LOCAL synchronous_commit = off; SELECT (extract(epoch FROM now()) * 1000)::bigint"
+        } else {
+            "BEGIN; SELECT (extract(epoch FROM now()) * 1000)::bigint"
+        };
+        let msgs = runtime()?
+            .block_on(client.simple_query(sql))
+            .map_err(map_err)?;
+        if self.caller_clock {
+            return Ok(caller);
+        }
+        msgs.iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0),
+                _ => None,
+            })
+            .and_then(|v| v.parse::<i64>().ok())
+            .map(Timestamp::from_millis)
+            .ok_or_else(|| StoreError::Backend("the server did not say what time it is".into()))
     }
 
     fn read<T>(
@@ -310,6 +316,21 @@ impl PgStore {
                 })
                 .map_err(Attempt::Unapplied)
         })
+    }
+}
+
+/// Ends the open transaction. A connection that cannot end it is not
+/// handed back to the pool (the next user would find a transaction open).
+fn end(
+    client: deadpool_postgres::Object,
+    sql: &str,
+) -> Result<deadpool_postgres::Object, StoreError> {
+    match runtime()?.block_on(client.batch_execute(sql)) {
+        Ok(()) => Ok(client),
+        Err(e) => {
+            drop(deadpool_postgres::Object::take(client));
+            Err(map_err(e))
+        }
     }
 }
 

@@ -10,7 +10,7 @@
 //! [`StoreError::Conflict`]: the whole write rolls back and runs again.
 
 use crate::error::map_err;
-use crate::rows::{due_columns, i, job_of, key_from, op_of, result_json};
+use crate::rows::{due_columns, i, job_of, op_of, result_json};
 use idem_core::ports::StoreError;
 use idem_core::tx::{Counter, Tx};
 use idem_core::{Epoch, Fingerprint, Job, JobKey, OpKey, OpRecord, Timestamp, WorkerId};
@@ -23,17 +23,42 @@ use tokio_postgres::Row;
 const COUNTER_SHARDS: u8 = 16;
 
 pub(crate) struct PgTx<'a> {
-    pub(crate) tx: &'a deadpool_postgres::Transaction<'a>,
-    pub(crate) rt: &'static Runtime,
+    /// A connection with a transaction open on it.
+    tx: &'a deadpool_postgres::ClientWrapper,
+    rt: &'static Runtime,
     /// Row ids of the jobs this transaction has seen.
-    pub(crate) ids: HashMap<JobKey, i64>,
+    ids: HashMap<JobKey, i64>,
+    /// Job rows this transaction has locked, as they now are: no one else
+    /// can change them before it ends.
+    rows: HashMap<JobKey, Job>,
 }
 
 fn key_bytes(key: &JobKey) -> &[u8] {
     key.digest().as_bytes().as_slice()
 }
 
-impl PgTx<'_> {
+impl<'a> PgTx<'a> {
+    pub(crate) fn new(tx: &'a deadpool_postgres::ClientWrapper, rt: &'static Runtime) -> Self {
+        Self {
+            tx,
+            rt,
+            ids: HashMap::new(),
+            rows: HashMap::new(),
+        }
+    }
+
+    /// Remembers locked rows `SELECT job_cols!() … FOR UPDATE` returned.
+    fn locked(&mut self, rows: &[Row]) -> Result<Vec<Job>, StoreError> {
+        rows.iter()
+            .map(|r| {
+                let (id, job) = job_of(r)?;
+                self.ids.insert(job.key, id);
+                self.rows.insert(job.key, job.clone());
+                Ok(job)
+            })
+            .collect()
+    }
+
     fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, StoreError> {
         self.rt.block_on(async {
             let st = self.tx.prepare_cached(sql).await.map_err(map_err)?;
@@ -66,17 +91,6 @@ impl PgTx<'_> {
 
     fn must_id(&mut self, key: &JobKey) -> Result<i64, StoreError> {
         self.id(key)?.ok_or(StoreError::NotFound(*key))
-    }
-
-    /// The keys of rows returned as `(key, id)`, their ids remembered.
-    fn keys_of(&mut self, rows: &[Row]) -> Result<Vec<JobKey>, StoreError> {
-        rows.iter()
-            .map(|r| {
-                let key = key_from(r.try_get::<_, &[u8]>(0).map_err(map_err)?)?;
-                self.ids.insert(key, r.try_get(1).map_err(map_err)?);
-                Ok(key)
-            })
-            .collect()
     }
 }
 
@@ -198,6 +212,7 @@ impl Tx for PgTx<'_> {
             ],
         )?;
         if n == 1 {
+            self.rows.insert(new.key, new.clone());
             Ok(())
         } else {
             Err(StoreError::Conflict(format!(
@@ -318,23 +333,31 @@ impl Tx for PgTx<'_> {
         skip: &[String],
     ) -> Result<Vec<(JobKey, String)>, StoreError> {
         let rows = self.query(
-            "SELECT key, id, host FROM jobs WHERE due_at IS NOT NULL AND due_at <= $1 AND NOT (host = ANY($3)) \
-             ORDER BY host_rank, due_at, id LIMIT $2 FOR UPDATE SKIP LOCKED",
+            concat!(
+                "SELECT ",
+                job_cols!(),
+                " FROM jobs WHERE due_at IS NOT NULL AND due_at <= $1 AND NOT (host = ANY($3)) \
+                 ORDER BY host_rank, due_at, id LIMIT $2 FOR UPDATE SKIP LOCKED"
+            ),
             &[&now.as_millis(), &i(limit as u64), &skip],
         )?;
-        let keys = self.keys_of(&rows)?;
-        keys.into_iter()
-            .zip(&rows)
-            .map(|(k, r)| Ok((k, r.try_get::<_, String>(2).map_err(map_err)?)))
-            .collect()
+        Ok(self
+            .locked(&rows)?
+            .into_iter()
+            .map(|j| (j.key, j.spec.url.host()))
+            .collect())
     }
 
     fn due_suspect(&mut self, now: Timestamp) -> Result<Option<JobKey>, StoreError> {
         let rows = self.query(
-            "SELECT key, id FROM jobs WHERE suspect_due_at <= $1 ORDER BY suspect_due_at, id LIMIT 1 FOR UPDATE SKIP LOCKED",
+            concat!(
+                "SELECT ",
+                job_cols!(),
+                " FROM jobs WHERE suspect_due_at <= $1 ORDER BY suspect_due_at, id LIMIT 1 FOR UPDATE SKIP LOCKED"
+            ),
             &[&now.as_millis()],
         )?;
-        Ok(self.keys_of(&rows)?.pop())
+        Ok(self.locked(&rows)?.pop().map(|j| j.key))
     }
 
     fn live_on_host(&mut self, host: &str, now: Timestamp) -> Result<usize, StoreError> {
@@ -375,11 +398,15 @@ impl Tx for PgTx<'_> {
 
     fn held_by(&mut self, owner: &WorkerId, now: Timestamp) -> Result<Vec<JobKey>, StoreError> {
         let rows = self.query(
-            "SELECT key, id FROM jobs WHERE lease_owner = $1 AND due_at IS NOT NULL AND next_attempt_at <= $2 \
-             ORDER BY id FOR UPDATE SKIP LOCKED",
+            concat!(
+                "SELECT ",
+                job_cols!(),
+                " FROM jobs WHERE lease_owner = $1 AND due_at IS NOT NULL AND next_attempt_at <= $2 \
+                 ORDER BY id FOR UPDATE SKIP LOCKED"
+            ),
             &[&owner.as_str(), &now.as_millis()],
         )?;
-        self.keys_of(&rows)
+        Ok(self.locked(&rows)?.into_iter().map(|j| j.key).collect())
     }
 
     fn bump(&mut self, counter: Counter, job: &JobKey) -> Result<(), StoreError> {
