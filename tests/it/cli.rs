@@ -314,7 +314,7 @@ fn cli_reference_is_current() {
     let mut md = String::from(
         "# idem CLI reference\n\n<!-- Generated from `idem --help` by the test `cli_reference_is_current`; do not edit. -->\n\n",
     );
-    let commands: [&[&str]; 11] = [
+    let commands: [&[&str]; 12] = [
         &[],
         &["plan"],
         &["run"],
@@ -325,6 +325,7 @@ fn cli_reference_is_current() {
         &["retry"],
         &["export"],
         &["slo", "check"],
+        &["copy-ledger"],
         &["demo"],
     ];
     for cmd in commands {

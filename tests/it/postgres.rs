@@ -290,3 +290,72 @@ fn a_postgres_restart_mid_run_loses_nothing_and_repeats_nothing() {
         assert_eq!(finals, 1, "{shown}");
     }
 }
+
+#[test]
+fn a_sqlite_ledger_moves_to_postgres_and_the_run_carries_on_there() {
+    let Some(pg) = Env::postgres(SECRET) else {
+        eprintln!("IDEM_PG_URL is not set: skipped");
+        return;
+    };
+    let lite = Env::new();
+    let o = Origin::start(
+        (0..10).map(|i| (format!("d{i}"), content(i + 31, 4_000 + 100 * i as usize))),
+    )
+    .unwrap();
+    let mut lines: Vec<_> = (0..8)
+        .map(|i| job("w", &format!("a{i}"), &o.url(&format!("/f/d{i}"))))
+        .collect();
+    lines.push(job("w", "gone", &o.url("/missing")));
+    lite.plan(&lines);
+    let run = lite.run_cmd().output().unwrap();
+    assert_eq!(json_of(&run)["run"]["finalized"], 8, "{}", text(&run));
+    // Planned after the run: still to do when the ledger moves.
+    lines.push(job("w", "late", &o.url("/f/d9")));
+    lite.plan(&lines);
+    let copy = lite
+        .idem()
+        .args(["copy-ledger", "--json", "--to"])
+        .arg(&pg.db)
+        .output()
+        .unwrap();
+    assert!(copy.status.success(), "{}", text(&copy));
+    assert_eq!(json_of(&copy)["copied"], 10);
+    assert!(!text(&copy).contains(SECRET));
+    let manifest = |e: &Env| {
+        let out = e
+            .idem()
+            .args(["export", "--format", "jsonl"])
+            .output()
+            .unwrap();
+        let mut rows: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        rows.sort();
+        rows
+    };
+    assert_eq!(
+        manifest(&lite),
+        manifest(&pg),
+        "the same jobs, as they were"
+    );
+    assert_eq!(lite.show("w/a3")["ops"], pg.show("w/a3")["ops"]);
+    // Copying again copies nothing.
+    let again = lite
+        .idem()
+        .args(["copy-ledger", "--json", "--to"])
+        .arg(&pg.db)
+        .output()
+        .unwrap();
+    assert_eq!(json_of(&again)["existing"], 10, "{}", text(&again));
+    // The run goes on from PostgreSQL, on the same output tree: only the
+    // job still planned is fetched.
+    let before = o.total();
+    let mut cmd = Command::new(crate::support::IDEM);
+    cmd.arg("--db").arg(&pg.db).arg("--out").arg(&lite.out);
+    cmd.args(["run", "--allow-loopback", "--json"]);
+    let run = cmd.output().unwrap();
+    assert_eq!(json_of(&run)["run"]["finalized"], 1, "{}", text(&run));
+    assert_eq!(o.total() - before, 1, "only the late job was fetched");
+    assert_eq!(check_blobs(&lite.out), 9);
+}

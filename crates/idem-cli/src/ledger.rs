@@ -1,7 +1,7 @@
 //! The ledger a command opens: a SQLite file, or a PostgreSQL database
 //! named by a `postgres://` URL, behind one [`Store`].
 
-use crate::Global;
+use crate::{CopyArgs, Global};
 use anyhow::Context;
 use idem_core::ports::{Applied, Commit, StatusCounts, Store, StoreError};
 use idem_core::{HostLoad, Job, JobKey, JobState, OpRecord, Timestamp, WorkerId, Write, Written};
@@ -112,4 +112,59 @@ impl Store for Ledger {
     fn busiest_hosts(&self, now: Timestamp, limit: usize) -> Result<Vec<HostLoad>, StoreError> {
         each!(self, s => s.busiest_hosts(now, limit))
     }
+}
+
+/// Jobs per destination transaction.
+const COPY_BATCH: usize = 500;
+
+/// `idem copy-ledger`: pages through the source in key order and imports
+/// each page in one transaction of the destination.
+pub(crate) fn copy(g: &Global, a: &CopyArgs) -> anyhow::Result<u8> {
+    let src = open(g)?;
+    let now = crate::commands::now();
+    let live = src.status(now)?.live_leases;
+    if live > 0 {
+        anyhow::bail!(
+            "{} has {live} live lease(s): stop every worker (or wait for the leases to expire) before copying",
+            shown(g)
+        );
+    }
+    let dest_g = Global {
+        db: a.to.clone(),
+        ..g.clone()
+    };
+    if shown(&dest_g) == shown(g) {
+        anyhow::bail!("--to names the ledger --db already names");
+    }
+    let dest = open(&dest_g)?;
+    let (mut copied, mut existing) = (0u64, 0u64);
+    let mut after: Option<JobKey> = None;
+    loop {
+        let page = src.scan(None, after.as_ref(), COPY_BATCH)?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.key);
+        let mut batch = Vec::with_capacity(page.len());
+        for job in page {
+            let ops = src.ops(&job.key)?;
+            batch.push((job, ops));
+        }
+        let (c, e) = dest
+            .import(&batch, now)
+            .with_context(|| format!("copying into {}", shown(&dest_g)))?;
+        copied += c;
+        existing += e;
+        tracing::info!(copied, existing, "copying");
+    }
+    if a.json {
+        crate::commands::print_json(&serde_json::json!({
+            "from": shown(g), "to": shown(&dest_g), "copied": copied, "existing": existing,
+        }))?;
+    } else {
+        outln!(
+            "copied {copied} job(s) from {} to {}; {existing} already there, left as they were",
+            shown(g),
+            shown(&dest_g)
+        );
+    }
+    Ok(0)
 }

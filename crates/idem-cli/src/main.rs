@@ -125,6 +125,16 @@ enum Cmd {
     /// Service level objectives.
     #[command(subcommand)]
     Slo(SloCmd),
+    /// Copy every job, with its state and operation ledger, from the ledger
+    /// --db names into another one (--to): to move a SQLite ledger to a
+    /// PostgreSQL database shared by many hosts.
+    ///
+    /// Stop every worker first: the copy refuses a ledger with live leases.
+    /// Jobs whose key the destination already holds are left as they are,
+    /// so a copy interrupted half-way can be run again.
+    ///
+    /// Typical use: idem --db idem.db copy-ledger --to postgres://idem@db/corpus
+    CopyLedger(CopyArgs),
     /// Internal: lease and complete jobs with a null effect (no network):
     /// the ledger path alone, for the multi-process test and benchmarks.
     #[command(hide = true)]
@@ -146,6 +156,15 @@ struct SloCheckArgs {
     /// How far back to look: 30m, 6h, 1d, 7d…
     #[arg(long, default_value = "1d")]
     window: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct CopyArgs {
+    /// The destination ledger: a SQLite file or a postgres:// URL.
+    #[arg(long)]
+    to: PathBuf,
     #[arg(long)]
     json: bool,
 }
@@ -416,5 +435,6 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Demo(a) => demo::run(&g, &a),
         Cmd::Slo(SloCmd::Check(a)) => slo::check(&g, &a),
         Cmd::LedgerDrill(a) => commands::ledger_drill(&g, &a),
+        Cmd::CopyLedger(a) => ledger::copy(&g, &a),
     }
 }

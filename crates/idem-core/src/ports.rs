@@ -371,6 +371,20 @@ pub trait Store: Send + Sync {
         }
     }
 
+    /// Copies jobs as they are, with their ops, in one transaction (see
+    /// [`Write::Import`]); returns (copied, already held).
+    fn import(
+        &self,
+        jobs: &[(Job, Vec<OpRecord>)],
+        now: Timestamp,
+    ) -> Result<(u64, u64), StoreError> {
+        let a = self.write(Write::Import(jobs), now, Commit::Durable)?;
+        match a.value {
+            Written::Imported { copied, existing } => Ok((copied, existing)),
+            _ => Err(wrong_reply()),
+        }
+    }
+
     fn job(&self, key: &JobKey) -> Result<Option<Job>, StoreError>;
 
     /// A job's operation ledger, in the order ops were started.

@@ -17,10 +17,12 @@
 //! forever, truncated results, renew failing outside `leased`.
 
 mod counts;
+mod import;
 mod model;
 pub mod races;
 
 pub use counts::status_counts_mean_what_they_say;
+pub use import::import_copies_jobs_and_ops_as_they_are;
 pub use model::the_store_agrees_with_the_model_under_random_interleavings;
 
 use idem_core::ports::{LeaseRequest, Store};
@@ -78,6 +80,7 @@ macro_rules! __conformance_list {
             a_lease_step_sees_the_steps_before_it_and_rolls_back_with_them,
             operator_retry_restarts_a_failed_job,
             status_counts_mean_what_they_say,
+            import_copies_jobs_and_ops_as_they_are,
             the_store_agrees_with_the_model_under_random_interleavings
         );
     };

@@ -47,6 +47,7 @@ pub(crate) enum OwnedWrite {
     },
     Steps(Vec<Step>),
     AbandonDeadOps,
+    Import(Vec<(idem_core::Job, Vec<idem_core::OpRecord>)>),
 }
 
 impl OwnedWrite {
@@ -61,6 +62,7 @@ impl OwnedWrite {
             },
             Write::Steps(steps) => Self::Steps(steps.to_vec()),
             Write::AbandonDeadOps => Self::AbandonDeadOps,
+            Write::Import(jobs) => Self::Import(jobs.to_vec()),
         }
     }
 
@@ -75,6 +77,7 @@ impl OwnedWrite {
             },
             Self::Steps(steps) => Write::Steps(steps),
             Self::AbandonDeadOps => Write::AbandonDeadOps,
+            Self::Import(jobs) => Write::Import(jobs),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! count live here; a store only opens the transaction, calls [`run`], and
 //! commits (or rolls back). See [`crate::tx`] for the isolation it owes.
 
+mod import;
 mod lease;
 mod plan;
 
@@ -30,6 +31,9 @@ pub enum Write<'a> {
     Steps(&'a [Step]),
     /// Abandons every started op whose epoch is not its job's live lease.
     AbandonDeadOps,
+    /// Copies jobs as they are, with their ops (from another ledger); a key
+    /// already held is left alone.
+    Import(&'a [(Job, Vec<crate::ledger::OpRecord>)]),
 }
 
 /// What a [`Write`] returned.
@@ -38,6 +42,11 @@ pub enum Written {
     Plan(Vec<PlanOutcome>),
     Steps(Vec<StepOutput>),
     Abandoned(u64),
+    /// Jobs copied, and jobs left alone because their key was held.
+    Imported {
+        copied: u64,
+        existing: u64,
+    },
 }
 
 /// Runs `write` in `tx`. On an error the store must roll back whatever
@@ -60,6 +69,13 @@ pub fn run<T: Tx + ?Sized>(
             value: Written::Steps(a.value),
             events: a.events,
         }),
+        Write::Import(jobs) => {
+            let (copied, existing) = import::import(tx, jobs)?;
+            Ok(Applied {
+                value: Written::Imported { copied, existing },
+                events: Vec::new(),
+            })
+        }
         Write::AbandonDeadOps => {
             let n = tx.abandon_dead_ops(now)?;
             let events = ledger::abandoned_event(None, n)
