@@ -24,14 +24,14 @@ fn now() -> Timestamp {
     Timestamp::from_millis(ms)
 }
 
-fn row(name: &str, idem: f64, base: f64, unit: &str, note: &str) {
+pub(crate) fn row(name: &str, idem: f64, base: f64, unit: &str, note: &str) {
     println!(
         "{name:<52} idem {idem:>10.0} {unit:<8} baseline {base:>10.0} {unit:<8} ratio {:>5.2}  {note}",
         idem / base.max(1e-9)
     );
 }
 
-fn specs(n: usize, tag: &str) -> Vec<(String, String, String)> {
+pub(crate) fn specs(n: usize, tag: &str) -> Vec<(String, String, String)> {
     (0..n)
         .map(|i| {
             (

@@ -2,6 +2,7 @@
 //! written in Rust so CI and developers run the same thing.
 
 mod bench;
+mod bench_pg;
 mod latency;
 mod lopsided;
 mod slo;
@@ -26,7 +27,14 @@ fn main() -> anyhow::Result<()> {
         Some("slo-gen") => slo::run(&root(), args.iter().any(|a| a == "--check")),
         Some("bench") => {
             let what = args.get(1).map_or("all", String::as_str);
-            if matches!(what, "store" | "all" | "--quick") {
+            let pg = args
+                .iter()
+                .position(|a| a == "--db")
+                .and_then(|i| args.get(i + 1))
+                .filter(|u| u.starts_with("postgres"));
+            if let (Some(url), "store") = (pg, what) {
+                bench_pg::store(&root(), url, quick)?;
+            } else if matches!(what, "store" | "all" | "--quick") {
                 bench::store(&root(), quick)?;
             }
             if matches!(what, "download" | "all" | "--quick") {
