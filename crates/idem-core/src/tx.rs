@@ -143,4 +143,17 @@ pub trait Tx {
 
     /// Adds one to `counter`, moved by a write to `job`.
     fn bump(&mut self, counter: Counter, job: &JobKey) -> Result<(), StoreError>;
+
+    /// A hint that a plan batch is about to look up, and perhaps insert,
+    /// the jobs under `keys`: a store may read them all at once.
+    fn will_plan(&mut self, _keys: &[JobKey]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Called after a write's last row call, before the store commits: a
+    /// store that held rows back (to send them together) sends them now,
+    /// and refuses with [`StoreError::Conflict`] if they no longer fit.
+    fn flush(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

@@ -114,7 +114,8 @@ macro_rules! __race_list {
         $crate::__conformance_races!($make_two;
             racing_leasers_never_share_a_job,
             racing_finishes_commit_an_op_once,
-            a_renewal_racing_a_takeover_has_one_winner
+            a_renewal_racing_a_takeover_has_one_winner,
+            racing_planners_plan_each_job_once
         );
     };
 }

@@ -173,3 +173,45 @@ pub fn a_renewal_racing_a_takeover_has_one_winner(a: &dyn Store, b: &dyn Store) 
     }
     assert!(!outcomes.is_empty());
 }
+
+/// Both handles plan the same new lines at once, in batches, one of them
+/// backwards: each job is planned once, reported `Planned` by exactly one
+/// of them and `Existing` by the other.
+pub fn racing_planners_plan_each_job_once(a: &dyn Store, b: &dyn Store) {
+    use idem_core::PlanOutcome;
+    let specs: Vec<_> = (0..300).map(crate::spec).collect();
+    let plan_all = |s: &dyn Store, backwards: bool| {
+        let mut mine: Vec<_> = specs.clone();
+        if backwards {
+            mine.reverse();
+        }
+        let mut planned = BTreeSet::new();
+        for batch in mine.chunks(40) {
+            let out = loop {
+                match s.plan(batch, 3, t(0)) {
+                    Ok(a) => break a.value,
+                    Err(e) if e.is_transient() => {}
+                    Err(e) => panic!("plan failed: {e}"),
+                }
+            };
+            for o in out {
+                match o {
+                    PlanOutcome::Planned { job_key } => {
+                        planned.insert(job_key);
+                    }
+                    PlanOutcome::Existing { .. } => {}
+                    PlanOutcome::Conflict(c) => panic!("no conflict expected: {c:?}"),
+                }
+            }
+        }
+        planned
+    };
+    let (pa, pb) = std::thread::scope(|sc| {
+        let ha = sc.spawn(|| plan_all(a, false));
+        let hb = sc.spawn(|| plan_all(b, true));
+        (ha.join().expect("a"), hb.join().expect("b"))
+    });
+    assert!(pa.is_disjoint(&pb), "a job reported planned by both");
+    assert_eq!(pa.len() + pb.len(), specs.len(), "every job planned once");
+    assert_eq!(a.status(t(1)).unwrap().total, specs.len() as u64);
+}

@@ -31,6 +31,11 @@ pub(crate) struct PgTx<'a> {
     /// Job rows this transaction has locked, as they now are: no one else
     /// can change them before it ends.
     rows: HashMap<JobKey, Job>,
+    /// For a plan batch: the fingerprint of each key looked up at once
+    /// (`None`: no such job when looked up).
+    planned: HashMap<JobKey, Option<Vec<u8>>>,
+    /// New jobs held back, to be inserted together.
+    pending: Vec<Job>,
 }
 
 fn key_bytes(key: &JobKey) -> &[u8] {
@@ -44,7 +49,58 @@ impl<'a> PgTx<'a> {
             rt,
             ids: HashMap::new(),
             rows: HashMap::new(),
+            planned: HashMap::new(),
+            pending: Vec::new(),
         }
+    }
+
+    /// Inserts the jobs held back, in one statement. A key another writer
+    /// planned meanwhile makes the whole write a conflict, run again.
+    fn send_pending(&mut self) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let jobs = std::mem::take(&mut self.pending);
+        let col = |f: &dyn Fn(&Job) -> Option<String>| jobs.iter().map(f).collect::<Vec<_>>();
+        let keys: Vec<&[u8]> = jobs.iter().map(|j| key_bytes(&j.key)).collect();
+        let fps: Vec<&[u8]> = jobs
+            .iter()
+            .map(|j| j.fingerprint.digest().as_bytes().as_slice())
+            .collect();
+        let work = col(&|j| Some(j.spec.work_id.clone()));
+        let art = col(&|j| Some(j.spec.artifact_id.clone()));
+        let url = col(&|j| Some(j.spec.url.as_str().to_owned()));
+        let sha = col(&|j| j.spec.sha256.map(|d| d.to_hex()));
+        let ctype = col(&|j| j.spec.content_type.clone());
+        let state = col(&|j| Some(j.state.as_str().to_owned()));
+        let host = col(&|j| Some(j.spec.url.host()));
+        let max: Vec<i64> = jobs.iter().map(|j| i64::from(j.max_attempts)).collect();
+        let next: Vec<i64> = jobs.iter().map(|j| j.next_attempt_at.as_millis()).collect();
+        let due: Vec<Option<i64>> = jobs.iter().map(|j| due_columns(j).0).collect();
+        let created: Vec<i64> = jobs.iter().map(|j| j.created_at.as_millis()).collect();
+        let rank: Vec<i64> = jobs.iter().map(|j| i(j.host_rank)).collect();
+        let rows = self.query(
+            "INSERT INTO jobs (key, fingerprint, work_id, artifact_id, url, expected_sha256, expected_type, state, \
+             epoch, attempts, max_attempts, next_attempt_at, due_at, created_at, updated_at, host, host_rank) \
+             SELECT k, f, w, a, u, s, t, st, 0, 0, m, n, d, c, c, h, r FROM unnest($1::bytea[], $2::bytea[], \
+             $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[], \
+             $11::bigint[], $12::bigint[], $13::text[], $14::bigint[]) AS x(k, f, w, a, u, s, t, st, m, n, d, c, h, r) \
+             ON CONFLICT (key) DO NOTHING RETURNING key, id",
+            &[
+                &keys, &fps, &work, &art, &url, &sha, &ctype, &state, &max, &next, &due, &created,
+                &host, &rank,
+            ],
+        )?;
+        if rows.len() != jobs.len() {
+            return Err(StoreError::Conflict(
+                "another writer planned some of these jobs meanwhile".into(),
+            ));
+        }
+        for r in &rows {
+            let key = crate::rows::key_from(r.try_get::<_, &[u8]>(0).map_err(map_err)?)?;
+            self.ids.insert(key, r.try_get(1).map_err(map_err)?);
+        }
+        Ok(())
     }
 
     /// Remembers locked rows `SELECT job_cols!() … FOR UPDATE` returned.
@@ -96,6 +152,7 @@ impl<'a> PgTx<'a> {
 
 impl Tx for PgTx<'_> {
     fn job(&mut self, key: &JobKey) -> Result<Option<Job>, StoreError> {
+        self.send_pending()?;
         let rows = self.query(
             concat!(
                 "SELECT ",
@@ -113,6 +170,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn lease_epoch(&mut self, key: &JobKey) -> Result<Option<Option<Epoch>>, StoreError> {
+        self.send_pending()?;
         let rows = self.query(
             "SELECT id, lease_epoch FROM jobs WHERE key = $1 FOR UPDATE",
             &[&key_bytes(key)],
@@ -130,6 +188,13 @@ impl Tx for PgTx<'_> {
         key: &JobKey,
         fingerprint: &Fingerprint,
     ) -> Result<Option<bool>, StoreError> {
+        let mine = fingerprint.digest().as_bytes().as_slice();
+        if let Some(j) = self.pending.iter().find(|j| j.key == *key) {
+            return Ok(Some(j.fingerprint == *fingerprint));
+        }
+        if let Some(known) = self.planned.get(key) {
+            return Ok(known.as_deref().map(|fp| fp == mine));
+        }
         let rows = self.query(
             "SELECT fingerprint = $2 FROM jobs WHERE key = $1",
             &[&key_bytes(key), &fingerprint.digest().as_bytes().as_slice()],
@@ -141,6 +206,14 @@ impl Tx for PgTx<'_> {
     }
 
     fn insert_job(&mut self, job: &Job) -> Result<bool, StoreError> {
+        // A plan batch's new jobs go together, at the end of the write.
+        if let Some(known) = self.planned.get(&job.key) {
+            if known.is_some() || self.pending.iter().any(|j| j.key == job.key) {
+                return Ok(false);
+            }
+            self.pending.push(job.clone());
+            return Ok(true);
+        }
         let (due_at, _) = due_columns(job);
         let rows = self.query(
             "INSERT INTO jobs (key, fingerprint, work_id, artifact_id, url, expected_sha256, expected_type, state, \
@@ -172,6 +245,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn update_job(&mut self, old: &Job, new: &Job) -> Result<(), StoreError> {
+        self.send_pending()?;
         let id = self.must_id(&old.key)?;
         let (due_at, suspect_due_at) = due_columns(new);
         let lease = new.lease.as_ref();
@@ -223,6 +297,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn op(&mut self, key: &OpKey) -> Result<Option<OpRecord>, StoreError> {
+        self.send_pending()?;
         let Some(job_id) = self.id(&key.job)? else {
             return Ok(None);
         };
@@ -238,6 +313,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn insert_op(&mut self, rec: &OpRecord) -> Result<bool, StoreError> {
+        self.send_pending()?;
         let job_id = self.must_id(&rec.key.job)?;
         let n = self.execute(
             "INSERT INTO ops (job_id, kind, epoch, owner, status, result, error, runs, started_at, finished_at) \
@@ -259,6 +335,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn update_op(&mut self, rec: &OpRecord) -> Result<(), StoreError> {
+        self.send_pending()?;
         let job_id = self.must_id(&rec.key.job)?;
         let n = self.execute(
             "UPDATE ops SET owner = $4, status = $5, result = $6, error = $7, runs = $8, started_at = $9, finished_at = $10 \
@@ -289,6 +366,7 @@ impl Tx for PgTx<'_> {
         epoch: Epoch,
         now: Timestamp,
     ) -> Result<u64, StoreError> {
+        self.send_pending()?;
         let id = self.must_id(job)?;
         self.execute(
             "UPDATE ops SET status = 'abandoned', finished_at = $3 WHERE job_id = $1 AND status = 'started' AND epoch < $2",
@@ -297,6 +375,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn abandon_dead_ops(&mut self, now: Timestamp) -> Result<u64, StoreError> {
+        self.send_pending()?;
         self.execute(
             "UPDATE ops SET status = 'abandoned', finished_at = $1 WHERE status = 'started' AND NOT EXISTS ( \
                SELECT 1 FROM jobs j WHERE j.id = ops.job_id AND j.lease_epoch = ops.epoch AND j.lease_expires_at > $1)",
@@ -332,6 +411,7 @@ impl Tx for PgTx<'_> {
         limit: usize,
         skip: &[String],
     ) -> Result<Vec<(JobKey, String)>, StoreError> {
+        self.send_pending()?;
         let rows = self.query(
             concat!(
                 "SELECT ",
@@ -349,6 +429,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn due_suspect(&mut self, now: Timestamp) -> Result<Option<JobKey>, StoreError> {
+        self.send_pending()?;
         let rows = self.query(
             concat!(
                 "SELECT ",
@@ -361,6 +442,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn live_on_host(&mut self, host: &str, now: Timestamp) -> Result<usize, StoreError> {
+        self.send_pending()?;
         let rows = self.query(
             "SELECT count(*) FROM jobs WHERE host = $1 AND lease_owner IS NOT NULL AND lease_expires_at > $2",
             &[&host, &now.as_millis()],
@@ -397,6 +479,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn held_by(&mut self, owner: &WorkerId, now: Timestamp) -> Result<Vec<JobKey>, StoreError> {
+        self.send_pending()?;
         let rows = self.query(
             concat!(
                 "SELECT ",
@@ -407,6 +490,27 @@ impl Tx for PgTx<'_> {
             &[&owner.as_str(), &now.as_millis()],
         )?;
         Ok(self.locked(&rows)?.into_iter().map(|j| j.key).collect())
+    }
+
+    fn will_plan(&mut self, keys: &[JobKey]) -> Result<(), StoreError> {
+        let wanted: Vec<&[u8]> = keys.iter().map(key_bytes).collect();
+        let rows = self.query(
+            "SELECT key, fingerprint FROM jobs WHERE key = ANY($1)",
+            &[&wanted],
+        )?;
+        for k in keys {
+            self.planned.insert(*k, None);
+        }
+        for r in &rows {
+            let key = crate::rows::key_from(r.try_get::<_, &[u8]>(0).map_err(map_err)?)?;
+            let fp: Vec<u8> = r.try_get(1).map_err(map_err)?;
+            self.planned.insert(key, Some(fp));
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        self.send_pending()
     }
 
     fn bump(&mut self, counter: Counter, job: &JobKey) -> Result<(), StoreError> {

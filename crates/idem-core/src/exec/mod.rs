@@ -57,6 +57,16 @@ pub fn run<T: Tx + ?Sized>(
     write: Write<'_>,
     now: Timestamp,
 ) -> Result<Applied<Written>, StoreError> {
+    let applied = decide(tx, write, now)?;
+    tx.flush()?;
+    Ok(applied)
+}
+
+fn decide<T: Tx + ?Sized>(
+    tx: &mut T,
+    write: Write<'_>,
+    now: Timestamp,
+) -> Result<Applied<Written>, StoreError> {
     match write {
         Write::Plan {
             specs,

@@ -23,8 +23,9 @@ pub(super) fn plan<T: Tx + ?Sized>(
     // either run costs one store call per item.
     let mut expect_existing = false;
     let mut ranks = HostRanks::default();
-    for spec in specs {
-        let key = spec.key();
+    let keys: Vec<_> = specs.iter().map(JobSpec::key).collect();
+    tx.will_plan(&keys)?;
+    for (spec, &key) in specs.iter().zip(&keys) {
         let fingerprint = spec.fingerprint();
         let mut same = None;
         if expect_existing {
