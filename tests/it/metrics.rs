@@ -193,3 +193,105 @@ fn idem_telemetry_catalogue() -> Vec<&'static str> {
         "idem_duplicates_total",
     ]
 }
+
+/// The value of every sample of `name` in a scrape, as (labels, value).
+fn samples(body: &str, name: &str) -> Vec<(String, f64)> {
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series[name.len()..].to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The dashboard query over `metric`, as the generated dashboards have it.
+fn dashboard_query(metric: &str) -> String {
+    let queries = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../slo/dashboard-queries.yaml"),
+    )
+    .unwrap();
+    queries
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("expr: "))
+        .map(|e| e.trim_matches('\'').to_owned())
+        .find(|e| e.contains(metric) && !e.contains("rate("))
+        .unwrap_or_else(|| panic!("no dashboard query over {metric}"))
+}
+
+/// Two workers on one ledger both export its gauges; the dashboard's own
+/// queries, evaluated by promtool over both scrapes, give the ledger's
+/// totals once, not once per worker.
+#[test]
+fn two_workers_on_one_ledger_count_its_jobs_once_on_the_dashboard() {
+    if !have_promtool() {
+        assert!(std::env::var_os("CI").is_none(), "CI must install promtool");
+        eprintln!("skipped: promtool not installed");
+        return;
+    }
+    let env = Env::new();
+    let n = 12;
+    let o = Origin::start((0..n).map(|i| (format!("d{i}"), content(i + 3, 5_000)))).unwrap();
+    let lines: Vec<_> = (0..n)
+        .map(|i| job("w", &format!("a{i}"), &o.url(&format!("/f/d{i}"))))
+        .collect();
+    env.plan(&lines);
+    let ports = [free_port(), free_port()];
+    let mut workers: Vec<_> = ports
+        .iter()
+        .map(|p| {
+            env.run_cmd()
+                .args(["--follow", "--metrics-addr", &format!("127.0.0.1:{p}")])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let finished = |st: &serde_json::Value| crate::support::count(st, "finalized") == n;
+    while !finished(&env.status()) {
+        assert!(Instant::now() < deadline, "the jobs never finished");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Both have sampled the finished ledger (they sample every 2 s).
+    std::thread::sleep(Duration::from_millis(4_500));
+    let bodies: Vec<String> = ports.iter().map(|p| scrape(*p).expect("scrape")).collect();
+    for w in &mut workers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    let mut series = String::new();
+    for (i, body) in bodies.iter().enumerate() {
+        for metric in ["idem_queue_jobs", "idem_leases_live"] {
+            let got = samples(body, metric);
+            assert!(!got.is_empty(), "worker {i} exports {metric}");
+            for (labels, value) in got {
+                let labels = labels.replacen('{', &format!("{{instance=\"w{i}\","), 1);
+                series.push_str(&format!(
+                    "      - series: '{metric}{labels}'\n        values: '{value}'\n"
+                ));
+            }
+        }
+    }
+    let jobs_query = dashboard_query("idem_queue_jobs");
+    let live_query = dashboard_query("idem_leases_live");
+    let st = env.status();
+    let mut expected = String::new();
+    for (state, count) in st["by_state"].as_object().unwrap() {
+        expected.push_str(&format!(
+            "          - labels: '{{state=\"{state}\"}}'\n            value: {count}\n"
+        ));
+    }
+    let test = format!(
+        "rule_files: []\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{series}    promql_expr_test:\n      - expr: '{jobs_query}'\n        eval_time: 0m\n        exp_samples:\n{expected}      - expr: '{live_query}'\n        eval_time: 0m\n        exp_samples:\n          - labels: '{{}}'\n            value: 0\n"
+    );
+    let file = env.path("dashboard-test.yaml");
+    std::fs::write(&file, &test).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{test}", text(&out));
+}

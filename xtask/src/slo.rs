@@ -252,8 +252,8 @@ fn overview_panels() -> Vec<Panel> {
             .collect(),
     };
     vec![
-        p("Jobs by state", "timeseries", "short", &[("sum by (state) (idem_queue_jobs)", "{{state}}")]),
-        p("Due now and oldest due age", "timeseries", "s", &[("max(idem_queue_oldest_due_age_seconds)", "oldest due age"), ("sum(idem_queue_due_jobs)", "due jobs")]),
+        p("Jobs by state", "timeseries", "short", &[("sum by (state) (max by (ledger, state) (idem_queue_jobs))", "{{state}}")]),
+        p("Due now and oldest due age", "timeseries", "s", &[("max(idem_queue_oldest_due_age_seconds)", "oldest due age"), ("sum(max by (ledger) (idem_queue_due_jobs))", "due jobs")]),
         p("Jobs finished per second", "timeseries", "ops", &[("sum by (outcome) (rate(idem_jobs_finished_total[$__rate_interval]))", "{{outcome}}")]),
         p("Download throughput", "timeseries", "Bps", &[("sum(rate(idem_downloaded_bytes_total[$__rate_interval]))", "bytes/s")]),
         p("Operations per second", "timeseries", "ops", &[("sum by (op, status) (rate(idem_operations_completed_total[$__rate_interval]))", "{{op}} {{status}}")]),
@@ -263,7 +263,8 @@ fn overview_panels() -> Vec<Panel> {
             ("sum by (takeover) (rate(idem_leases_acquired_total[$__rate_interval]))", "acquired takeover={{takeover}}"),
             ("sum(rate(idem_leases_expired_total[$__rate_interval]))", "expired"),
             ("sum(rate(idem_writes_fenced_total[$__rate_interval]))", "fenced writes"),
-            ("sum(idem_leases_live)", "live"),
+            ("sum(max by (ledger) (idem_leases_live))", "live"),
+            ("sum(max by (ledger) (idem_leases_stale))", "stale (expired, not taken over)"),
         ]),
         p("Retries and failures by reason", "timeseries", "ops", &[
             ("sum by (reason) (rate(idem_retries_scheduled_total[$__rate_interval]))", "retry {{reason}}"),

@@ -131,11 +131,12 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
         if let Some(addr) = a.metrics_addr {
             crate::sink::install_exporter(addr)?;
             let store = Arc::clone(&store);
+            let ledger = crate::ledger::id(g);
             tokio::spawn(async move {
                 loop {
                     let s = Arc::clone(&store);
                     if let Ok(Ok(st)) = tokio::task::spawn_blocking(move || s.status(now())).await {
-                        idem_telemetry::record_status(&st);
+                        idem_telemetry::record_status(&st, &ledger);
                     }
                     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
                 }

@@ -23,6 +23,17 @@ pub(crate) fn shown(g: &Global) -> String {
     }
 }
 
+/// The ledger's name in metrics: the same for every worker of one ledger,
+/// wherever it runs: a SQLite file's absolute path, or the database's URL
+/// without its credentials.
+pub(crate) fn id(g: &Global) -> String {
+    let db = g.db.to_string_lossy();
+    if idem_store_postgres::is_url(&db) {
+        return shown(g);
+    }
+    std::fs::canonicalize(&g.db).map_or_else(|_| shown(g), |p| p.display().to_string())
+}
+
 pub(crate) fn open(g: &Global) -> anyhow::Result<Ledger> {
     let db = g.db.to_string_lossy();
     if idem_store_postgres::is_url(&db) {

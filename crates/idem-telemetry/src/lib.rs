@@ -61,10 +61,11 @@ catalogue! {
     RETRIES = "idem_retries_scheduled_total", Counter, ["reason"], "Attempts that failed and were scheduled again.";
     LEASE_CALL = "idem_lease_acquire_duration_seconds", Histogram, [], "Latency of one lease call (waiting for the ledger included).";
     PLAN_TO_FINISH = "idem_plan_to_finish_seconds", Histogram, ["outcome"], "Time from planning a job to its terminal state.";
-    QUEUE_JOBS = "idem_queue_jobs", Gauge, ["state"], "Jobs in the ledger by state (sampled).";
-    QUEUE_DUE = "idem_queue_due_jobs", Gauge, [], "Jobs due now and not held (sampled).";
-    OLDEST_DUE_AGE = "idem_queue_oldest_due_age_seconds", Gauge, [], "How long the oldest due job has waited (sampled; 0 when none is due).";
-    LIVE_LEASES = "idem_leases_live", Gauge, [], "Leases currently held (sampled).";
+    QUEUE_JOBS = "idem_queue_jobs", Gauge, ["ledger", "state"], "Jobs in the ledger by state (sampled; every worker of a ledger reports the same value: take max by ledger, never sum).";
+    QUEUE_DUE = "idem_queue_due_jobs", Gauge, ["ledger"], "Jobs due now and not held (sampled; max by ledger).";
+    OLDEST_DUE_AGE = "idem_queue_oldest_due_age_seconds", Gauge, ["ledger"], "How long the oldest due job has waited (sampled; 0 when none is due; max by ledger).";
+    LIVE_LEASES = "idem_leases_live", Gauge, ["ledger"], "Leases currently held (sampled; max by ledger).";
+    STALE_LEASES = "idem_leases_stale", Gauge, ["ledger"], "Leases past their expiry that nobody has taken over yet (sampled; max by ledger).";
 }
 
 /// Histogram bucket boundaries, in seconds. Each SLO threshold is a bucket
@@ -199,14 +200,19 @@ pub fn record(event: &Event) {
     }
 }
 
-/// Records a sample of the ledger's counts (queue gauges).
-pub fn record_status(st: &StatusCounts) {
+/// Records a sample of the ledger's counts (queue gauges), labelled with
+/// the ledger they describe: every worker of one ledger reports the same
+/// numbers, so a fleet's total is the sum over ledgers of the max over
+/// workers.
+pub fn record_status(st: &StatusCounts, ledger: &str) {
+    let ledger = ledger.to_owned();
     for (state, n) in &st.by_state {
-        gauge!(QUEUE_JOBS, "state" => state.as_str()).set(*n as f64);
+        gauge!(QUEUE_JOBS, "ledger" => ledger.clone(), "state" => state.as_str()).set(*n as f64);
     }
-    gauge!(QUEUE_DUE).set(st.due_now as f64);
-    gauge!(OLDEST_DUE_AGE).set(st.oldest_due_age_ms.map_or(0.0, secs));
-    gauge!(LIVE_LEASES).set(st.live_leases as f64);
+    gauge!(QUEUE_DUE, "ledger" => ledger.clone()).set(st.due_now as f64);
+    gauge!(OLDEST_DUE_AGE, "ledger" => ledger.clone()).set(st.oldest_due_age_ms.map_or(0.0, secs));
+    gauge!(LIVE_LEASES, "ledger" => ledger.clone()).set(st.live_leases as f64);
+    gauge!(STALE_LEASES, "ledger" => ledger).set(st.expired_leases as f64);
 }
 
 /// Is `name` (possibly with a Prometheus suffix such as `_bucket`) a metric
