@@ -138,8 +138,46 @@ fn rules(spec: &Spec) -> String {
             );
         }
     }
+    for (name, expr, wait, sev, summary, description) in LIVENESS {
+        let _ = writeln!(y, "      - alert: {name}");
+        let _ = writeln!(y, "        expr: {}", quote(expr));
+        let _ = writeln!(y, "        for: {wait}");
+        let _ = writeln!(
+            y,
+            "        labels:\n          severity: {sev}\n          service: {}",
+            spec.service
+        );
+        let _ = writeln!(
+            y,
+            "        annotations:\n          summary: {}\n          description: {}",
+            quote(summary),
+            quote(description)
+        );
+    }
     y
 }
+
+/// Alerts that no ratio can raise: work that waits with nobody taking it,
+/// and no idem process scraped at all (every SLI is then empty, not bad).
+/// (name, expr, for, severity, summary, description)
+const LIVENESS: [(&str, &str, &str, &str, &str, &str); 2] = [
+    (
+        "IdemDueWorkWaits",
+        "max by (ledger) (idem_queue_oldest_due_age_seconds) > 900 and max by (ledger) (idem_leases_live) == 0",
+        "5m",
+        "page",
+        "due jobs have waited over 15 minutes and no lease is held",
+        "Workers are up but take nothing: a host cooling down, every host at its budget with stuck leases, or workers stopped by an error. See docs/troubleshooting.md (stuck jobs).",
+    ),
+    (
+        "IdemNoTargetUp",
+        "absent(idem_leases_live)",
+        "10m",
+        "page",
+        "no idem worker has been scraped for 10 minutes",
+        "Every worker is down, or scraping stopped: the SLIs have no data and cannot alert. Silence this while no run is meant to be going. See docs/slo.md.",
+    ),
+];
 
 fn fmt_num(x: f64) -> String {
     let s = format!("{x:.6}");
@@ -179,7 +217,67 @@ fn rule_tests(spec: &Spec) -> String {
             }
         }
     }
+    liveness_tests(spec, &mut y);
     y
+}
+
+/// The liveness alerts fire on waiting work and on silence, and not on a
+/// fleet at work.
+fn liveness_tests(spec: &Spec, y: &mut String) {
+    let due_age = "idem_queue_oldest_due_age_seconds{ledger=\"/l.db\"}";
+    let live = "idem_leases_live{ledger=\"/l.db\"}";
+    for (held, fires) in [("0x40", true), ("2x40", false)] {
+        let _ = writeln!(
+            y,
+            "  - interval: 1m\n    input_series:\n      - series: {}\n        values: '0+60x40'\n      - series: {}\n        values: '{held}'",
+            quote(due_age),
+            quote(live)
+        );
+        let _ = writeln!(
+            y,
+            "    alert_rule_test:\n      - eval_time: 30m\n        alertname: IdemDueWorkWaits"
+        );
+        if fires {
+            let (_, _, _, _, summary, description) = LIVENESS[0];
+            let _ = writeln!(
+                y,
+                "        exp_alerts:\n          - exp_labels:\n              severity: page\n              service: {}\n              ledger: /l.db\n            exp_annotations:\n              summary: {}\n              description: {}",
+                spec.service,
+                quote(summary),
+                quote(description)
+            );
+        } else {
+            y.push_str("        exp_alerts: []\n");
+        }
+    }
+    for (scraped, fires) in [(false, true), (true, false)] {
+        let series = if scraped {
+            quote(live)
+        } else {
+            quote("up{job=\"idem\"}")
+        };
+        let values = if scraped { "1x40" } else { "0x40" };
+        let _ = writeln!(
+            y,
+            "  - interval: 1m\n    input_series:\n      - series: {series}\n        values: '{values}'"
+        );
+        let _ = writeln!(
+            y,
+            "    alert_rule_test:\n      - eval_time: 30m\n        alertname: IdemNoTargetUp"
+        );
+        if fires {
+            let (_, _, _, _, summary, description) = LIVENESS[1];
+            let _ = writeln!(
+                y,
+                "        exp_alerts:\n          - exp_labels:\n              severity: page\n              service: {}\n            exp_annotations:\n              summary: {}\n              description: {}",
+                spec.service,
+                quote(summary),
+                quote(description)
+            );
+        } else {
+            y.push_str("        exp_alerts: []\n");
+        }
+    }
 }
 
 /// Input series for an SLO's test: all bad (`bad`) or all good traffic.
