@@ -295,3 +295,51 @@ fn two_workers_on_one_ledger_count_its_jobs_once_on_the_dashboard() {
         .unwrap();
     assert!(out.status.success(), "{}\n{test}", text(&out));
 }
+
+/// A fresh worker's first scrape (nothing has happened yet) already has
+/// every counter and gauge of the catalogue whose label values are known,
+/// so rate() and absent() work from the start.
+#[test]
+fn a_fresh_worker_exports_every_counter_and_gauge_from_the_first_scrape() {
+    let env = Env::new();
+    env.plan(&[]);
+    let port = free_port();
+    let mut child = env
+        .run_cmd()
+        .args(["--follow", "--metrics-addr", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The ledger gauges are sampled every 2 s.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        if let Some(b) = scrape(port).filter(|b| b.contains("idem_leases_live{")) {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "no metrics served");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    // Label values that are open sets appear with their first event.
+    let open = [
+        "idem_state_transitions_total",
+        "idem_retries_scheduled_total",
+    ];
+    let missing: Vec<&str> = idem_telemetry::CATALOGUE
+        .iter()
+        .filter(|m| m.kind != idem_telemetry::Kind::Histogram && !open.contains(&m.name))
+        .map(|m| m.name)
+        .filter(|name| {
+            !body.lines().any(|l| {
+                l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ' | b'{'))
+            })
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "missing from the first scrape: {missing:?}\n{body}"
+    );
+    assert!(body.contains("idem_jobs_failed_total{reason=\"poison\"} 0"));
+}

@@ -104,7 +104,15 @@ pub fn preregister() {
     counter!(JOBS_PLANNED).absolute(0);
     counter!(KEY_CONFLICTS).absolute(0);
     counter!(LEASES_EXPIRED).absolute(0);
+    counter!(LEASES_RENEWED).absolute(0);
+    counter!(LEASES_RELEASED).absolute(0);
     counter!(WRITES_FENCED).absolute(0);
+    for by in ["content", "url"] {
+        counter!(DUPLICATES, "by" => by).absolute(0);
+    }
+    // The crash-recovery SLI's numerator; other reasons appear as they
+    // happen (their set is open).
+    counter!(JOBS_FAILED, "reason" => "poison").absolute(0);
     counter!(BYTES_DOWNLOADED).absolute(0);
     for outcome in ["finalized", "skipped_duplicate", "failed"] {
         counter!(JOBS_FINISHED, "outcome" => outcome).absolute(0);
