@@ -343,3 +343,93 @@ fn a_fresh_worker_exports_every_counter_and_gauge_from_the_first_scrape() {
     );
     assert!(body.contains("idem_jobs_failed_total{reason=\"poison\"} 0"));
 }
+
+/// A batch run shorter than any scrape interval keeps its metrics: the
+/// textfile holds its final counts after it exits, in a form promtool
+/// accepts.
+#[test]
+fn a_batch_run_leaves_its_final_metrics_in_a_textfile() {
+    let env = Env::new();
+    let o = Origin::start((0..5).map(|i| (format!("t{i}"), content(i + 9, 2_000)))).unwrap();
+    let lines: Vec<_> = (0..5)
+        .map(|i| job("w", &format!("a{i}"), &o.url(&format!("/f/t{i}"))))
+        .collect();
+    env.plan(&lines);
+    let file = env.path("idem.prom");
+    let out = env
+        .run_cmd()
+        .arg("--metrics-textfile")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let body = std::fs::read_to_string(&file).expect("the textfile is written");
+    assert!(
+        body.lines()
+            .any(|l| l == "idem_jobs_finished_total{outcome=\"finalized\"} 5"),
+        "{body}"
+    );
+    assert!(
+        body.lines().any(|l| l.starts_with("idem_queue_jobs{")
+            && l.contains("state=\"finalized\"")
+            && l.ends_with(" 5")),
+        "the ledger's final sample: {body}"
+    );
+    assert!(
+        !env.path("idem.prom.tmp").exists(),
+        "replaced atomically, nothing left beside it"
+    );
+    if have_promtool() {
+        let mut p = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        p.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+        let checked = p.wait_with_output().unwrap();
+        assert!(checked.status.success(), "promtool: {}", text(&checked));
+    }
+}
+
+/// `idem plan` has no server to scrape: its planned jobs and key conflicts
+/// reach Prometheus through its textfile.
+#[test]
+fn plan_writes_planned_jobs_and_conflicts_to_a_textfile() {
+    let env = Env::new();
+    let file = env.path("plan.prom");
+    let p = env.write_plan(&[
+        job("w", "a", "https://example.org/a.pdf"),
+        job("w", "b", "https://example.org/b.pdf"),
+    ]);
+    let out = env
+        .idem()
+        .arg("plan")
+        .arg(&p)
+        .arg("--metrics-textfile")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let p = env.write_plan(&[job("w", "a", "https://example.org/other.pdf")]);
+    let _ = env
+        .idem()
+        .arg("plan")
+        .arg(&p)
+        .arg("--metrics-textfile")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let body = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        body.lines().any(|l| l == "idem_key_conflicts_total 1"),
+        "{body}"
+    );
+    assert!(
+        body.lines().any(|l| l.starts_with("idem_queue_jobs{")
+            && l.contains("state=\"planned\"")
+            && l.ends_with(" 2")),
+        "{body}"
+    );
+}

@@ -81,6 +81,8 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
         if !addr.ip().is_loopback() && !a.metrics_allow_remote {
             bail!("--metrics-addr {addr} is not a loopback address; add --metrics-allow-remote to expose metrics beyond this host");
         }
+    }
+    if a.metrics_addr.is_some() || a.metrics_textfile.is_some() {
         sinks.push(Arc::new(Metrics));
     }
     let sink: Arc<dyn EventSink> = Arc::new(Fanout(sinks));
@@ -128,8 +130,8 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
     let total_before = store.status(now())?;
     let show_bar = !a.json && std::io::stderr().is_terminal();
     let summary = rt.block_on(async {
-        if let Some(addr) = a.metrics_addr {
-            crate::sink::install_exporter(addr)?;
+        if a.metrics_addr.is_some() || a.metrics_textfile.is_some() {
+            crate::sink::install_exporter(a.metrics_addr, a.metrics_textfile.as_deref())?;
             let store = Arc::clone(&store);
             let ledger = crate::ledger::id(g);
             tokio::spawn(async move {
@@ -178,6 +180,10 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
         anyhow::Ok(r?)
     })?;
     let st = store.status(now())?;
+    if a.metrics_textfile.is_some() {
+        idem_telemetry::record_status(&st, &crate::ledger::id(g));
+        crate::sink::flush_textfile()?;
+    }
     let failed = st.by_state.get(&JobState::Failed).copied().unwrap_or(0);
     if let Some(e) = events.as_ref().and_then(|ev| ev.error()) {
         bail!("{e}");

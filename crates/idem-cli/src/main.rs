@@ -211,6 +211,11 @@ struct PlanArgs {
     /// Write job_planned and key_conflict events as JSON Lines to this file (appends).
     #[arg(long)]
     events: Option<PathBuf>,
+    /// Write metrics (jobs planned, key conflicts, the ledger's counts) to
+    /// this file at exit, replaced atomically: for node_exporter's textfile
+    /// collector.
+    #[arg(long, value_name = "FILE")]
+    metrics_textfile: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -256,6 +261,12 @@ struct RunArgs {
     /// --metrics-allow-remote is given.
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Write the same metrics to this file every 5 s and once more at exit,
+    /// replaced atomically: for node_exporter's textfile collector
+    /// (`--collector.textfile.directory`, a file ending in `.prom`). Keeps a
+    /// batch run's metrics, which a scrape of --metrics-addr can miss.
+    #[arg(long, value_name = "FILE")]
+    metrics_textfile: Option<PathBuf>,
     /// Allow --metrics-addr on a non-loopback address.
     #[arg(long)]
     metrics_allow_remote: bool,

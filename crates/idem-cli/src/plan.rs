@@ -67,6 +67,9 @@ pub(crate) fn plan(g: &Global, a: &PlanArgs) -> anyhow::Result<u8> {
     }
     let store = open_store(g)?;
     let events = a.events.as_deref().map(EventsFile::open).transpose()?;
+    if let Some(file) = &a.metrics_textfile {
+        crate::sink::install_exporter(None, Some(file))?;
+    }
     let mut counts = PlanCounts::default();
     let mut conflicts: Vec<serde_json::Value> = Vec::new();
     // Millions of lines take minutes: a terminal gets a running count.
@@ -127,6 +130,10 @@ pub(crate) fn plan(g: &Global, a: &PlanArgs) -> anyhow::Result<u8> {
     // What was applied is reported whatever stopped the rest: a missing
     // second file must not hide the first file's jobs.
     report_plan(a.json, counts, &bad, &conflicts, false)?;
+    if a.metrics_textfile.is_some() {
+        idem_telemetry::record_status(&store.status(now())?, &crate::ledger::id(g));
+        crate::sink::flush_textfile()?;
+    }
     applied?;
     read?;
     if let Some(e) = events.as_ref().and_then(EventsFile::error) {
@@ -219,6 +226,9 @@ fn apply_plan(
     if let Some(ev) = events {
         ev.emit(&r.events);
     }
+    // Planned jobs and conflicts, for a metrics textfile (a no-op without
+    // an installed recorder).
+    crate::sink::Metrics.emit(&r.events);
     for (o, (file, line)) in r.value.iter().zip(&batch.origins) {
         counts.add(o);
         if let PlanOutcome::Conflict(c) = o {

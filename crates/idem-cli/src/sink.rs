@@ -97,10 +97,19 @@ impl EventSink for Metrics {
     }
 }
 
-/// Installs the Prometheus exporter serving `/metrics` on `addr` for the
-/// life of the process. Must run inside the tokio runtime.
-pub(crate) fn install_exporter(addr: std::net::SocketAddr) -> anyhow::Result<()> {
-    let mut b = metrics_exporter_prometheus::PrometheusBuilder::new().with_http_listener(addr);
+/// Installs the Prometheus recorder for the life of the process: serving
+/// `/metrics` on `addr`, and/or rewriting `textfile` (node_exporter's
+/// textfile-collector format, replaced atomically) every few seconds and
+/// once more by [`flush_textfile`] at exit. Must run inside the tokio
+/// runtime when `addr` is given.
+pub(crate) fn install_exporter(
+    addr: Option<std::net::SocketAddr>,
+    textfile: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let mut b = metrics_exporter_prometheus::PrometheusBuilder::new();
+    if let Some(addr) = addr {
+        b = b.with_http_listener(addr);
+    }
     for (name, buckets) in idem_telemetry::histogram_buckets() {
         b = b
             .set_buckets_for_metric(
@@ -109,9 +118,69 @@ pub(crate) fn install_exporter(addr: std::net::SocketAddr) -> anyhow::Result<()>
             )
             .map_err(|e| anyhow::anyhow!("metrics buckets: {e}"))?;
     }
-    b.install()
-        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+    let handle = if addr.is_some() {
+        let (recorder, exporter) = b
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr:?}: {e}"))?;
+        let handle = recorder.handle();
+        metrics::set_global_recorder(recorder)
+            .map_err(|e| anyhow::anyhow!("metrics recorder: {e}"))?;
+        tokio::spawn(exporter);
+        handle
+    } else {
+        b.install_recorder()
+            .map_err(|e| anyhow::anyhow!("metrics recorder: {e}"))?
+    };
     idem_telemetry::describe();
     idem_telemetry::preregister();
+    if let Some(path) = textfile {
+        let file = Textfile {
+            handle,
+            path: path.to_owned(),
+        };
+        file.write()?;
+        let _ = TEXTFILE.set(file);
+        std::thread::spawn(|| loop {
+            std::thread::sleep(std::time::Duration::from_secs(TEXTFILE_EVERY_S));
+            if let Some(f) = TEXTFILE.get() {
+                if let Err(e) = f.write() {
+                    tracing::warn!("metrics textfile: {e:#}");
+                }
+            }
+        });
+    }
     Ok(())
+}
+
+/// How often the textfile is rewritten while a command runs.
+const TEXTFILE_EVERY_S: u64 = 5;
+
+static TEXTFILE: std::sync::OnceLock<Textfile> = std::sync::OnceLock::new();
+
+struct Textfile {
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    path: std::path::PathBuf,
+}
+
+impl Textfile {
+    /// Writes the exposition beside the file, then renames it over it, so
+    /// a collector never reads half a file.
+    fn write(&self) -> anyhow::Result<()> {
+        use anyhow::Context;
+        self.handle.run_upkeep();
+        let body = self.handle.render();
+        let mut tmp = self.path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = std::path::PathBuf::from(tmp);
+        std::fs::write(&tmp, body).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &self.path)
+            .with_context(|| format!("replacing {}", self.path.display()))
+    }
+}
+
+/// Writes the metrics textfile one last time (a no-op without one), so a
+/// run shorter than the rewrite interval, and the tail of every run, are
+/// kept.
+pub(crate) fn flush_textfile() -> anyhow::Result<()> {
+    TEXTFILE.get().map_or(Ok(()), Textfile::write)
 }
