@@ -124,7 +124,7 @@ fn rules(spec: &Spec) -> String {
             let _ = writeln!(y, "        labels:\n          severity: {sev}\n          service: {}\n          slo: {}", spec.service, s.name);
             let _ = writeln!(
                 y,
-                "        annotations:\n          summary: {}\n          description: {}",
+                "        annotations:\n          summary: {}\n          description: {}\n          runbook_url: {}",
                 quote(&format!(
                     "{}: error budget burning {} (objective {}%)",
                     s.name,
@@ -134,7 +134,8 @@ fn rules(spec: &Spec) -> String {
                 quote(&format!(
                     "{} See docs/slo.md and docs/troubleshooting.md.",
                     s.description
-                ))
+                )),
+                runbook(&s.name)
             );
         }
     }
@@ -149,12 +150,26 @@ fn rules(spec: &Spec) -> String {
         );
         let _ = writeln!(
             y,
-            "        annotations:\n          summary: {}\n          description: {}",
+            "        annotations:\n          summary: {}\n          description: {}\n          runbook_url: {}",
             quote(summary),
-            quote(description)
+            quote(description),
+            runbook(name)
         );
     }
     y
+}
+
+/// The section of docs/troubleshooting.md an alert's responder starts from.
+fn runbook(alert_or_slo: &str) -> String {
+    let section = match alert_or_slo {
+        "job_success" => "many-jobs-fail",
+        "lease_acquisition_latency" => "lease-flapping",
+        "replay_ratio" => "replay-storm",
+        "crash_recovery" => "a-job-failed-as-poison-or-idem-status-shows-suspects",
+        "IdemNoTargetUp" => "no-worker-is-scraped",
+        _ => "a-job-is-stuck",
+    };
+    format!("docs/troubleshooting.md#{section}")
 }
 
 /// Alerts that no ratio can raise: work that waits with nobody taking it,
@@ -206,11 +221,12 @@ fn rule_tests(spec: &Spec) -> String {
             if fires {
                 let _ = writeln!(
                     y,
-                    "        exp_alerts:\n          - exp_labels:\n              severity: page\n              service: {}\n              slo: {}\n            exp_annotations:\n              summary: {}\n              description: {}",
+                    "        exp_alerts:\n          - exp_labels:\n              severity: page\n              service: {}\n              slo: {}\n            exp_annotations:\n              summary: {}\n              description: {}\n              runbook_url: {}",
                     spec.service,
                     s.name,
                     quote(&format!("{}: error budget burning fast (objective {}%)", s.name, s.objective)),
-                    quote(&format!("{} See docs/slo.md and docs/troubleshooting.md.", s.description))
+                    quote(&format!("{} See docs/slo.md and docs/troubleshooting.md.", s.description)),
+                    runbook(&s.name)
                 );
             } else {
                 y.push_str("        exp_alerts: []\n");
@@ -241,10 +257,11 @@ fn liveness_tests(spec: &Spec, y: &mut String) {
             let (_, _, _, _, summary, description) = LIVENESS[0];
             let _ = writeln!(
                 y,
-                "        exp_alerts:\n          - exp_labels:\n              severity: page\n              service: {}\n              ledger: /l.db\n            exp_annotations:\n              summary: {}\n              description: {}",
+                "        exp_alerts:\n          - exp_labels:\n              severity: page\n              service: {}\n              ledger: /l.db\n            exp_annotations:\n              summary: {}\n              description: {}\n              runbook_url: {}",
                 spec.service,
                 quote(summary),
-                quote(description)
+                quote(description),
+                runbook("IdemDueWorkWaits")
             );
         } else {
             y.push_str("        exp_alerts: []\n");
@@ -269,10 +286,11 @@ fn liveness_tests(spec: &Spec, y: &mut String) {
             let (_, _, _, _, summary, description) = LIVENESS[1];
             let _ = writeln!(
                 y,
-                "        exp_alerts:\n          - exp_labels:\n              severity: page\n              service: {}\n            exp_annotations:\n              summary: {}\n              description: {}",
+                "        exp_alerts:\n          - exp_labels:\n              severity: page\n              service: {}\n            exp_annotations:\n              summary: {}\n              description: {}\n              runbook_url: {}",
                 spec.service,
                 quote(summary),
-                quote(description)
+                quote(description),
+                runbook("IdemNoTargetUp")
             );
         } else {
             y.push_str("        exp_alerts: []\n");
