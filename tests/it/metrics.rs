@@ -433,3 +433,112 @@ fn plan_writes_planned_jobs_and_conflicts_to_a_textfile() {
         "{body}"
     );
 }
+
+/// Counts of an events file: (leases acquired, released, expired).
+fn lease_events(path: &std::path::Path) -> (i64, i64, i64) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut n = (0, 0, 0);
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        match v["event"].as_str() {
+            Some("job_leased") => n.0 += 1,
+            Some("lease_released") => {
+                assert!(
+                    ["finished", "failed", "stopped"].contains(&v["reason"].as_str().unwrap_or("")),
+                    "{line}"
+                );
+                n.1 += 1;
+            }
+            Some("lease_expired") => n.2 += 1,
+            _ => {}
+        }
+    }
+    n
+}
+
+/// Every lease ends in exactly one event: over runs stopped by SIGTERM and
+/// run to the end, leases acquired = released + expired + live; a SIGKILL
+/// can lose at most the events of the moment it struck.
+#[test]
+fn every_lease_ends_in_exactly_one_event() {
+    let env = Env::new();
+    let n = 24;
+    let o =
+        Origin::start((0..n).map(|i| (format!("l{i}"), content(i as u64 + 17, 40_000)))).unwrap();
+    let lines: Vec<_> = (0..n)
+        .map(|i| {
+            let url = match i % 4 {
+                0 => o.url(&format!("/slow/l{i}?ms=15")),
+                1 => o.url(&format!("/status/503/l{i}?fail=1&retry_after=0")),
+                2 => o.url(&format!("/missing-{i}")),
+                _ => o.url(&format!("/f/l{i}")),
+            };
+            job("w", &format!("a{i}"), &url)
+        })
+        .collect();
+    env.plan(&lines);
+    let run_until = |events: &std::path::Path, sig: Option<&str>| {
+        let mut child = env
+            .run_cmd()
+            .args(["--concurrency", "4", "--events"])
+            .arg(events)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        if let Some(sig) = sig {
+            std::thread::sleep(Duration::from_millis(700));
+            crate::crash::signal(child.id(), sig);
+        }
+        let _ = child.wait();
+    };
+    let graceful = [env.path("e1.jsonl"), env.path("e2.jsonl")];
+    run_until(&graceful[0], Some("-TERM"));
+    run_until(&graceful[1], None);
+    let st = env.status();
+    assert_eq!(crate::support::terminal(&st), n as u64, "{st}");
+    let (acq, rel, exp) = graceful
+        .iter()
+        .map(|p| lease_events(p))
+        .fold((0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
+    let live = st["leases"]["live"].as_i64().unwrap();
+    assert!(acq > n as i64, "retries and the stop lease again: {acq}");
+    assert_eq!(
+        acq,
+        rel + exp + live,
+        "acquired {acq} released {rel} expired {exp} live {live}"
+    );
+
+    // Again from the start of a fresh ledger, killed with SIGKILL once.
+    let env2 = Env::new();
+    env2.plan(&lines);
+    let files = [env2.path("k1.jsonl"), env2.path("k2.jsonl")];
+    let run2 = |events: &std::path::Path, kill: bool| {
+        let mut child = env2
+            .run_cmd()
+            .args(["--concurrency", "4", "--events"])
+            .arg(events)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        if kill {
+            std::thread::sleep(Duration::from_millis(700));
+            crate::crash::signal(child.id(), "-KILL");
+        }
+        let _ = child.wait();
+    };
+    run2(&files[0], true);
+    run2(&files[1], false);
+    let st = env2.status();
+    assert_eq!(crate::support::terminal(&st), n as u64, "{st}");
+    let (acq, rel, exp) = files
+        .iter()
+        .map(|p| lease_events(p))
+        .fold((0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
+    let ended = rel + exp + st["leases"]["live"].as_i64().unwrap();
+    assert!(
+        (acq - ended).abs() <= 4,
+        "acquired {acq}, ended {ended}: off by more than the killed worker's in-flight jobs"
+    );
+}

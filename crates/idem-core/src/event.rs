@@ -59,10 +59,16 @@ pub enum EventKind {
         epoch: Epoch,
         ttl_ms: u64,
     },
+    /// A lease ended by its holder: `finished` (the job reached a terminal
+    /// state), `failed` (the attempt failed; the job may be retried),
+    /// `stopped` (given back on a graceful stop). With `lease_expired`,
+    /// every lease ends in exactly one event.
     LeaseReleased {
         job_key: JobKey,
         owner: WorkerId,
         epoch: Epoch,
+        #[serde(default)]
+        reason: String,
     },
     OperationStarted {
         job_key: JobKey,

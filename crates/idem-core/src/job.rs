@@ -665,6 +665,7 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
                 job_key: key,
                 owner,
                 epoch,
+                reason: "stopped".into(),
             });
         }
         Command::Expire | Command::ExpireDead { .. } => {
@@ -934,6 +935,7 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
             ));
         }
     }
+    lease_end(job, &next, &mut events);
     stamp_age(&mut events, job, now);
     Ok(Transition { job: next, events })
 }
@@ -971,6 +973,35 @@ fn stamp_age(events: &mut [EventKind], job: &Job, now: Timestamp) {
             }
         }
     }
+}
+
+/// A lease the transition ended without saying so (the job finished or
+/// its attempt failed) ends with its release: every lease ends in exactly
+/// one `lease_released` or `lease_expired` event.
+fn lease_end(job: &Job, next: &Job, events: &mut Vec<EventKind>) {
+    let Some(old) = &job.lease else { return };
+    if next.lease.as_ref().is_some_and(|l| l.epoch == old.epoch) {
+        return;
+    }
+    let said = events.iter().any(|e| {
+        matches!(e,
+            EventKind::LeaseReleased { epoch, .. } | EventKind::LeaseExpired { epoch, .. }
+                if *epoch == old.epoch)
+    });
+    if said {
+        return;
+    }
+    let reason = if next.state.is_terminal() && next.state != JobState::Failed {
+        "finished"
+    } else {
+        "failed"
+    };
+    events.push(EventKind::LeaseReleased {
+        job_key: job.key,
+        owner: old.owner.clone(),
+        epoch: old.epoch,
+        reason: reason.into(),
+    });
 }
 
 /// The reason code of a stored `last_error` (`reason: detail`).

@@ -45,7 +45,7 @@ catalogue! {
     KEY_CONFLICTS = "idem_key_conflicts_total", Counter, [], "Plans refused because the job key exists with another payload.";
     LEASES_ACQUIRED = "idem_leases_acquired_total", Counter, ["takeover"], "Leases acquired; takeover=true when the job was left mid-way by another holder.";
     LEASES_RENEWED = "idem_leases_renewed_total", Counter, [], "Lease renewals (heartbeats).";
-    LEASES_RELEASED = "idem_leases_released_total", Counter, [], "Leases given back without finishing (graceful stop).";
+    LEASES_RELEASED = "idem_leases_released_total", Counter, ["reason"], "Leases ended by their holder: finished (a terminal state), failed (the attempt failed), stopped (a graceful stop). Acquired = released + expired + live.";
     LEASES_EXPIRED = "idem_leases_expired_total", Counter, [], "Leases that ran out before their holder finished (a crash, a pause, a stall).";
     WRITES_FENCED = "idem_writes_fenced_total", Counter, [], "Writes refused because they carried a stale lease epoch.";
     STATE_TRANSITIONS = "idem_state_transitions_total", Counter, ["from", "to"], "Job state transitions.";
@@ -105,7 +105,9 @@ pub fn preregister() {
     counter!(KEY_CONFLICTS).absolute(0);
     counter!(LEASES_EXPIRED).absolute(0);
     counter!(LEASES_RENEWED).absolute(0);
-    counter!(LEASES_RELEASED).absolute(0);
+    for reason in ["finished", "failed", "stopped"] {
+        counter!(LEASES_RELEASED, "reason" => reason).absolute(0);
+    }
     counter!(WRITES_FENCED).absolute(0);
     for by in ["content", "url"] {
         counter!(DUPLICATES, "by" => by).absolute(0);
@@ -156,7 +158,9 @@ pub fn record(event: &Event) {
             counter!(LEASES_ACQUIRED, "takeover" => takeover).increment(1);
         }
         EventKind::LeaseRenewed { .. } => counter!(LEASES_RENEWED).increment(1),
-        EventKind::LeaseReleased { .. } => counter!(LEASES_RELEASED).increment(1),
+        EventKind::LeaseReleased { reason, .. } => {
+            counter!(LEASES_RELEASED, "reason" => reason.clone()).increment(1)
+        }
         EventKind::LeaseExpired { .. } => counter!(LEASES_EXPIRED).increment(1),
         EventKind::WriteFenced { .. } => counter!(WRITES_FENCED).increment(1),
         EventKind::JobStateChanged {
