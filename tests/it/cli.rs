@@ -314,7 +314,7 @@ fn cli_reference_is_current() {
     let mut md = String::from(
         "# idem CLI reference\n\n<!-- Generated from `idem --help` by the test `cli_reference_is_current`; do not edit. -->\n\n",
     );
-    let commands: [&[&str]; 12] = [
+    let commands: [&[&str]; 13] = [
         &[],
         &["plan"],
         &["run"],
@@ -323,6 +323,7 @@ fn cli_reference_is_current() {
         &["reconcile"],
         &["verify"],
         &["retry"],
+        &["cancel"],
         &["export"],
         &["slo", "check"],
         &["copy-ledger"],

@@ -5,6 +5,7 @@
 //! Slow suites (many kill -9 trials) run when `CI` or `IDEM_SLOW_TESTS` is
 //! set; the default suite runs a few trials of each.
 
+mod cancel;
 mod cli;
 mod crash;
 mod deaths;

@@ -386,7 +386,7 @@ pub(crate) fn status(g: &Global, json: bool) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-fn parse_job(s: &str) -> anyhow::Result<JobKey> {
+pub(crate) fn parse_job(s: &str) -> anyhow::Result<JobKey> {
     if let Ok(k) = JobKey::parse_hex(s.trim()) {
         return Ok(k);
     }

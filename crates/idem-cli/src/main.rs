@@ -15,6 +15,7 @@ macro_rules! outln {
 }
 
 mod alone;
+mod cancel;
 mod commands;
 mod demo;
 mod input;
@@ -117,6 +118,10 @@ enum Cmd {
     Verify(VerifyArgs),
     /// Try failed jobs again, as a new attempt series.
     Retry(RetryArgs),
+    /// End jobs that are not finished: each fails with the reason
+    /// `cancelled`. A worker holding one stops at its next write (it is
+    /// fenced) and publishes nothing. `idem retry` brings one back.
+    Cancel(CancelArgs),
     /// Write the manifest of every job (stdout).
     Export(ExportArgs),
     /// See idem work in under a minute: a local origin, faults, a killed
@@ -351,6 +356,15 @@ struct RetryArgs {
     json: bool,
 }
 
+#[derive(Args, Debug)]
+struct CancelArgs {
+    /// Job keys or `work_id/artifact_id`.
+    #[arg(required = true)]
+    jobs: Vec<String>,
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Copy, Clone, Debug, ValueEnum)]
 enum ExportFormat {
     Jsonl,
@@ -442,6 +456,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Reconcile(a) => commands::reconcile(&g, &a),
         Cmd::Verify(a) => commands::verify(&g, &a),
         Cmd::Retry(a) => commands::retry(&g, &a),
+        Cmd::Cancel(a) => cancel::cancel(&g, &a),
         Cmd::Export(a) => commands::export(&g, &a),
         Cmd::Demo(a) => demo::run(&g, &a),
         Cmd::Slo(SloCmd::Check(a)) => slo::check(&g, &a),

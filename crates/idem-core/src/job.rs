@@ -417,6 +417,10 @@ pub enum Command {
     /// since (another reconciler requeued it, a worker fetched it again) is
     /// refused, so a repair is never made twice.
     Requeue { reason: String, seen: Epoch },
+    /// The operator ends a job that is not finished: it fails with the
+    /// reason `cancelled`, whoever holds it (a holder's next write is
+    /// fenced, so it publishes nothing).
+    Cancel,
 }
 
 impl Command {
@@ -436,6 +440,7 @@ impl Command {
             Self::OperatorRetry => "operator_retry",
             Self::Heal { .. } => "heal",
             Self::Requeue { .. } => "requeue",
+            Self::Cancel => "cancel",
         }
     }
 
@@ -806,6 +811,18 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
                 });
             }
         }
+        Command::Cancel => {
+            next.lease = None;
+            finish(&mut next, JobState::Failed, now);
+            next.last_error = Some("cancelled: by the operator".to_owned());
+            events.push(state_changed(key, from, JobState::Failed, "cancelled"));
+            events.push(EventKind::JobFailed {
+                job_key: key,
+                reason: "cancelled".to_owned(),
+                error: "cancelled: by the operator".to_owned(),
+                attempts: job.attempts,
+            });
+        }
         Command::OperatorRetry => {
             if from != JobState::Failed {
                 return Err(TransitionError::Illegal {
@@ -935,7 +952,7 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
             ));
         }
     }
-    lease_end(job, &next, &mut events);
+    lease_end(job, &next, name == "cancel", &mut events);
     stamp_age(&mut events, job, now);
     Ok(Transition { job: next, events })
 }
@@ -978,7 +995,7 @@ fn stamp_age(events: &mut [EventKind], job: &Job, now: Timestamp) {
 /// A lease the transition ended without saying so (the job finished or
 /// its attempt failed) ends with its release: every lease ends in exactly
 /// one `lease_released` or `lease_expired` event.
-fn lease_end(job: &Job, next: &Job, events: &mut Vec<EventKind>) {
+fn lease_end(job: &Job, next: &Job, cancelled: bool, events: &mut Vec<EventKind>) {
     let Some(old) = &job.lease else { return };
     if next.lease.as_ref().is_some_and(|l| l.epoch == old.epoch) {
         return;
@@ -991,7 +1008,9 @@ fn lease_end(job: &Job, next: &Job, events: &mut Vec<EventKind>) {
     if said {
         return;
     }
-    let reason = if next.state.is_terminal() && next.state != JobState::Failed {
+    let reason = if cancelled {
+        "cancelled"
+    } else if next.state.is_terminal() && next.state != JobState::Failed {
         "finished"
     } else {
         "failed"
