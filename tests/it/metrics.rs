@@ -26,6 +26,24 @@ fn scrape(port: u16) -> Option<String> {
     Some(body)
 }
 
+/// `promtool check metrics` accepts `body`.
+fn promtool_check_metrics(body: &str) {
+    let mut p = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    p.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = p.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}\n{body}",
+        text(&out)
+    );
+}
+
 fn have_promtool() -> bool {
     std::process::Command::new("promtool")
         .arg("--version")
@@ -112,20 +130,7 @@ fn a_run_serves_metrics_that_promtool_accepts_and_logs_every_event() {
         "an SLO threshold is a bucket edge"
     );
     if have_promtool() {
-        let mut p = std::process::Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        p.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
-        let out = p.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "promtool check metrics: {}\n{body}",
-            text(&out)
-        );
+        promtool_check_metrics(&body);
     } else {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -380,16 +385,7 @@ fn a_batch_run_leaves_its_final_metrics_in_a_textfile() {
         "replaced atomically, nothing left beside it"
     );
     if have_promtool() {
-        let mut p = std::process::Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        p.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
-        let checked = p.wait_with_output().unwrap();
-        assert!(checked.status.success(), "promtool: {}", text(&checked));
+        promtool_check_metrics(&body);
     }
 }
 

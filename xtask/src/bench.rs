@@ -31,6 +31,18 @@ pub(crate) fn row(name: &str, idem: f64, base: f64, unit: &str, note: &str) {
     );
 }
 
+/// Writes `n` plan lines (see [`specs`]) as JSON Lines to `path`.
+pub(crate) fn write_plan(path: &Path, n: usize, tag: &str) -> Result<()> {
+    let text: String = specs(n, tag)
+        .iter()
+        .map(|(w, a, u)| {
+            format!("{{\"work_id\":\"{w}\",\"artifact_id\":\"{a}\",\"url\":\"{u}\"}}\n")
+        })
+        .collect();
+    std::fs::write(path, text)?;
+    Ok(())
+}
+
 pub(crate) fn specs(n: usize, tag: &str) -> Vec<(String, String, String)> {
     (0..n)
         .map(|i| {
@@ -213,13 +225,7 @@ pub(crate) fn release_idem(root: &Path) -> Result<PathBuf> {
 fn idem_processes(idem: &Path, dir: &Path, jobs: usize, procs: usize) -> Result<f64> {
     let db = dir.join(format!("procs-{procs}.db"));
     let plan = dir.join("procs-plan.jsonl");
-    let text: String = specs(jobs, "proc")
-        .iter()
-        .map(|(w, a, u)| {
-            format!("{{\"work_id\":\"{w}\",\"artifact_id\":\"{a}\",\"url\":\"{u}\"}}\n")
-        })
-        .collect();
-    std::fs::write(&plan, text)?;
+    write_plan(&plan, jobs, "proc")?;
     let ok = Proc::new(idem)
         .arg("--db")
         .arg(&db)

@@ -3,7 +3,7 @@
 //! the same job life needs (a `SKIP LOCKED` lease, three op rows, four job
 //! updates), in the same run, on scratch databases of that server.
 
-use crate::bench::{release_idem, row, specs};
+use crate::bench::{release_idem, row, write_plan};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::process::Command as Proc;
@@ -121,13 +121,7 @@ fn idem_loop(idem: &Path, server: &str, tag: &str, jobs: usize, procs: usize) ->
     let url = scratch(server, &format!("idem_bench_drill_{tag}"))?;
     let dir = tempfile::tempdir()?;
     let plan = dir.path().join("plan.jsonl");
-    let text: String = specs(jobs, tag)
-        .iter()
-        .map(|(w, a, u)| {
-            format!("{{\"work_id\":\"{w}\",\"artifact_id\":\"{a}\",\"url\":\"{u}\"}}\n")
-        })
-        .collect();
-    std::fs::write(&plan, text)?;
+    write_plan(&plan, jobs, tag)?;
     let ok = Proc::new(idem)
         .args(["--db", &url, "plan"])
         .arg(&plan)
@@ -166,13 +160,7 @@ fn plan_rates(idem: &Path, server: &str, n: usize) -> Result<(f64, f64)> {
     let url = scratch(server, "idem_bench_plan")?;
     let dir = tempfile::tempdir()?;
     let plan = dir.path().join("plan.jsonl");
-    let text: String = specs(n, "plan")
-        .iter()
-        .map(|(w, a, u)| {
-            format!("{{\"work_id\":\"{w}\",\"artifact_id\":\"{a}\",\"url\":\"{u}\"}}\n")
-        })
-        .collect();
-    std::fs::write(&plan, text)?;
+    write_plan(&plan, n, "plan")?;
     let rate = || -> Result<f64> {
         let t = Instant::now();
         let ok = Proc::new(idem)

@@ -145,6 +145,25 @@ impl<'a> PgTx<'a> {
         Ok(id)
     }
 
+    /// Runs `sql` with an op row's ten columns as $1..$10; rows changed.
+    fn write_op(&self, sql: &str, job_id: i64, rec: &OpRecord) -> Result<u64, StoreError> {
+        self.execute(
+            sql,
+            &[
+                &job_id,
+                &rec.key.kind.as_str(),
+                &i(rec.key.epoch.0),
+                &rec.owner.as_str(),
+                &rec.status.as_str(),
+                &result_json(rec)?,
+                &rec.error,
+                &i64::from(rec.runs),
+                &rec.started_at.as_millis(),
+                &rec.finished_at.map(Timestamp::as_millis),
+            ],
+        )
+    }
+
     fn must_id(&mut self, key: &JobKey) -> Result<i64, StoreError> {
         self.id(key)?.ok_or(StoreError::NotFound(*key))
     }
@@ -315,21 +334,11 @@ impl Tx for PgTx<'_> {
     fn insert_op(&mut self, rec: &OpRecord) -> Result<bool, StoreError> {
         self.send_pending()?;
         let job_id = self.must_id(&rec.key.job)?;
-        let n = self.execute(
+        let n = self.write_op(
             "INSERT INTO ops (job_id, kind, epoch, owner, status, result, error, runs, started_at, finished_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (job_id, kind, epoch) DO NOTHING",
-            &[
-                &job_id,
-                &rec.key.kind.as_str(),
-                &i(rec.key.epoch.0),
-                &rec.owner.as_str(),
-                &rec.status.as_str(),
-                &result_json(rec)?,
-                &rec.error,
-                &i64::from(rec.runs),
-                &rec.started_at.as_millis(),
-                &rec.finished_at.map(Timestamp::as_millis),
-            ],
+            job_id,
+            rec,
         )?;
         Ok(n == 1)
     }
@@ -337,21 +346,11 @@ impl Tx for PgTx<'_> {
     fn update_op(&mut self, rec: &OpRecord) -> Result<(), StoreError> {
         self.send_pending()?;
         let job_id = self.must_id(&rec.key.job)?;
-        let n = self.execute(
+        let n = self.write_op(
             "UPDATE ops SET owner = $4, status = $5, result = $6, error = $7, runs = $8, started_at = $9, finished_at = $10 \
              WHERE job_id = $1 AND kind = $2 AND epoch = $3",
-            &[
-                &job_id,
-                &rec.key.kind.as_str(),
-                &i(rec.key.epoch.0),
-                &rec.owner.as_str(),
-                &rec.status.as_str(),
-                &result_json(rec)?,
-                &rec.error,
-                &i64::from(rec.runs),
-                &rec.started_at.as_millis(),
-                &rec.finished_at.map(Timestamp::as_millis),
-            ],
+            job_id,
+            rec,
         )?;
         if n == 1 {
             Ok(())

@@ -48,6 +48,28 @@ impl SqliteTx<'_> {
         Ok(id)
     }
 
+    /// Runs `sql` with an op row's ten columns as ?1..?10; rows changed.
+    fn write_op(&self, sql: &str, job_id: i64, rec: &OpRecord) -> Result<usize, StoreError> {
+        let result = result_json(rec)?;
+        self.c
+            .prepare_cached(sql)
+            .and_then(|mut st| {
+                st.execute(params![
+                    job_id,
+                    rec.key.kind.as_str(),
+                    i(rec.key.epoch.0),
+                    rec.owner.as_str(),
+                    rec.status.as_str(),
+                    result,
+                    rec.error,
+                    rec.runs,
+                    rec.started_at.as_millis(),
+                    rec.finished_at.map(Timestamp::as_millis),
+                ])
+            })
+            .map_err(map_err)
+    }
+
     fn must_id(&mut self, key: &JobKey) -> Result<i64, StoreError> {
         self.id(key)?.ok_or(StoreError::NotFound(*key))
     }
@@ -236,28 +258,12 @@ impl Tx for SqliteTx<'_> {
 
     fn insert_op(&mut self, rec: &OpRecord) -> Result<bool, StoreError> {
         let job_id = self.must_id(&rec.key.job)?;
-        let result = result_json(rec)?;
-        let n = self
-            .c
-            .prepare_cached(
-                "INSERT INTO ops (job_id, kind, epoch, owner, status, result, error, runs, started_at, finished_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (job_id, kind, epoch) DO NOTHING",
-            )
-            .and_then(|mut st| {
-                st.execute(params![
-                    job_id,
-                    rec.key.kind.as_str(),
-                    i(rec.key.epoch.0),
-                    rec.owner.as_str(),
-                    rec.status.as_str(),
-                    result,
-                    rec.error,
-                    rec.runs,
-                    rec.started_at.as_millis(),
-                    rec.finished_at.map(Timestamp::as_millis),
-                ])
-            })
-            .map_err(map_err)?;
+        let n = self.write_op(
+            "INSERT INTO ops (job_id, kind, epoch, owner, status, result, error, runs, started_at, finished_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (job_id, kind, epoch) DO NOTHING",
+            job_id,
+            rec,
+        )?;
         if n == 1 {
             self.cache.put_op(job_id, rec.clone());
         }
@@ -266,28 +272,12 @@ impl Tx for SqliteTx<'_> {
 
     fn update_op(&mut self, rec: &OpRecord) -> Result<(), StoreError> {
         let job_id = self.must_id(&rec.key.job)?;
-        let result = result_json(rec)?;
-        let n = self
-            .c
-            .prepare_cached(
-                "UPDATE ops SET owner = ?4, status = ?5, result = ?6, error = ?7, runs = ?8, started_at = ?9, finished_at = ?10 \
-                 WHERE job_id = ?1 AND kind = ?2 AND epoch = ?3",
-            )
-            .and_then(|mut st| {
-                st.execute(params![
-                    job_id,
-                    rec.key.kind.as_str(),
-                    i(rec.key.epoch.0),
-                    rec.owner.as_str(),
-                    rec.status.as_str(),
-                    result,
-                    rec.error,
-                    rec.runs,
-                    rec.started_at.as_millis(),
-                    rec.finished_at.map(Timestamp::as_millis),
-                ])
-            })
-            .map_err(map_err)?;
+        let n = self.write_op(
+            "UPDATE ops SET owner = ?4, status = ?5, result = ?6, error = ?7, runs = ?8, started_at = ?9, finished_at = ?10 \
+             WHERE job_id = ?1 AND kind = ?2 AND epoch = ?3",
+            job_id,
+            rec,
+        )?;
         if n != 1 {
             return Err(StoreError::OpNotStarted(rec.key.to_string()));
         }
