@@ -155,10 +155,11 @@ struct Window {
     succeeded: u64,
     /// Plan → finish time (ms) of each successful job.
     success_ages_ms: Vec<u64>,
-    /// Jobs leased more than once, and those of them that failed because
-    /// their holders kept dying.
-    relet: u64,
-    relet_poisoned: u64,
+    /// Leases of these jobs that expired (their holders died), as the
+    /// Prometheus rule counts `idem_leases_expired_total`, and the jobs
+    /// that failed as poison for it.
+    expired: u64,
+    poisoned: u64,
 }
 
 impl Window {
@@ -170,15 +171,14 @@ impl Window {
                 self.success_ages_ms.push(f.millis_since(j.created_at));
             }
         }
-        if j.epoch.0 > 1 {
-            self.relet += 1;
-            if j.state == JobState::Failed
-                && j.last_error
-                    .as_deref()
-                    .is_some_and(|e| e.starts_with("poison"))
-            {
-                self.relet_poisoned += 1;
-            }
+        // A death is an expired lease; an ordinary retry is not.
+        self.expired += u64::from(j.holder_deaths) + u64::from(j.isolated_deaths);
+        if j.state == JobState::Failed
+            && j.last_error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("poison"))
+        {
+            self.poisoned += 1;
         }
     }
 }
@@ -225,11 +225,11 @@ fn compute(
             ))
         }
         "crash_recovery" => Some(ratio(
-            w.relet - w.relet_poisoned,
-            w.relet,
+            w.expired.saturating_sub(w.poisoned),
+            w.expired,
             format!(
-                "jobs leased more than once that did not fail as poison ({} in window)",
-                w.relet
+                "expired leases whose job did not fail as poison ({} in window)",
+                w.expired
             ),
         )),
         _ => None,
@@ -239,6 +239,34 @@ fn compute(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Crash recovery counts expired leases (holder deaths), as the
+    /// Prometheus rule does, not jobs that were merely retried.
+    #[test]
+    fn crash_recovery_counts_deaths_not_retries() {
+        let spec = |a: &str| {
+            idem_core::JobSpec::new("w", a, &format!("https://h.example/{a}"), None, None)
+                .unwrap()
+        };
+        let t = idem_core::Timestamp::from_millis(1);
+        let mut retried = Job::planned(spec("r"), 5, t);
+        retried.epoch = idem_core::Epoch(3);
+        retried.state = JobState::Finalized;
+        let mut survived = Job::planned(spec("s"), 5, t);
+        survived.epoch = idem_core::Epoch(3);
+        survived.holder_deaths = 2;
+        survived.state = JobState::Finalized;
+        let mut poison = Job::planned(spec("p"), 5, t);
+        poison.holder_deaths = 2;
+        poison.isolated_deaths = 3;
+        poison.state = JobState::Failed;
+        poison.last_error = Some("poison: the worker running this job alone died 3 times".into());
+        let mut w = Window::default();
+        for j in [&retried, &survived, &poison] {
+            w.add(j);
+        }
+        assert_eq!((w.expired, w.poisoned), (7, 1));
+    }
 
     #[test]
     fn windows() {
