@@ -245,8 +245,7 @@ mod tests {
     #[test]
     fn crash_recovery_counts_deaths_not_retries() {
         let spec = |a: &str| {
-            idem_core::JobSpec::new("w", a, &format!("https://h.example/{a}"), None, None)
-                .unwrap()
+            idem_core::JobSpec::new("w", a, &format!("https://h.example/{a}"), None, None).unwrap()
         };
         let t = idem_core::Timestamp::from_millis(1);
         let mut retried = Job::planned(spec("r"), 5, t);
