@@ -22,6 +22,7 @@ mod input;
 mod ledger;
 mod out;
 mod plan;
+mod run;
 mod sink;
 mod slo;
 
@@ -450,7 +451,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     let g = cli.global;
     match cli.command {
         Cmd::Plan(a) => plan::plan(&g, &a),
-        Cmd::Run(a) => commands::run(&g, &a),
+        Cmd::Run(a) => run::run(&g, &a),
         Cmd::Status(a) => commands::status(&g, a.json),
         Cmd::Show(a) => commands::show(&g, &a),
         Cmd::Reconcile(a) => commands::reconcile(&g, &a),
