@@ -43,8 +43,6 @@ pub enum Counter {
 }
 
 impl Counter {
-    pub const ALL: [Self; 3] = [Self::FencedWrites, Self::Replays, Self::OpRestarts];
-
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::FencedWrites => "fenced_writes",
