@@ -10,6 +10,7 @@ mod cli;
 mod crash;
 mod deaths;
 mod e2e;
+mod events;
 mod hostile;
 mod hosts;
 mod ledger;

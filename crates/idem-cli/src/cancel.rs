@@ -1,9 +1,11 @@
 //! `idem cancel`: the operator ends jobs that are not finished.
 
 use crate::commands::{now, open_store, parse_job, print_json};
+use crate::sink::EventsFile;
 use crate::{CancelArgs, Global, EXIT_PARTIAL};
 use idem_core::ports::Store;
 use idem_core::{Command, JobKey};
+use idem_worker::EventSink as _;
 use serde_json::json;
 
 pub(crate) fn cancel(g: &Global, a: &CancelArgs) -> anyhow::Result<u8> {
@@ -13,13 +15,22 @@ pub(crate) fn cancel(g: &Global, a: &CancelArgs) -> anyhow::Result<u8> {
         .iter()
         .map(|s| parse_job(s))
         .collect::<anyhow::Result<_>>()?;
+    let events = a.events.as_deref().map(EventsFile::open).transpose()?;
     let mut cancelled = 0u64;
     let mut refused = Vec::new();
     for k in &keys {
         match store.apply(k, Command::Cancel, now()) {
-            Ok(_) => cancelled += 1,
+            Ok(applied) => {
+                cancelled += 1;
+                if let Some(ev) = &events {
+                    ev.emit(&applied.events);
+                }
+            }
             Err(e) => refused.push(json!({"job_key": k, "error": e.to_string()})),
         }
+    }
+    if let Some(e) = events.as_ref().and_then(EventsFile::error) {
+        anyhow::bail!("{e}");
     }
     if a.json {
         print_json(&json!({"cancelled": cancelled, "refused": refused}))?;

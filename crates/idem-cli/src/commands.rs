@@ -360,13 +360,22 @@ pub(crate) fn retry(g: &Global, a: &RetryArgs) -> anyhow::Result<u8> {
             .map(|s| parse_job(s))
             .collect::<anyhow::Result<_>>()?
     };
+    let events = a.events.as_deref().map(EventsFile::open).transpose()?;
     let mut retried = 0u64;
     let mut refused = Vec::new();
     for k in &keys {
         match store.apply(k, Command::OperatorRetry, now()) {
-            Ok(_) => retried += 1,
+            Ok(applied) => {
+                retried += 1;
+                if let Some(ev) = &events {
+                    ev.emit(&applied.events);
+                }
+            }
             Err(e) => refused.push(json!({"job_key": k, "error": e.to_string()})),
         }
+    }
+    if let Some(e) = events.as_ref().and_then(EventsFile::error) {
+        bail!("{e}");
     }
     if a.json {
         print_json(&json!({"retried": retried, "refused": refused}))?;

@@ -214,7 +214,7 @@ struct PlanArgs {
     /// Jobs per transaction.
     #[arg(long, default_value_t = 10_000, hide = true)]
     batch: usize,
-    /// Write job_planned and key_conflict events as JSON Lines to this file (appends).
+    /// Write job_planned, key_conflict and idempotency_replay (a job planned again) events as JSON Lines to this file (appends).
     #[arg(long)]
     events: Option<PathBuf>,
     /// Write metrics (jobs planned, key conflicts, the ledger's counts) to
@@ -353,6 +353,9 @@ struct RetryArgs {
     /// Job keys or `work_id/artifact_id`.
     #[arg(required_unless_present = "failed")]
     jobs: Vec<String>,
+    /// Write the retries' events (job_state_changed) as JSON Lines to this file (appends).
+    #[arg(long)]
+    events: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -362,6 +365,9 @@ struct CancelArgs {
     /// Job keys or `work_id/artifact_id`.
     #[arg(required = true)]
     jobs: Vec<String>,
+    /// Write the cancellations' events (job_failed, lease_released) as JSON Lines to this file (appends).
+    #[arg(long)]
+    events: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }

@@ -153,7 +153,7 @@ fn ratio(good: u64, total: u64, detail: String) -> Outcome {
 struct Window {
     finished: u64,
     succeeded: u64,
-    /// Plan → finish time (ms) of each successful job.
+    /// First lease → finish time (ms) of each successful job.
     success_ages_ms: Vec<u64>,
     /// Leases of these jobs that expired (their holders died), as the
     /// Prometheus rule counts `idem_leases_expired_total`, and the jobs
@@ -168,7 +168,8 @@ impl Window {
         if j.state.is_success() {
             self.succeeded += 1;
             if let Some(f) = j.finished_at {
-                self.success_ages_ms.push(f.millis_since(j.created_at));
+                let leased = j.first_leased_at.unwrap_or(j.created_at);
+                self.success_ages_ms.push(f.millis_since(leased));
             }
         }
         // A death is an expired lease; an ordinary retry is not.
@@ -195,7 +196,7 @@ fn compute(
             w.finished,
             "finalized or skipped_duplicate, of jobs finished in the window".into(),
         )),
-        "plan_to_finalize_latency" => {
+        "service_latency" => {
             let limit_ms = (threshold_s.unwrap_or(120.0) * 1000.0) as u64;
             let ages = &mut w.success_ages_ms;
             ages.sort_unstable();

@@ -40,6 +40,9 @@ pub enum EventKind {
         /// Set when this lease takes over a job another holder left mid-way.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         resumed_from: Option<JobState>,
+        /// On a job's first lease: how long it waited since it was planned.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        queued_ms: Option<u64>,
         /// The holder runs this job alone (a suspect, see `Job::is_suspect`).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         isolated: bool,
@@ -52,6 +55,10 @@ pub enum EventKind {
         /// On a move into a terminal state: time since the job was planned.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         since_planned_ms: Option<u64>,
+        /// On a move into a terminal state: time since its first lease (the
+        /// service time, queue wait excluded; absent if never leased).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since_leased_ms: Option<u64>,
     },
     LeaseRenewed {
         job_key: JobKey,
@@ -97,12 +104,19 @@ pub enum EventKind {
         job_key: Option<JobKey>,
         count: u64,
     },
-    /// A committed op was asked for again and its recorded result returned.
+    /// Work already done was reused instead of done again: what (`op`)
+    /// and why (`reason`).
     IdempotencyReplay {
         job_key: JobKey,
-        op: OpKind,
-        epoch: Epoch,
-        recorded_at: Timestamp,
+        op: ReplayOp,
+        /// The lease that reused it (none for a re-plan).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<Epoch>,
+        /// When the reused op was recorded, where the ledger says.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        recorded_at: Option<Timestamp>,
+        #[serde(default)]
+        reason: ReplayReason,
     },
     KeyConflict {
         job_key: JobKey,
@@ -149,6 +163,10 @@ pub enum EventKind {
         owner: WorkerId,
         jobs: u64,
         elapsed_ms: u64,
+        /// Made in the write that finished the holder's previous job, so
+        /// `elapsed_ms` includes that commit.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        successor: bool,
     },
 }
 
@@ -179,6 +197,71 @@ impl EventKind {
         Event {
             timestamp,
             kind: self,
+        }
+    }
+}
+
+/// What a replay reused: a job's plan, or one of its committed ops.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplayOp {
+    Plan,
+    Head,
+    Stream,
+    Finalize,
+}
+
+impl ReplayOp {
+    pub const ALL: [Self; 4] = [Self::Plan, Self::Head, Self::Stream, Self::Finalize];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Plan => "plan",
+            Self::Head => "head",
+            Self::Stream => "stream",
+            Self::Finalize => "finalize",
+        }
+    }
+}
+
+impl From<OpKind> for ReplayOp {
+    fn from(k: OpKind) -> Self {
+        match k {
+            OpKind::Head => Self::Head,
+            OpKind::Stream => Self::Stream,
+            OpKind::Finalize => Self::Finalize,
+        }
+    }
+}
+
+/// Why work was reused rather than done.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplayReason {
+    /// A committed op begun again under the same lease: its recorded
+    /// result was returned.
+    #[default]
+    Again,
+    /// The same job planned again: nothing was written.
+    Replan,
+    /// A new holder kept what a previous one did (its HEAD's facts, its
+    /// complete body, its published blob).
+    Takeover,
+    /// The reconciler committed a blob a dead holder had published.
+    Repair,
+    /// The URL was already finalized by another job: its blob was reused
+    /// without a request.
+    Url,
+}
+
+impl ReplayReason {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Again => "again",
+            Self::Replan => "replan",
+            Self::Takeover => "takeover",
+            Self::Repair => "repair",
+            Self::Url => "url",
         }
     }
 }

@@ -200,10 +200,36 @@ pub fn begin_event(op: &OpKey, decision: &OpDecision) -> crate::event::EventKind
         },
         OpDecision::Replay { recorded_at, .. } => EventKind::IdempotencyReplay {
             job_key: op.job,
-            op: op.kind,
-            epoch: op.epoch,
-            recorded_at: *recorded_at,
+            op: op.kind.into(),
+            epoch: Some(op.epoch),
+            recorded_at: Some(*recorded_at),
+            reason: crate::event::ReplayReason::Again,
         },
+    }
+}
+
+/// The `idempotency_replay` event of reused work (see [`crate::ports::Step::Reused`]).
+pub fn reused_event(op: &OpKey, reason: crate::event::ReplayReason) -> crate::event::EventKind {
+    crate::event::EventKind::IdempotencyReplay {
+        job_key: op.job,
+        op: op.kind.into(),
+        epoch: Some(op.epoch),
+        recorded_at: None,
+        reason,
+    }
+}
+
+/// A STREAM that fetched nothing because a previous holder's part held the
+/// whole body is a reuse of that holder's work.
+pub fn body_reused(
+    op: &OpKey,
+    outcome: &Result<OpResult, crate::job::JobError>,
+) -> Option<crate::event::EventKind> {
+    match outcome {
+        Ok(OpResult::Stream(si)) if si.size > 0 && si.resumed_from == si.size => {
+            Some(reused_event(op, crate::event::ReplayReason::Takeover))
+        }
+        _ => None,
     }
 }
 

@@ -22,7 +22,7 @@ pub mod time;
 pub mod tx;
 
 pub use digest::Digest32;
-pub use event::{Event, EventKind, EVENT_NAMES};
+pub use event::{Event, EventKind, ReplayOp, ReplayReason, EVENT_NAMES};
 pub use exec::{Write, Written};
 pub use hosts::HostLoad;
 pub use job::{

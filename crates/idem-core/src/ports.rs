@@ -196,6 +196,13 @@ pub enum Step {
         host: String,
         until: Timestamp,
     },
+    /// The live holder of `op`'s lease reused work done before it (of
+    /// `op.kind`) instead of doing it: an `idempotency_replay` event,
+    /// counted with the ledger's replays. Fenced like an op.
+    Reused {
+        op: OpKey,
+        reason: crate::event::ReplayReason,
+    },
 }
 
 /// What a step returned: the job after it, an op decision, or the jobs a

@@ -9,7 +9,12 @@ pub fn plan_is_idempotent_and_reports_conflicts(s: &dyn Store) {
     assert_eq!(r.events.len(), 1);
     let r = s.plan(std::slice::from_ref(&a), 3, t(1)).unwrap();
     assert_eq!(r.value, vec![PlanOutcome::Existing { job_key: a.key() }]);
-    assert!(r.events.is_empty(), "a no-op re-plan emits nothing");
+    let names: Vec<_> = r.events.iter().map(|e| e.kind.name()).collect();
+    assert_eq!(
+        names,
+        ["idempotency_replay"],
+        "a re-plan reports a reuse only"
+    );
     let changed =
         JobSpec::new("work", "art-1", "https://example.org/other.pdf", None, None).unwrap();
     let r = s.plan(&[changed], 3, t(2)).unwrap();

@@ -67,6 +67,7 @@ macro_rules! __conformance_list {
             started_op_is_not_replayed_as_success,
             failed_op_is_run_again_not_replayed,
             committed_op_replays_its_exact_result,
+            reuse_is_reported_and_counted,
             results_round_trip_exactly_whatever_their_size,
             renew_works_in_every_live_state,
             retry_backoff_is_respected,

@@ -261,3 +261,66 @@ pub fn dead_ops_are_abandoned(s: &dyn Store) {
     assert_eq!(s.ops(&keys[0]).unwrap()[0].status, OpStatus::Started);
     assert_eq!(s.abandon_dead_ops(t(12)).unwrap().value, 0, "idempotent");
 }
+
+/// Work reused instead of done again is reported and counted: a re-plan
+/// (reported, not counted), a new holder keeping HEAD's facts, and a reuse
+/// the live holder records. A stale holder cannot record one.
+pub fn reuse_is_reported_and_counted(s: &dyn Store) {
+    use idem_core::{EventKind, ReplayOp, ReplayReason, Step};
+    let replays = |events: &[idem_core::Event]| -> Vec<(ReplayOp, ReplayReason)> {
+        events
+            .iter()
+            .filter_map(|e| match &e.kind {
+                EventKind::IdempotencyReplay { op, reason, .. } => Some((*op, *reason)),
+                _ => None,
+            })
+            .collect()
+    };
+    let k = plan_n(s, 1, t(0))[0];
+    let again = s.plan(&[spec(0)], 3, t(1)).unwrap();
+    assert_eq!(
+        replays(&again.events),
+        [(ReplayOp::Plan, ReplayReason::Replan)]
+    );
+    assert_eq!(s.status(t(1)).unwrap().replays, 0, "re-plans are not work");
+
+    let (_, e1) = lease(s, "w1", 1, 10, t(1))[0];
+    do_head(s, k, e1, "w1", t(2));
+    let req = LeaseRequest {
+        owner: w("w2"),
+        limit: 1,
+        ttl_ms: 60_000,
+        dead_owners: vec![],
+        commit: idem_core::Commit::Durable,
+        isolated: false,
+        per_host: None,
+    };
+    let taken = s.lease(&req, t(20)).unwrap();
+    assert_eq!(
+        replays(&taken.events),
+        [(ReplayOp::Head, ReplayReason::Takeover)],
+        "the new holder keeps HEAD's facts"
+    );
+    let e2 = taken.value[0].lease.as_ref().unwrap().epoch;
+    assert_eq!(s.status(t(20)).unwrap().replays, 1);
+
+    let reused = |e| {
+        vec![Step::Reused {
+            op: op(k, OpKind::Stream, e),
+            reason: ReplayReason::Takeover,
+        }]
+    };
+    let stale = s.run_steps(reused(e1), t(21), idem_core::Commit::Durable);
+    assert!(
+        matches!(stale, Err(idem_core::StoreError::Refused { .. })),
+        "a stale holder records no reuse: {stale:?}"
+    );
+    let a = s
+        .run_steps(reused(e2), t(21), idem_core::Commit::Durable)
+        .unwrap();
+    assert_eq!(
+        replays(&a.events),
+        [(ReplayOp::Stream, ReplayReason::Takeover)]
+    );
+    assert_eq!(s.status(t(21)).unwrap().replays, 2);
+}

@@ -54,13 +54,15 @@ catalogue! {
     OPS_STARTED = "idem_operations_started_total", Counter, ["op"], "Operations (head, stream, finalize) started.";
     OPS_COMPLETED = "idem_operations_completed_total", Counter, ["op", "status"], "Operations completed, by status (committed, failed).";
     OP_DURATION = "idem_operation_duration_seconds", Histogram, ["op"], "Time from an operation's start to its completion.";
-    REPLAYS = "idem_replays_total", Counter, ["op"], "Committed operations asked for again and answered from the ledger.";
+    REPLAYS = "idem_replays_total", Counter, ["op"], "Work reused instead of done again, by what was reused (plan: a job planned again; head, stream, finalize: a committed op's result, kept by a new holder, a repair or a URL already finalized).";
     CRASH_RECOVERIES = "idem_crash_recoveries_total", Counter, ["kind"], "Repairs of what crashes left behind, by kind.";
     BYTES_DOWNLOADED = "idem_downloaded_bytes_total", Counter, [], "Body bytes fetched over the network (resumed prefixes excluded).";
     DUPLICATES = "idem_duplicates_total", Counter, ["by"], "Jobs whose content was already stored, by detection (content, url).";
     RETRIES = "idem_retries_scheduled_total", Counter, ["reason"], "Attempts that failed and were scheduled again.";
-    LEASE_CALL = "idem_lease_acquire_duration_seconds", Histogram, [], "Latency of one lease call (waiting for the ledger included).";
-    PLAN_TO_FINISH = "idem_plan_to_finish_seconds", Histogram, ["outcome"], "Time from planning a job to its terminal state.";
+    LEASE_CALL = "idem_lease_acquire_duration_seconds", Histogram, [], "Latency of one lease call that got work (waiting for the ledger included); idle polls and leases taken in the write that finished a job are left out.";
+    PLAN_TO_FINISH = "idem_plan_to_finish_seconds", Histogram, ["outcome"], "Time from planning a job to its terminal state (queue wait included).";
+    LEASE_TO_FINISH = "idem_lease_to_finish_seconds", Histogram, ["outcome"], "Time from a job's first lease to its terminal state: the service time, queue wait excluded.";
+    QUEUE_WAIT = "idem_queue_wait_seconds", Histogram, [], "Time a job waited from planning to its first lease.";
     QUEUE_JOBS = "idem_queue_jobs", Gauge, ["ledger", "state"], "Jobs in the ledger by state (sampled; every worker of a ledger reports the same value: take max by ledger, never sum).";
     QUEUE_DUE = "idem_queue_due_jobs", Gauge, ["ledger"], "Jobs due now and not held (sampled; max by ledger).";
     OLDEST_DUE_AGE = "idem_queue_oldest_due_age_seconds", Gauge, ["ledger"], "How long the oldest due job has waited (sampled; 0 when none is due; max by ledger).";
@@ -69,7 +71,7 @@ catalogue! {
 }
 
 /// Histogram bucket boundaries, in seconds. Each SLO threshold is a bucket
-/// edge: 0.1 s (lease acquisition p99) and 120 s (plan → finalize p95).
+/// edge: 0.1 s (lease acquisition p99) and 120 s (service latency p95).
 pub fn histogram_buckets() -> Vec<(&'static str, &'static [f64])> {
     const LATENCY: &[f64] = &[
         0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -84,6 +86,8 @@ pub fn histogram_buckets() -> Vec<(&'static str, &'static [f64])> {
         (LEASE_CALL, LATENCY),
         (OP_DURATION, OPS),
         (PLAN_TO_FINISH, AGE),
+        (LEASE_TO_FINISH, OPS),
+        (QUEUE_WAIT, AGE),
     ]
 }
 
@@ -131,9 +135,11 @@ pub fn preregister() {
     for takeover in ["false", "true"] {
         counter!(LEASES_ACQUIRED, "takeover" => takeover).absolute(0);
     }
+    for op in idem_core::ReplayOp::ALL {
+        counter!(REPLAYS, "op" => op.as_str()).absolute(0);
+    }
     for op in ["head", "stream", "finalize"] {
         counter!(OPS_STARTED, "op" => op).absolute(0);
-        counter!(REPLAYS, "op" => op).absolute(0);
         for status in ["committed", "failed"] {
             counter!(OPS_COMPLETED, "op" => op, "status" => status).absolute(0);
         }
@@ -149,13 +155,20 @@ pub fn record(event: &Event) {
     match &event.kind {
         EventKind::JobPlanned { .. } => counter!(JOBS_PLANNED).increment(1),
         EventKind::KeyConflict { .. } => counter!(KEY_CONFLICTS).increment(1),
-        EventKind::JobLeased { resumed_from, .. } => {
+        EventKind::JobLeased {
+            resumed_from,
+            queued_ms,
+            ..
+        } => {
             let takeover = if resumed_from.is_some() {
                 "true"
             } else {
                 "false"
             };
             counter!(LEASES_ACQUIRED, "takeover" => takeover).increment(1);
+            if let Some(ms) = queued_ms {
+                histogram!(QUEUE_WAIT).record(secs(*ms));
+            }
         }
         EventKind::LeaseRenewed { .. } => counter!(LEASES_RENEWED).increment(1),
         EventKind::LeaseReleased { reason, .. } => {
@@ -167,6 +180,7 @@ pub fn record(event: &Event) {
             from,
             to,
             since_planned_ms,
+            since_leased_ms,
             ..
         } => {
             counter!(STATE_TRANSITIONS, "from" => from.as_str(), "to" => to.as_str()).increment(1);
@@ -174,6 +188,9 @@ pub fn record(event: &Event) {
                 counter!(JOBS_FINISHED, "outcome" => to.as_str()).increment(1);
                 if let Some(ms) = since_planned_ms {
                     histogram!(PLAN_TO_FINISH, "outcome" => to.as_str()).record(secs(*ms));
+                }
+                if let Some(ms) = since_leased_ms {
+                    histogram!(LEASE_TO_FINISH, "outcome" => to.as_str()).record(secs(*ms));
                 }
             }
         }
@@ -208,7 +225,18 @@ pub fn record(event: &Event) {
         EventKind::RetryScheduled { reason, .. } => {
             counter!(RETRIES, "reason" => reason.clone()).increment(1)
         }
-        EventKind::LeaseCall { elapsed_ms, .. } => histogram!(LEASE_CALL).record(secs(*elapsed_ms)),
+        // The lease SLI times the lease alone: an idle poll measures an
+        // empty queue, a successor lease includes its FINALIZE's commit.
+        EventKind::LeaseCall {
+            elapsed_ms,
+            jobs,
+            successor,
+            ..
+        } => {
+            if *jobs > 0 && !successor {
+                histogram!(LEASE_CALL).record(secs(*elapsed_ms));
+            }
+        }
     }
 }
 

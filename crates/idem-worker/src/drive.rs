@@ -770,7 +770,17 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                         kind: OpKind::Finalize,
                         epoch,
                     };
-                    self.begin(fop).await?;
+                    // The FINALIZE op starts with the record of what it reuses.
+                    let owner = self.owner.clone();
+                    let reused = Step::Reused {
+                        op: OpKey {
+                            kind: OpKind::Stream,
+                            ..fop
+                        },
+                        reason: idem_core::ReplayReason::Takeover,
+                    };
+                    let begin = Step::BeginOp { op: fop, owner };
+                    self.steps(vec![reused, begin], Commit::Deferred).await?;
                     self.emit(&[EventKind::CrashRecovery {
                         kind: "blob_healed".into(),
                         job_key: Some(key),
@@ -1084,7 +1094,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 _ => None,
             });
             let jobs = jobs.unwrap_or_default();
-            self.emit_lease_call(jobs.len(), asked);
+            self.emit_lease_call(jobs.len(), asked, true);
             let root = self.out.root();
             *next = jobs.into_iter().next().map(|j| {
                 let dup = duplicate_of(&*self.store, root, &j);

@@ -303,12 +303,14 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         (!self.stopping()).then(|| self.lease_request(1, false))
     }
 
-    /// Reports a lease call: how many jobs it took and how long it took.
-    pub(crate) fn emit_lease_call(&self, jobs: usize, asked: std::time::Instant) {
+    /// Reports a lease call: how many jobs it took and how long it took;
+    /// `successor`: made in the write that finished the previous job.
+    pub(crate) fn emit_lease_call(&self, jobs: usize, asked: std::time::Instant, successor: bool) {
         self.emit(&[idem_core::EventKind::LeaseCall {
             owner: self.owner.clone(),
             jobs: jobs as u64,
             elapsed_ms: u64::try_from(asked.elapsed().as_millis()).unwrap_or(u64::MAX),
+            successor,
         }
         .at(self.now())]);
     }
@@ -525,7 +527,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 Ok((a, dups))
             })
             .await?;
-        self.emit_lease_call(applied.value.len(), asked);
+        self.emit_lease_call(applied.value.len(), asked, false);
         self.emit(&applied.events);
         Ok(applied.value.into_iter().zip(dups).collect())
     }

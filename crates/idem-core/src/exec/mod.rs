@@ -75,10 +75,14 @@ fn decide<T: Tx + ?Sized>(
             value: Written::Plan(a.value),
             events: a.events,
         }),
-        Write::Steps(steps) => run_steps(tx, steps, now).map(|a| Applied {
-            value: Written::Steps(a.value),
-            events: a.events,
-        }),
+        Write::Steps(steps) => {
+            let a = run_steps(tx, steps, now)?;
+            count_replays(tx, &a.events)?;
+            Ok(Applied {
+                value: Written::Steps(a.value),
+                events: a.events,
+            })
+        }
         Write::Import(jobs) => {
             let (copied, existing) = import::import(tx, jobs)?;
             Ok(Applied {
@@ -110,6 +114,17 @@ pub fn count_refusal<T: Tx + ?Sized>(tx: &mut T, error: &StoreError) -> Result<(
         } => tx.bump(Counter::FencedWrites, job),
         _ => Ok(()),
     }
+}
+
+/// Counts every reuse of work a write reports, as `idem_replays_total`
+/// does (re-plans are not counted: they come from `idem plan`, not work).
+fn count_replays<T: Tx + ?Sized>(tx: &mut T, events: &[Event]) -> Result<(), StoreError> {
+    for e in events {
+        if let EventKind::IdempotencyReplay { job_key, .. } = &e.kind {
+            tx.bump(Counter::Replays, job_key)?;
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn stamp(events: Vec<EventKind>, now: Timestamp) -> Vec<Event> {
@@ -273,6 +288,10 @@ fn run_segment<T: Tx + ?Sized>(
                 return Err(StoreError::Backend("a lease step inside a segment".into()))
             }
             Step::HostCooldown { host, until } => tx.extend_cooldown(host, *until)?,
+            Step::Reused { op, reason } => {
+                check_fence(op.job, rows.fence(tx, &op.job)?, op)?;
+                events.push(ledger::reused_event(op, *reason).at(now));
+            }
         }
     }
     Ok(())
@@ -301,7 +320,8 @@ fn begin_op<T: Tx + ?Sized>(
                 tx.update_op(&ledger::started(*op, owner.clone(), existing.as_ref(), now))?;
                 tx.bump(Counter::OpRestarts, &op.job)?;
             }
-            OpDecision::Replay { .. } => tx.bump(Counter::Replays, &op.job)?,
+            // Counted with every other reuse (see `count_replays`).
+            OpDecision::Replay { .. } => {}
         }
         decision
     };
@@ -335,6 +355,7 @@ fn finish_op<T: Tx + ?Sized>(
         events = t.events;
     }
     let value = job.clone();
+    events.extend(ledger::body_reused(op, &outcome));
     let (rec, completed) = ledger::finished(rec, outcome, now);
     events.insert(0, completed);
     tx.update_op(&rec)?;
@@ -365,6 +386,7 @@ fn record_op<T: Tx + ?Sized>(
         return Ok(None);
     }
     let mut events = vec![ledger::begin_event(op, &OpDecision::Run), completed];
+    events.extend(ledger::body_reused(op, outcome));
     let job = rows.get(tx, &op.job)?;
     if let Some(cmd) = then {
         // A refusal fails the request, which rolls the insert back with it.

@@ -2,6 +2,7 @@
 //! answered without a write, conflicts reported.
 
 use super::stamp;
+use crate::event::{EventKind, ReplayOp, ReplayReason};
 use crate::job::Job;
 use crate::plan::{self, PlanOutcome};
 use crate::ports::{Applied, StoreError};
@@ -50,7 +51,16 @@ pub(super) fn plan<T: Tx + ?Sized>(
         match same {
             // Re-plans are mostly no-ops: the row is loaded only to report
             // a conflict.
-            Some(true) => out.push(PlanOutcome::Existing { job_key: key }),
+            Some(true) => {
+                events.push(EventKind::IdempotencyReplay {
+                    job_key: key,
+                    op: ReplayOp::Plan,
+                    epoch: None,
+                    recorded_at: None,
+                    reason: ReplayReason::Replan,
+                });
+                out.push(PlanOutcome::Existing { job_key: key });
+            }
             Some(false) => {
                 let existing = tx.job(&key)?.ok_or(StoreError::NotFound(key))?;
                 let (o, _, ev) = plan::decide(Some(&existing), spec, max_attempts, now);

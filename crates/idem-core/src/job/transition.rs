@@ -6,7 +6,7 @@ use super::{
     BlobInfo, Epoch, ErrorClass, HeadInfo, Job, JobError, JobState, Lease, WorkerId,
     POISON_AFTER_ISOLATED_DEATHS,
 };
-use crate::event::EventKind;
+use crate::event::{EventKind, ReplayOp, ReplayReason};
 use crate::spec::JobKey;
 use crate::time::Timestamp;
 
@@ -246,6 +246,10 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
             let epoch = Epoch(job.epoch.0 + 1);
             next.epoch = epoch;
             next.attempts += 1;
+            let queued_ms = job
+                .first_leased_at
+                .is_none()
+                .then(|| now.millis_since(job.created_at));
             next.first_leased_at.get_or_insert(now);
             next.lease = Some(Lease {
                 owner: owner.clone(),
@@ -263,10 +267,21 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
                 ttl_ms,
                 attempt: next.attempts,
                 resumed_from: takeover.then_some(job.state),
+                queued_ms,
                 isolated,
             });
             if next.state != from {
                 events.push(state_changed(key, from, next.state, "acquire"));
+            }
+            // A holder taking over after HEAD keeps its facts: no new HEAD.
+            if takeover && job.head.is_some() {
+                events.push(EventKind::IdempotencyReplay {
+                    job_key: key,
+                    op: ReplayOp::Head,
+                    epoch: Some(epoch),
+                    recorded_at: None,
+                    reason: ReplayReason::Takeover,
+                });
             }
         }
         Command::Renew {
@@ -422,6 +437,17 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
                 by: if of.is_some() { "url" } else { "content" }.into(),
                 of,
             });
+            // By URL, another job's finalized blob stands in for this job's
+            // download: nothing was fetched.
+            if of.is_some() {
+                events.push(EventKind::IdempotencyReplay {
+                    job_key: key,
+                    op: ReplayOp::Finalize,
+                    epoch: job.lease.as_ref().map(|l| l.epoch),
+                    recorded_at: None,
+                    reason: ReplayReason::Url,
+                });
+            }
             finish(&mut next, JobState::SkippedDuplicate, now);
             next.blob = Some(blob);
             next.duplicate_of = of;
@@ -522,6 +548,13 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
                 kind: "blob_healed".into(),
                 job_key: Some(key),
                 count: 1,
+            });
+            events.push(EventKind::IdempotencyReplay {
+                job_key: key,
+                op: ReplayOp::Finalize,
+                epoch: None,
+                recorded_at: None,
+                reason: ReplayReason::Repair,
             });
             events.push(state_changed(
                 key,
@@ -632,6 +665,7 @@ fn state_changed(job_key: JobKey, from: JobState, to: JobState, reason: &str) ->
         to,
         reason: reason.to_owned(),
         since_planned_ms: None,
+        since_leased_ms: None,
     }
 }
 
@@ -641,11 +675,13 @@ fn stamp_age(events: &mut [EventKind], job: &Job, now: Timestamp) {
         if let EventKind::JobStateChanged {
             to,
             since_planned_ms,
+            since_leased_ms,
             ..
         } = e
         {
             if to.is_terminal() {
                 *since_planned_ms = Some(now.millis_since(job.created_at));
+                *since_leased_ms = job.first_leased_at.map(|t| now.millis_since(t));
             }
         }
     }
