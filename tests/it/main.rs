@@ -17,4 +17,5 @@ mod ledger;
 mod metrics;
 mod postgres;
 mod repair;
+mod reuse;
 mod support;

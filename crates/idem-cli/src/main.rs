@@ -284,6 +284,13 @@ struct RunArgs {
     /// at start.
     #[arg(long, default_value_t = 300, value_name = "SECONDS")]
     reconcile_every: u64,
+    /// A job whose URL another job already finalized reuses that blob with
+    /// no request while that fetch is at most this old; older, it first asks
+    /// the server with a conditional GET (If-None-Match / If-Modified-Since):
+    /// 304 reuses it, a full answer is downloaded as new content, and a
+    /// server that gave no validators is downloaded again. 0: always ask.
+    #[arg(long, default_value_t = 86_400, value_name = "SECONDS")]
+    reuse_max_age: u64,
     /// First retry delay ceiling in milliseconds (full jitter, doubling).
     #[arg(long, default_value_t = 1000)]
     backoff_base_ms: u64,

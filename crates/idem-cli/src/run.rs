@@ -84,6 +84,7 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
             .then_some((a.min_speed, a.min_speed_window)),
         probe_head: a.head,
         reconcile_every_ms: (a.reconcile_every > 0).then(|| a.reconcile_every * 1000),
+        reuse_max_age_ms: a.reuse_max_age.saturating_mul(1000),
         seed: u64::from(std::process::id()) ^ now().as_millis().unsigned_abs(),
         ..EngineConfig::default()
     };

@@ -107,7 +107,7 @@ pub struct StatusCounts {
     /// write included), and every start again of an op under the same key
     /// (a failed or abandoned op run again); replays are not starts.
     pub ops_started: u64,
-    /// Committed operations answered from the ledger instead of run.
+    /// Work reused instead of done again (re-plans aside).
     pub replays: u64,
 }
 
@@ -553,4 +553,14 @@ pub trait Http: Send + Sync + 'static {
         url: &str,
         resume: Option<&Resume>,
     ) -> impl Future<Output = Result<GetResponse<Self::Body>, FetchError>> + Send;
+
+    /// A conditional GET with the validators `recorded` holds
+    /// (`If-None-Match` from its ETag, `If-Modified-Since` from its
+    /// Last-Modified date): `None` when the server answers 304 Not Modified,
+    /// else the full response, as [`Http::get`] gives it.
+    fn revalidate(
+        &self,
+        url: &str,
+        recorded: &HeadInfo,
+    ) -> impl Future<Output = Result<Option<GetResponse<Self::Body>>, FetchError>> + Send;
 }

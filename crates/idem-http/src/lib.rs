@@ -621,6 +621,41 @@ impl Http for HttpClient {
             }
         }
         let (resp, _) = self.send(reqwest::Method::GET, url, &extra).await?;
+        self.opened(url, resp, resume)
+    }
+
+    async fn revalidate(
+        &self,
+        url: &str,
+        recorded: &HeadInfo,
+    ) -> Result<Option<GetResponse<ResponseBody>>, FetchError> {
+        let mut extra = HeaderMap::new();
+        let conditions = [
+            (header::IF_NONE_MATCH, recorded.etag.as_deref()),
+            (header::IF_MODIFIED_SINCE, recorded.last_modified.as_deref()),
+        ];
+        for (name, value) in conditions {
+            if let Some(v) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
+                extra.insert(name, v);
+            }
+        }
+        let (resp, _) = self.send(reqwest::Method::GET, url, &extra).await?;
+        if resp.status() == StatusCode::NOT_MODIFIED {
+            return Ok(None);
+        }
+        self.opened(url, resp, None).map(Some)
+    }
+}
+
+impl HttpClient {
+    /// A GET's response as a [`GetResponse`]: its facts, where its body
+    /// starts (checked against `resume`), within the size cap.
+    fn opened(
+        &self,
+        url: &str,
+        resp: reqwest::Response,
+        resume: Option<&Resume>,
+    ) -> Result<GetResponse<ResponseBody>, FetchError> {
         let status = resp.status();
         let head = head_info(&resp);
         let offset = match (status, resume) {

@@ -20,12 +20,17 @@
 //! | `/notype/NAME` | sends no `Content-Type` at all |
 //! | `/twotypes/NAME` | sends two `Content-Type` fields: the file's type, then `text/html` |
 //! | `/changing/NAME` | content and `ETag` change on every request |
+//! | `/noval/NAME` | sends neither `ETag` nor `Last-Modified`, and answers conditional requests in full |
 //! | `/norange/NAME` | ignores `Range`, always 200 with the full body |
 //! | `/chunked/NAME` | HEAD gives the length; GET answers 200 in `Transfer-Encoding: chunked`, without one (and ignores `Range`) |
 //!
 //! `?digest=right` or `?digest=wrong` (any mode) adds `Repr-Digest:
 //! sha-256=:…:` with the body's SHA-256 or another's; `?digest=legacy-wrong`
 //! sends a wrong `Digest: SHA-256=…` instead.
+//!
+//! A GET or HEAD with `If-None-Match` naming the current `ETag` (or, without
+//! it, `If-Modified-Since` naming the `Last-Modified` date) is answered `304
+//! Not Modified`; [`Origin::put`] changes a file and so its `ETag`.
 //!
 //! `?delay_ms=N` (any mode) waits N milliseconds before answering: a slow
 //! host. The origin counts the requests it is answering at once
@@ -368,6 +373,21 @@ fn respond(
     } else {
         "application/octet-stream"
     };
+    let unchanged = match (
+        req.headers.get("if-none-match"),
+        req.headers.get("if-modified-since"),
+    ) {
+        (Some(v), _) => *v == etag,
+        (None, Some(v)) => v == LAST_MODIFIED,
+        _ => false,
+    };
+    if unchanged && mode != "noval" {
+        let head = format!(
+            "HTTP/1.1 304 Not Modified\r\nETag: {etag}\r\nLast-Modified: {LAST_MODIFIED}\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n"
+        );
+        w.write_all(head.as_bytes())?;
+        return Ok(true);
+    }
     // Range handling (bytes=N- or bytes=N-M), honouring If-Range.
     let mut start = 0usize;
     let mut end = body.len();
@@ -420,9 +440,13 @@ fn respond(
         "twotypes" => format!("Content-Type: {ctype}\r\nContent-Type: text/html\r\n"),
         _ => format!("Content-Type: {ctype}\r\n"),
     };
-    let mut head = format!(
-        "HTTP/1.1 {status}\r\n{ctype}{length}\r\nETag: {etag}\r\nLast-Modified: {LAST_MODIFIED}\r\nConnection: keep-alive\r\n"
-    );
+    let validators = if mode == "noval" {
+        String::new()
+    } else {
+        format!("ETag: {etag}\r\nLast-Modified: {LAST_MODIFIED}\r\n")
+    };
+    let mut head =
+        format!("HTTP/1.1 {status}\r\n{ctype}{length}\r\n{validators}Connection: keep-alive\r\n");
     if mode != "norange" && mode != "chunked" {
         head.push_str("Accept-Ranges: bytes\r\n");
     }

@@ -385,14 +385,22 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             kind: OpKind::Head,
             epoch,
         };
-        // Content we already hold under this URL needs no request at all.
-        if let Some(Stored { of, blob }) = dup {
-            let cmd = Command::Duplicate {
-                epoch,
-                blob,
-                of: Some(of),
-            };
-            return Ok((self.apply(job.key, cmd).await?, None, None));
+        // Content we already hold under this URL needs no request while
+        // its fetch is fresh; older, the server is asked if it changed.
+        let mut answered = None;
+        if let Some(stored) = dup {
+            match self.reusable(job, stored).await {
+                Reuse::Yes(Stored { of, blob, .. }) => {
+                    let cmd = Command::Duplicate {
+                        epoch,
+                        blob,
+                        of: Some(of),
+                    };
+                    return Ok((self.apply(job.key, cmd).await?, None, None));
+                }
+                Reuse::Changed(r) => answered = Some(r),
+                Reuse::No => {}
+            }
         }
         // A fresh job with no part to resume sends one GET, whose headers
         // stand in for HEAD's: one round trip, one request against the
@@ -400,8 +408,12 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         // a part may be resumed (a ranged GET needs its validators first).
         let get_first = !self.cfg.probe_head && self.out.parts_of(&job.key, epoch.0).is_empty();
         let began = self.now();
-        self.host_pace(&job.spec.url.host()).await;
-        let (res, mut opened) = if get_first {
+        if answered.is_none() || !get_first {
+            self.host_pace(&job.spec.url.host()).await;
+        }
+        let (res, mut opened) = if let Some(r) = answered.filter(|_| get_first) {
+            (Ok(r.head.clone()), Some(r))
+        } else if get_first {
             match self.http.get(&url, None).await {
                 Ok(r) => (Ok(r.head.clone()), Some(r)),
                 Err(e) => (Err(e), None),
@@ -1352,6 +1364,48 @@ pub(crate) type Next = (Job, Option<Stored>);
 pub(crate) struct Stored {
     of: idem_core::JobKey,
     blob: idem_core::BlobInfo,
+    /// The other job's HEAD facts (its validators) and when it finished.
+    head: Option<HeadInfo>,
+    fetched_at: idem_core::Timestamp,
+}
+
+/// What a job may do with the content another job finalized under its URL.
+enum Reuse<B> {
+    /// Reuse it: fresh enough, or the server said 304 Not Modified.
+    Yes(Stored),
+    /// The server answered the conditional GET in full: new content, to be
+    /// fetched from this response.
+    Changed(GetResponse<B>),
+    /// Fetch as usual (no validators to ask with, or the question failed).
+    No,
+}
+
+impl<S: Store + 'static, H: Http> Engine<S, H> {
+    /// Whether `stored` can stand in for `job`'s download: without a request
+    /// while its fetch is at most `reuse_max_age_ms` old, else if a
+    /// conditional GET with its validators answers 304.
+    async fn reusable(&self, job: &Job, stored: Stored) -> Reuse<H::Body> {
+        let age_ms = self.now().millis_since(stored.fetched_at);
+        if age_ms < self.cfg.reuse_max_age_ms {
+            return Reuse::Yes(stored);
+        }
+        let Some(head) = stored
+            .head
+            .clone()
+            .filter(|h| h.etag.is_some() || h.last_modified.is_some())
+        else {
+            return Reuse::No;
+        };
+        self.host_pace(&job.spec.url.host()).await;
+        match self.http.revalidate(job.spec.url.as_str(), &head).await {
+            Ok(None) => Reuse::Yes(stored),
+            Ok(Some(r)) => Reuse::Changed(r),
+            Err(e) => {
+                tracing::debug!(url = %job.spec.url, error = %e, "revalidation failed; fetching");
+                Reuse::No
+            }
+        }
+    }
 }
 
 /// Blocking: the content another job finalized under `job`'s URL whose
@@ -1378,7 +1432,12 @@ pub(crate) fn duplicate_of<S: Store + ?Sized>(store: &S, root: &Path, job: &Job)
     // A regular file of the recorded size (a symlink or a truncated file
     // is not the blob that was verified).
     let on_disk = std::fs::symlink_metadata(root.join(&blob.path)).ok()?;
-    (on_disk.is_file() && on_disk.len() == blob.size).then_some(Stored { of: prev.key, blob })
+    (on_disk.is_file() && on_disk.len() == blob.size).then(|| Stored {
+        of: prev.key,
+        blob,
+        fetched_at: prev.finished_at.unwrap_or(prev.updated_at),
+        head: prev.head,
+    })
 }
 
 /// Where a body landed: in its part, fsynced (hashed as it was written), or

@@ -84,6 +84,12 @@ pub struct EngineConfig {
     /// only the GET and takes HEAD's facts (length, type, validators) from
     /// its headers: one round trip and one request per file.
     pub probe_head: bool,
+    /// A job whose URL another job finalized reuses that blob without a
+    /// request while that fetch is at most this old; older, it asks the
+    /// server first with a conditional GET (the fetch's validators): 304
+    /// reuses it, anything else is fetched as new content, and a fetch with
+    /// no validators is simply fetched again.
+    pub reuse_max_age_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -102,6 +108,7 @@ impl Default for EngineConfig {
             min_speed: Some((1024, 60)),
             probe_head: false,
             reconcile_every_ms: Some(300_000),
+            reuse_max_age_ms: 86_400_000,
         }
     }
 }
