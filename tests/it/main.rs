@@ -15,6 +15,7 @@ mod hostile;
 mod hosts;
 mod ledger;
 mod metrics;
+mod pause;
 mod postgres;
 mod repair;
 mod reuse;

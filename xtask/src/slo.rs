@@ -179,11 +179,11 @@ fn runbook(alert_or_slo: &str) -> String {
 const LIVENESS: [(&str, &str, &str, &str, &str, &str); 2] = [
     (
         "IdemDueWorkWaits",
-        "max by (ledger) (idem_queue_oldest_due_age_seconds) > 900 and max by (ledger) (idem_leases_live) == 0",
+        "(max by (ledger) (idem_queue_oldest_due_age_seconds) > 900 and max by (ledger) (idem_leases_live) == 0) unless max by (ledger) (idem_paused_hosts) > 0",
         "5m",
         "page",
         "due jobs have waited over 15 minutes and no lease is held",
-        "Workers are up but take nothing: a host cooling down, every host at its budget with stuck leases, or workers stopped by an error. See docs/troubleshooting.md (stuck jobs).",
+        "Workers are up but take nothing: a host cooling down, every host at its budget with stuck leases, or workers stopped by an error (a ledger with a pause in force is left out). See docs/troubleshooting.md (stuck jobs).",
     ),
     (
         "IdemNoTargetUp",
@@ -290,12 +290,20 @@ fn backlog_test(y: &mut String) {
 fn liveness_tests(spec: &Spec, y: &mut String) {
     let due_age = "idem_queue_oldest_due_age_seconds{ledger=\"/l.db\"}";
     let live = "idem_leases_live{ledger=\"/l.db\"}";
-    for (held, fires) in [("0x40", true), ("2x40", false)] {
+    let paused = "idem_paused_hosts{ledger=\"/l.db\"}";
+    // (leases held, pauses in force, fires): a ledger the operator paused
+    // waits on purpose.
+    for (held, pauses, fires) in [
+        ("0x40", "0x40", true),
+        ("2x40", "0x40", false),
+        ("0x40", "1x40", false),
+    ] {
         let _ = writeln!(
             y,
-            "  - interval: 1m\n    input_series:\n      - series: {}\n        values: '0+60x40'\n      - series: {}\n        values: '{held}'",
+            "  - interval: 1m\n    input_series:\n      - series: {}\n        values: '0+60x40'\n      - series: {}\n        values: '{held}'\n      - series: {}\n        values: '{pauses}'",
             quote(due_age),
-            quote(live)
+            quote(live),
+            quote(paused)
         );
         let _ = writeln!(
             y,

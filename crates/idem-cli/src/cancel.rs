@@ -1,8 +1,9 @@
-//! `idem cancel`: the operator ends jobs that are not finished.
+//! Operator control: `idem cancel` ends jobs that are not finished;
+//! `idem pause` and `idem resume` stop and restart leasing.
 
 use crate::commands::{now, open_store, parse_job, print_json};
 use crate::sink::EventsFile;
-use crate::{CancelArgs, Global, EXIT_PARTIAL};
+use crate::{CancelArgs, Global, PauseArgs, EXIT_PARTIAL};
 use idem_core::ports::Store;
 use idem_core::{Command, JobKey};
 use idem_worker::EventSink as _;
@@ -45,4 +46,25 @@ pub(crate) fn cancel(g: &Global, a: &CancelArgs) -> anyhow::Result<u8> {
         }
     }
     Ok(if refused.is_empty() { 0 } else { EXIT_PARTIAL })
+}
+
+/// Pauses (`paused`) or resumes leasing on one host or all.
+pub(crate) fn pause(g: &Global, a: &PauseArgs, paused: bool) -> anyhow::Result<u8> {
+    let store = open_store(g)?;
+    let host = a.host.as_deref().unwrap_or(idem_core::hosts::ALL_HOSTS);
+    if host.is_empty() {
+        anyhow::bail!("--host: give a host name, or leave --host out for every host");
+    }
+    store.pause(host, paused, now())?;
+    let now_paused = store.status(now())?.paused;
+    if a.json {
+        print_json(&json!({"paused": now_paused}))?;
+    } else {
+        let what = a.host.as_deref().unwrap_or("every host");
+        outln!("{} {what}", if paused { "paused" } else { "resumed" });
+        if !now_paused.is_empty() {
+            outln!("paused now: {}", now_paused.join(", "));
+        }
+    }
+    Ok(0)
 }

@@ -42,6 +42,7 @@ pub(crate) fn status_json(st: &idem_core::StatusCounts) -> serde_json::Value {
         "fenced_writes": st.fenced_writes,
         "ops_started": st.ops_started,
         "replays": st.replays,
+        "paused": st.paused,
     })
 }
 
@@ -62,6 +63,12 @@ pub(crate) fn print_status_text(st: &idem_core::StatusCounts) {
             ms as f64 / 1000.0
         ),
         None => outln!("due now: 0"),
+    }
+    if !st.paused.is_empty() {
+        outln!(
+            "paused: {} (no new leases there; `idem resume` lifts it)",
+            st.paused.join(", ")
+        );
     }
     if st.suspects > 0 {
         outln!(

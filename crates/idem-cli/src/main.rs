@@ -123,6 +123,14 @@ enum Cmd {
     /// `cancelled`. A worker holding one stops at its next write (it is
     /// fenced) and publishes nothing. `idem retry` brings one back.
     Cancel(CancelArgs),
+    /// Stop leasing new jobs, on every host or one (--host), for every
+    /// worker of the ledger, on any machine. Workers notice within their
+    /// next lease call (a poll, at most a second apart when idle); jobs
+    /// already held finish. Stored in the ledger: it outlasts restarts until
+    /// `idem resume`. `idem status` shows what is paused.
+    Pause(PauseArgs),
+    /// Lift a pause made by `idem pause` (the same --host, or none).
+    Resume(PauseArgs),
     /// Write the manifest of every job (stdout).
     Export(ExportArgs),
     /// See idem work in under a minute: a local origin, faults, a killed
@@ -379,6 +387,16 @@ struct CancelArgs {
     json: bool,
 }
 
+#[derive(Args, Debug)]
+struct PauseArgs {
+    /// One host (as in its URLs, e.g. `example.org` or `example.org:8080`);
+    /// without it, every host.
+    #[arg(long)]
+    host: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Copy, Clone, Debug, ValueEnum)]
 enum ExportFormat {
     Jsonl,
@@ -471,6 +489,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Verify(a) => commands::verify(&g, &a),
         Cmd::Retry(a) => commands::retry(&g, &a),
         Cmd::Cancel(a) => cancel::cancel(&g, &a),
+        Cmd::Pause(a) => cancel::pause(&g, &a, true),
+        Cmd::Resume(a) => cancel::pause(&g, &a, false),
         Cmd::Export(a) => commands::export(&g, &a),
         Cmd::Demo(a) => demo::run(&g, &a),
         Cmd::Slo(SloCmd::Check(a)) => slo::check(&g, &a),

@@ -10,6 +10,10 @@
 //! every process sharing the ledger counts), so no worker holds a lease
 //! while it waits for a host's permit.
 
+/// The name that stands for every host in a pause
+/// ([`crate::exec::Write::Pause`]); no URL has it as its host.
+pub const ALL_HOSTS: &str = "*";
+
 /// The host budget of one lease call: how many more leases each host seen
 /// so far may take.
 #[derive(Debug)]

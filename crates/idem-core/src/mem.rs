@@ -29,6 +29,7 @@ struct Inner {
     planned_seq: BTreeMap<JobKey, u64>,
     /// Hosts cooling down, and until when.
     cooldowns: HashMap<String, Timestamp>,
+    paused: std::collections::BTreeSet<String>,
 }
 
 /// An in-memory store. See the module docs.
@@ -216,6 +217,19 @@ impl Tx for Inner {
         Ok(())
     }
 
+    fn paused(&mut self, host: &str) -> Result<bool, StoreError> {
+        Ok(self.paused.contains(host))
+    }
+
+    fn set_paused(&mut self, host: &str, paused: bool) -> Result<(), StoreError> {
+        if paused {
+            self.paused.insert(host.to_owned());
+        } else {
+            self.paused.remove(host);
+        }
+        Ok(())
+    }
+
     fn held_by(&mut self, owner: &WorkerId, now: Timestamp) -> Result<Vec<JobKey>, StoreError> {
         let mut held: Vec<&Job> = self
             .jobs
@@ -363,6 +377,7 @@ impl Store for MemStore {
             fenced_writes: g.counter(Counter::FencedWrites),
             replays: g.counter(Counter::Replays),
             ops_started: g.ops.len() as u64 + g.counter(Counter::OpRestarts),
+            paused: g.paused.iter().cloned().collect(),
             ..StatusCounts::default()
         };
         for s in JobState::ALL {

@@ -109,6 +109,10 @@ pub struct StatusCounts {
     pub ops_started: u64,
     /// Work reused instead of done again (re-plans aside).
     pub replays: u64,
+    /// What the operator paused: [`crate::hosts::ALL_HOSTS`] for every
+    /// host, else host names, sorted.
+    #[serde(default)]
+    pub paused: Vec<String>,
 }
 
 impl StatusCounts {
@@ -275,6 +279,19 @@ pub trait Store: Send + Sync {
                 value: out,
                 events: a.events,
             }),
+            _ => Err(wrong_reply()),
+        }
+    }
+
+    /// Pauses (`paused`) or resumes leasing on `host`, or on every host
+    /// with [`crate::hosts::ALL_HOSTS`]: no lease takes a paused host's
+    /// jobs; jobs already held carry on.
+    fn pause(&self, host: &str, paused: bool, now: Timestamp) -> Result<(), StoreError> {
+        match self
+            .write(Write::Pause { host, paused }, now, Commit::Durable)?
+            .value
+        {
+            Written::Paused => Ok(()),
             _ => Err(wrong_reply()),
         }
     }

@@ -135,6 +135,13 @@ pub trait Tx {
     /// Makes `host` cool down until `until`, or later if it already does.
     fn extend_cooldown(&mut self, host: &str, until: Timestamp) -> Result<(), StoreError>;
 
+    /// Whether the operator paused `host` ([`crate::hosts::ALL_HOSTS`]:
+    /// everything).
+    fn paused(&mut self, host: &str) -> Result<bool, StoreError>;
+
+    /// Pauses or resumes `host` ([`crate::hosts::ALL_HOSTS`]: everything).
+    fn set_paused(&mut self, host: &str, paused: bool) -> Result<(), StoreError>;
+
     /// Unfinished jobs that are not suspects, leased to `owner`, past their
     /// backoff at `now`, in plan order.
     fn held_by(&mut self, owner: &WorkerId, now: Timestamp) -> Result<Vec<JobKey>, StoreError>;

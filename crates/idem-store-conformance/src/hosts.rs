@@ -256,3 +256,43 @@ pub fn a_host_cooling_down_is_not_leased(s: &dyn Store) {
     assert_eq!(got.len(), 1, "cooled down at its time");
     assert_eq!(got[0].spec.artifact_id, "busy");
 }
+
+/// A pause stops leasing (every host, or one), is shown by `status`, and
+/// a resume lifts it; a job already held carries on.
+pub fn paused_hosts_are_not_leased_until_resumed(s: &dyn Store) {
+    use idem_core::hosts::ALL_HOSTS;
+    let other = JobSpec::new("work", "other", "https://other.example/x.pdf", None, None).unwrap();
+    plan_n(s, 3, t(0));
+    s.plan(std::slice::from_ref(&other), 3, t(0)).unwrap();
+    let held = lease(s, "w1", 1, 60, t(0));
+    assert_eq!(held.len(), 1);
+
+    s.pause(ALL_HOSTS, true, t(1)).unwrap();
+    assert_eq!(s.status(t(1)).unwrap().paused, [ALL_HOSTS]);
+    assert!(
+        lease(s, "w2", 10, 60, t(1)).is_empty(),
+        "nothing while all is paused"
+    );
+    let (k, e) = held[0];
+    s.apply(
+        &k,
+        Command::Renew {
+            owner: w("w1"),
+            epoch: e,
+            ttl_ms: 60_000,
+        },
+        t(2),
+    )
+    .expect("a held job carries on");
+
+    s.pause("example.org", true, t(3)).unwrap();
+    s.pause(ALL_HOSTS, false, t(3)).unwrap();
+    assert_eq!(s.status(t(3)).unwrap().paused, ["example.org"]);
+    let got = lease(s, "w2", 10, 60, t(3));
+    assert_eq!(got.len(), 1, "only the host not paused: {got:?}");
+    assert_eq!(got[0].0, other.key());
+
+    s.pause("example.org", false, t(4)).unwrap();
+    assert!(s.status(t(4)).unwrap().paused.is_empty());
+    assert_eq!(lease(s, "w2", 10, 60, t(4)).len(), 2, "resumed");
+}

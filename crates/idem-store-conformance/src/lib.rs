@@ -79,6 +79,7 @@ macro_rules! __conformance_list {
             leases_interleave_hosts_within_their_budget,
             a_full_hosts_long_queue_does_not_hide_the_others,
             a_host_cooling_down_is_not_leased,
+            paused_hosts_are_not_leased_until_resumed,
             status_counts_are_exact,
             scan_pages_through_every_job,
             finalized_by_url_finds_only_finalized,

@@ -184,6 +184,13 @@ pub(crate) async fn status(c: &Client, now: Timestamp) -> Result<StatusCounts, S
     s.suspects = n(r.try_get(4).map_err(map_err)?);
     let op_rows = n(r.try_get(5).map_err(map_err)?);
     for r in c
+        .query("SELECT host FROM hosts WHERE paused ORDER BY host", &[])
+        .await
+        .map_err(map_err)?
+    {
+        s.paused.push(r.try_get(0).map_err(map_err)?);
+    }
+    for r in c
         .query("SELECT last_error FROM jobs WHERE state = 'failed'", &[])
         .await
         .map_err(map_err)?

@@ -6,10 +6,11 @@ use crate::error::map_err;
 use idem_core::ports::StoreError;
 
 /// The schema version this build writes.
-pub(crate) const LATEST: i64 = 1;
+pub(crate) const LATEST: i64 = 2;
 
 /// Forward-only migrations; entry `i` takes version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE idem_ledger (
     application    TEXT    NOT NULL CHECK (application = 'idem'),
     schema_version BIGINT  NOT NULL
@@ -84,7 +85,14 @@ CREATE TABLE counters (
     value BIGINT NOT NULL,
     PRIMARY KEY (name, shard)
 );
-"];
+",
+    r"
+-- v2: the operator pauses a host (or every host, as '*'): no lease takes
+-- its jobs until it is resumed.
+ALTER TABLE hosts ADD COLUMN paused BOOLEAN NOT NULL DEFAULT false;
+CREATE INDEX hosts_paused ON hosts (host) WHERE paused;
+",
+];
 
 /// A lock key for migrations (an advisory lock, so two processes opening a
 /// new ledger at once migrate it once).

@@ -477,6 +477,20 @@ impl Tx for PgTx<'_> {
         .map(|_| ())
     }
 
+    fn paused(&mut self, host: &str) -> Result<bool, StoreError> {
+        let rows = self.query("SELECT 1 FROM hosts WHERE host = $1 AND paused", &[&host])?;
+        Ok(!rows.is_empty())
+    }
+
+    fn set_paused(&mut self, host: &str, paused: bool) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO hosts (host, planned, paused) VALUES ($1, 0, $2) \
+             ON CONFLICT (host) DO UPDATE SET paused = excluded.paused",
+            &[&host, &paused],
+        )
+        .map(|_| ())
+    }
+
     fn held_by(&mut self, owner: &WorkerId, now: Timestamp) -> Result<Vec<JobKey>, StoreError> {
         self.send_pending()?;
         let rows = self.query(

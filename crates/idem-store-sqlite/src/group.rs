@@ -48,6 +48,10 @@ pub(crate) enum OwnedWrite {
     Steps(Vec<Step>),
     AbandonDeadOps,
     Import(Vec<(idem_core::Job, Vec<idem_core::OpRecord>)>),
+    Pause {
+        host: String,
+        paused: bool,
+    },
 }
 
 impl OwnedWrite {
@@ -63,6 +67,10 @@ impl OwnedWrite {
             Write::Steps(steps) => Self::Steps(steps.to_vec()),
             Write::AbandonDeadOps => Self::AbandonDeadOps,
             Write::Import(jobs) => Self::Import(jobs.to_vec()),
+            Write::Pause { host, paused } => Self::Pause {
+                host: host.to_owned(),
+                paused,
+            },
         }
     }
 
@@ -78,6 +86,10 @@ impl OwnedWrite {
             Self::Steps(steps) => Write::Steps(steps),
             Self::AbandonDeadOps => Write::AbandonDeadOps,
             Self::Import(jobs) => Write::Import(jobs),
+            Self::Pause { host, paused } => Write::Pause {
+                host,
+                paused: *paused,
+            },
         }
     }
 }

@@ -168,6 +168,15 @@ pub(crate) fn status(c: &Connection, now: Timestamp) -> Result<StatusCounts, Sto
     s.oldest_due_age_ms = oldest.map(|t| now.millis_since(Timestamp::from_millis(t)));
     {
         let mut q = c
+            .prepare_cached("SELECT host FROM hosts WHERE paused = 1 ORDER BY host")
+            .map_err(map_err)?;
+        let rows = q
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(map_err)?;
+        s.paused = rows.collect::<rusqlite::Result<_>>().map_err(map_err)?;
+    }
+    {
+        let mut q = c
             .prepare_cached("SELECT last_error FROM jobs WHERE state = 'failed'")
             .map_err(map_err)?;
         let rows = q

@@ -9,7 +9,7 @@ use std::path::Path;
 /// `PRAGMA application_id` of an idem ledger: "idem" in ASCII.
 pub(crate) const APPLICATION_ID: i64 = 0x6964_656d;
 /// The schema version this build writes.
-pub(crate) const LATEST: i64 = 5;
+pub(crate) const LATEST: i64 = 6;
 
 /// Forward-only migrations; entry `i` takes version `i` to `i + 1`.
 ///
@@ -129,6 +129,12 @@ CREATE INDEX jobs_host_lease ON jobs (host, lease_expires_at) WHERE lease_owner 
 -- v5: a host that answers 429 or 503 with Retry-After cools down for every
 -- worker: no lease takes its jobs before cooldown_until.
 ALTER TABLE hosts ADD COLUMN cooldown_until INTEGER;
+",
+    r"
+-- v6: the operator pauses a host (or every host, as '*'): no lease takes
+-- its jobs until it is resumed.
+ALTER TABLE hosts ADD COLUMN paused INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX hosts_paused ON hosts (host) WHERE paused = 1;
 ",
 ];
 

@@ -421,6 +421,25 @@ impl Tx for SqliteTx<'_> {
             .map_err(map_err)
     }
 
+    fn paused(&mut self, host: &str) -> Result<bool, StoreError> {
+        self.c
+            .prepare_cached("SELECT 1 FROM hosts WHERE host = ?1 AND paused = 1")
+            .map_err(map_err)?
+            .exists([host])
+            .map_err(map_err)
+    }
+
+    fn set_paused(&mut self, host: &str, paused: bool) -> Result<(), StoreError> {
+        self.c
+            .prepare_cached(
+                "INSERT INTO hosts (host, planned, paused) VALUES (?1, 0, ?2) \
+                 ON CONFLICT (host) DO UPDATE SET paused = excluded.paused",
+            )
+            .and_then(|mut st| st.execute(params![host, i64::from(paused)]))
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
     fn held_by(&mut self, owner: &WorkerId, now: Timestamp) -> Result<Vec<JobKey>, StoreError> {
         self.keys_of(
             "SELECT key, id FROM jobs WHERE lease_owner = ?1 AND due_at IS NOT NULL AND next_attempt_at <= ?2 ORDER BY id",

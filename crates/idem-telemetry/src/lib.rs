@@ -68,6 +68,7 @@ catalogue! {
     OLDEST_DUE_AGE = "idem_queue_oldest_due_age_seconds", Gauge, ["ledger"], "How long the oldest due job has waited (sampled; 0 when none is due; max by ledger).";
     LIVE_LEASES = "idem_leases_live", Gauge, ["ledger"], "Leases currently held (sampled; max by ledger).";
     STALE_LEASES = "idem_leases_stale", Gauge, ["ledger"], "Leases past their expiry that nobody has taken over yet (sampled; max by ledger).";
+    PAUSED = "idem_paused_hosts", Gauge, ["ledger"], "Pauses in force (`idem pause`): 1 for every host paused at once, or the number of single hosts paused (sampled; max by ledger).";
 }
 
 /// Histogram bucket boundaries, in seconds. Each SLO threshold is a bucket
@@ -252,7 +253,8 @@ pub fn record_status(st: &StatusCounts, ledger: &str) {
     gauge!(QUEUE_DUE, "ledger" => ledger.clone()).set(st.due_now as f64);
     gauge!(OLDEST_DUE_AGE, "ledger" => ledger.clone()).set(st.oldest_due_age_ms.map_or(0.0, secs));
     gauge!(LIVE_LEASES, "ledger" => ledger.clone()).set(st.live_leases as f64);
-    gauge!(STALE_LEASES, "ledger" => ledger).set(st.expired_leases as f64);
+    gauge!(STALE_LEASES, "ledger" => ledger.clone()).set(st.expired_leases as f64);
+    gauge!(PAUSED, "ledger" => ledger).set(st.paused.len() as f64);
 }
 
 /// Is `name` (possibly with a Prometheus suffix such as `_bucket`) a metric

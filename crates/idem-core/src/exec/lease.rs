@@ -18,6 +18,12 @@ pub(super) fn lease<T: Tx + ?Sized>(
     req: &LeaseRequest,
     now: Timestamp,
 ) -> Result<Applied<Vec<Job>>, StoreError> {
+    if tx.paused(hosts::ALL_HOSTS)? {
+        return Ok(Applied {
+            value: Vec::new(),
+            events: Vec::new(),
+        });
+    }
     let mut keys = if req.isolated {
         tx.due_suspect(now)?.into_iter().collect()
     } else {
@@ -39,6 +45,10 @@ pub(super) fn lease<T: Tx + ?Sized>(
     let mut events = Vec::new();
     for key in keys {
         let old = tx.job(&key)?.ok_or(StoreError::NotFound(key))?;
+        // A suspect or a dead owner's job waits while its host is paused.
+        if tx.paused(&old.spec.url.host())? {
+            continue;
+        }
         let mut job = old.clone();
         if let Some(l) = job.lease.as_mut() {
             if req.dead_owners.contains(&l.owner) {
@@ -96,8 +106,8 @@ fn pick_due<T: Tx + ?Sized>(
             req.limit - keys.len(),
             &mut room,
             |host| {
-                // A host cooling down is as good as full.
-                if tx.cooldown(host)?.is_some_and(|t| t > now) {
+                // A host cooling down, or paused, is as good as full.
+                if tx.paused(host)? || tx.cooldown(host)?.is_some_and(|t| t > now) {
                     return Ok(usize::MAX);
                 }
                 tx.live_on_host(host, now)

@@ -34,6 +34,9 @@ pub enum Write<'a> {
     /// Copies jobs as they are, with their ops (from another ledger); a key
     /// already held is left alone.
     Import(&'a [(Job, Vec<crate::ledger::OpRecord>)]),
+    /// Pauses (or resumes) leasing on `host`, or on every host with
+    /// [`crate::hosts::ALL_HOSTS`]. Jobs already held carry on.
+    Pause { host: &'a str, paused: bool },
 }
 
 /// What a [`Write`] returned.
@@ -47,6 +50,7 @@ pub enum Written {
         copied: u64,
         existing: u64,
     },
+    Paused,
 }
 
 /// Runs `write` in `tx`. On an error the store must roll back whatever
@@ -87,6 +91,13 @@ fn decide<T: Tx + ?Sized>(
             let (copied, existing) = import::import(tx, jobs)?;
             Ok(Applied {
                 value: Written::Imported { copied, existing },
+                events: Vec::new(),
+            })
+        }
+        Write::Pause { host, paused } => {
+            tx.set_paused(host, paused)?;
+            Ok(Applied {
+                value: Written::Paused,
                 events: Vec::new(),
             })
         }
