@@ -7,6 +7,7 @@
 //! clock or needs an async runtime: time comes in as an argument and effects
 //! go out as data. Adapters plug in through the [`ports`].
 
+pub mod codec;
 pub mod digest;
 pub mod event;
 pub mod exec;
@@ -39,7 +40,8 @@ pub use ports::{
 };
 pub use retry::{RetryPolicy, SplitMix64};
 pub use spec::{
-    job_key_of, redact_text, redact_url, CanonicalUrl, Fingerprint, JobKey, JobSpec, SpecError,
+    fingerprint_of, job_key_of, redact_text, redact_url, CanonicalUrl, Fingerprint, JobKey,
+    JobSpec, SpecError,
 };
 pub use time::{Clock, ManualClock, Timestamp};
 pub use tx::{Counter, Tx};

@@ -468,13 +468,31 @@ impl JobSpec {
     }
 
     pub fn fingerprint(&self) -> Fingerprint {
-        let sha = self.sha256.map(|d| d.to_hex()).unwrap_or_default();
-        let ct = self.content_type.as_deref().unwrap_or("");
-        Fingerprint(hash_fields(
-            FINGERPRINT_DOMAIN,
-            &[self.url.as_str().as_bytes(), sha.as_bytes(), ct.as_bytes()],
-        ))
+        fingerprint_of(
+            self.url.as_str(),
+            self.sha256.as_ref(),
+            self.content_type.as_deref(),
+        )
     }
+}
+
+/// The fingerprint of a spec's payload (its canonical URL, expected digest
+/// and expected type), without building the spec: a store may keep the
+/// three and derive this.
+pub fn fingerprint_of(
+    canonical_url: &str,
+    sha256: Option<&Digest32>,
+    content_type: Option<&str>,
+) -> Fingerprint {
+    let sha = sha256.map(Digest32::to_hex).unwrap_or_default();
+    Fingerprint(hash_fields(
+        FINGERPRINT_DOMAIN,
+        &[
+            canonical_url.as_bytes(),
+            sha.as_bytes(),
+            content_type.unwrap_or("").as_bytes(),
+        ],
+    ))
 }
 
 /// The job key of `work_id/artifact_id` (trimmed, as [`JobSpec::new`] does),

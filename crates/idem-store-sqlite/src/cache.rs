@@ -38,6 +38,17 @@ pub(crate) struct Cache {
     ids: HashMap<JobKey, i64>,
     rows: HashMap<i64, Job>,
     ops: HashMap<(i64, OpKind, u64), OpRecord>,
+    /// Worker and host names and their ids in `owners` and `hosts` (a
+    /// rolled-back insert may have freed one, so these are forgotten with
+    /// the rest).
+    names: [HashMap<String, i64>; 2],
+}
+
+/// The tables that give names an id.
+#[derive(Copy, Clone, PartialEq, Eq, Hash, Debug)]
+pub(crate) enum Names {
+    Owners = 0,
+    Hosts = 1,
 }
 
 impl Cache {
@@ -60,6 +71,19 @@ impl Cache {
         self.ids.clear();
         self.rows.clear();
         self.ops.clear();
+        self.names.iter_mut().for_each(HashMap::clear);
+    }
+
+    pub(crate) fn name(&self, names: Names, name: &str) -> Option<i64> {
+        self.names[names as usize].get(name).copied()
+    }
+
+    pub(crate) fn put_name(&mut self, names: Names, name: &str, id: i64) {
+        let map = &mut self.names[names as usize];
+        if map.len() >= CAP {
+            map.clear();
+        }
+        map.insert(name.to_owned(), id);
     }
 
     pub(crate) fn id(&self, key: &JobKey) -> Option<i64> {

@@ -44,26 +44,36 @@
 //! (across processes, under the writer lock) is the isolation the port
 //! asks for; every job update is also guarded by the epoch it read.
 //!
-//! ## Schema (version 5)
+//! ## Schema (version 7)
 //!
-//! - `jobs`: one row per job key (32-byte BLOB, unique), its spec, state,
+//! What cannot be derived, in its smallest faithful form (see
+//! `compact.rs` for the codes):
+//!
+//! - `jobs`: one row per job key (32-byte BLOB, unique), its spec (the
+//!   fingerprint is derived from it, not stored), state (a small integer),
 //!   lease (owner, epoch, expiry, isolated), attempts, backoff, last error,
-//!   HEAD validators (JSON), blob (sha256, size, path), timestamps, holder
-//!   deaths, its host and host rank, and `due_at`: when the job may next be
+//!   HEAD validators and blob digest in compact bytes (the blob's path only
+//!   when its digest does not imply it), timestamps, holder deaths, its
+//!   host (by id) and host rank, and `due_at`: when the job may next be
 //!   leased (its backoff or its lease expiry, whichever is later; NULL once
 //!   terminal, and for a suspect, which is due in `suspect_due_at`). A
 //!   partial index on (host rank, `due_at`) makes leasing an index range
-//!   scan, and one on (host, lease expiry) counts a host's live leases.
-//! - `ops`: the operation ledger, unique on (job rowid, kind, epoch), with
-//!   status, result (JSON, never truncated), error, run count, timestamps.
-//!   Ops point at their job by rowid, not by its 32-byte random key, so a
-//!   batch's inserts land on neighbouring index pages. A request that moves
-//!   a job through several steps reads and writes its row once, naming
-//!   only the columns that changed (SQLite rewrites an index entry for
-//!   every indexed column an UPDATE names).
-//! - `hosts`: jobs planned per host (the next host rank) and a cooldown.
-//! - `counters`: refused stale-epoch writes, replays, and starts again of
-//!   an op under its key (op rows count the first starts).
+//!   scan, one on (host, lease expiry) counts a host's live leases, and
+//!   finalized jobs are found by URL through a 47-bit hash of it.
+//! - `ops`: the operation ledger, keyed by (job rowid, kind, epoch) with no
+//!   rowid of its own: owner (by id), status, result (compact bytes, never
+//!   truncated), error, run count, start time and duration. A request that
+//!   moves a job through several steps reads and writes its row once,
+//!   naming only the columns that changed (SQLite rewrites an index entry
+//!   for every indexed column an UPDATE names).
+//! - `hosts`: id, name, jobs planned (the next host rank), cooldown, pause.
+//! - `owners`: the worker names ops were written by.
+//! - `counters`: refused stale-epoch writes, replays, op rows ever written
+//!   and starts again of an op under its key (op rows may be pruned).
+//!
+//! New ledgers use incremental auto-vacuum: `prune` gives the pages it
+//! frees back to the file system. Opening a ledger older than version 7
+//! rewrites it once in the compact form, then `VACUUM`s it.
 //!
 //! The file is marked with `PRAGMA application_id` and versioned with
 //! `PRAGMA user_version`; migrations are forward-only. A file that is not a
@@ -81,6 +91,7 @@
 #[macro_use]
 mod rows;
 mod cache;
+mod compact;
 mod group;
 mod open;
 mod reads;

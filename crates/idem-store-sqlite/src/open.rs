@@ -79,6 +79,11 @@ pub(crate) fn open(
             supported: LATEST,
         });
     }
+    if tables == 0 {
+        // Set before the first table exists, or it takes a VACUUM.
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL;")
+            .map_err(|e| with_path(map_err(e), path))?;
+    }
     configure(&conn, opts, path)?;
     migrate(&conn, path)?;
     if opts.durability == Durability::Full {

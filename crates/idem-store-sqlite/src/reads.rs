@@ -1,7 +1,7 @@
 //! The store's reads: a job, its ops, pages of jobs, and the counts.
 
 use crate::open::map_err;
-use crate::rows::{i, row_to_job, row_to_op};
+use crate::rows::{i, row_to_job, row_to_op, state_code, state_of, url_hash};
 use idem_core::ports::{StatusCounts, StoreError};
 use idem_core::tx::Counter;
 use idem_core::{failure_reason, Job, JobKey, JobState, OpRecord, Timestamp, WorkerId};
@@ -21,7 +21,7 @@ pub(crate) fn load_ops(c: &Connection, key: &JobKey) -> Result<Vec<OpRecord>, St
         .prepare_cached(concat!(
             "SELECT ",
             op_cols!(),
-            " FROM ops WHERE job_id = (SELECT id FROM jobs WHERE key = ?1) ORDER BY id"
+            " FROM ops o WHERE job_id = (SELECT id FROM jobs WHERE key = ?1) ORDER BY epoch, kind"
         ))
         .map_err(map_err)?;
     let rows = st
@@ -46,7 +46,7 @@ pub(crate) fn scan(
         .map_err(map_err)?;
     let rows = st
         .query_map(
-            params![after, state.map(JobState::as_str), i(limit as u64)],
+            params![after, state.map(state_code), i(limit as u64)],
             row_to_job,
         )
         .map_err(map_err)?;
@@ -60,14 +60,14 @@ pub(crate) fn busiest_hosts(
 ) -> Result<Vec<idem_core::HostLoad>, StoreError> {
     let mut st = c
         .prepare_cached(
-            "SELECT j.host, j.in_flight, j.due, j.unfinished, \
-               (SELECT cooldown_until FROM hosts h WHERE h.host = j.host AND h.cooldown_until > ?1) \
-             FROM (SELECT host, \
+            "SELECT h.host, j.in_flight, j.due, j.unfinished, \
+               CASE WHEN h.cooldown_until > ?1 THEN h.cooldown_until END \
+             FROM (SELECT host_id, \
                coalesce(sum(lease_owner IS NOT NULL AND lease_expires_at > ?1), 0) AS in_flight, \
                coalesce(sum(due_at <= ?1), 0) AS due, count(*) AS unfinished \
              FROM jobs WHERE due_at IS NOT NULL OR suspect_due_at IS NOT NULL \
-             GROUP BY host ORDER BY in_flight DESC, due DESC, unfinished DESC, host LIMIT ?2) j \
-             ORDER BY j.in_flight DESC, j.due DESC, j.unfinished DESC, j.host",
+             GROUP BY host_id) j JOIN hosts h ON h.id = j.host_id \
+             ORDER BY j.in_flight DESC, j.due DESC, j.unfinished DESC, h.host LIMIT ?2",
         )
         .map_err(map_err)?;
     let n = |v: i64| u64::try_from(v).unwrap_or(0);
@@ -87,9 +87,11 @@ pub(crate) fn busiest_hosts(
 
 pub(crate) fn finalized_by_url(c: &Connection, url: &str) -> Result<Option<Job>, StoreError> {
     let mut st = c
-        .prepare_cached(concat!("SELECT ", job_cols!(), " FROM jobs INDEXED BY jobs_finalized_url WHERE url = ?1 AND state = 'finalized' LIMIT 1"))
+        .prepare_cached(concat!("SELECT ", job_cols!(), " FROM jobs INDEXED BY jobs_finalized_url WHERE url_hash = ?1 AND state = 0 AND url = ?2 LIMIT 1"))
         .map_err(map_err)?;
-    st.query_row([url], row_to_job).optional().map_err(map_err)
+    st.query_row(params![url_hash(url), url], row_to_job)
+        .optional()
+        .map_err(map_err)
 }
 
 pub(crate) fn expired_leases(
@@ -128,12 +130,12 @@ pub(crate) fn status(c: &Connection, now: Timestamp) -> Result<StatusCounts, Sto
             .prepare_cached("SELECT state, count(*) FROM jobs GROUP BY state")
             .map_err(map_err)?;
         let rows = q
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
             .map_err(map_err)?;
         for row in rows {
             let (state, n) = row.map_err(map_err)?;
-            let st = JobState::parse(&state)
-                .ok_or_else(|| StoreError::Corrupt(format!("unknown state {state:?}")))?;
+            let st = state_of(state)
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown state code {state}")))?;
             let n = u64::try_from(n).unwrap_or(0);
             s.by_state.insert(st, n);
             s.total += n;
@@ -177,7 +179,7 @@ pub(crate) fn status(c: &Connection, now: Timestamp) -> Result<StatusCounts, Sto
     }
     {
         let mut q = c
-            .prepare_cached("SELECT last_error FROM jobs WHERE state = 'failed'")
+            .prepare_cached("SELECT last_error FROM jobs WHERE state = 2")
             .map_err(map_err)?;
         let rows = q
             .query_map([], |r| r.get::<_, Option<String>>(0))
@@ -197,11 +199,8 @@ pub(crate) fn status(c: &Connection, now: Timestamp) -> Result<StatusCounts, Sto
     };
     s.replays = counter(Counter::Replays.as_str())?;
     s.fenced_writes = counter(Counter::FencedWrites.as_str())?;
-    // Op rows are never deleted, so the largest rowid counts them in O(1);
-    // starts again under the same key are counted as they happen.
-    let rows: i64 = c
-        .query_row("SELECT coalesce(max(id), 0) FROM ops", [], |r| r.get(0))
-        .map_err(map_err)?;
-    s.ops_started = u64::try_from(rows).unwrap_or(0) + counter(Counter::OpRestarts.as_str())?;
+    // Op rows may be pruned: first starts are counted as they are inserted,
+    // starts again under the same key as they happen.
+    s.ops_started = counter("op_rows")? + counter(Counter::OpRestarts.as_str())?;
     Ok(s)
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 /// `PRAGMA application_id` of an idem ledger: "idem" in ASCII.
 pub(crate) const APPLICATION_ID: i64 = 0x6964_656d;
 /// The schema version this build writes.
-pub(crate) const LATEST: i64 = 6;
+pub(crate) const LATEST: i64 = 7;
 
 /// Forward-only migrations; entry `i` takes version `i` to `i + 1`.
 ///
@@ -136,6 +136,7 @@ ALTER TABLE hosts ADD COLUMN cooldown_until INTEGER;
 ALTER TABLE hosts ADD COLUMN paused INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX hosts_paused ON hosts (host) WHERE paused = 1;
 ",
+    crate::compact::CREATE,
 ];
 
 /// Gives the rows of a ledger older than v4 their host and host rank, in
@@ -169,14 +170,32 @@ fn backfill_hosts(c: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Brings the ledger to [`LATEST`]; a ledger that predates the compact
+/// schema is then rewritten whole (`VACUUM`) in incremental auto-vacuum
+/// mode, which gives back the space the conversion freed and lets
+/// `prune` give back what it frees.
 pub(crate) fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let from = upgrade(conn, path)?;
+    let mode: i64 = conn
+        .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+        .map_err(map_err)?;
+    if from.is_some_and(|v| v > 0 && v < 7) && mode != 2 {
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")
+            .map_err(|e| with_path(map_err(e), path))?;
+    }
+    Ok(())
+}
+
+/// Runs the migrations a ledger needs; the version it had, if it needed
+/// any.
+fn upgrade(conn: &Connection, path: &Path) -> Result<Option<i64>, StoreError> {
     // Opening an up-to-date ledger must not queue behind other processes'
     // writers: check without a lock first.
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(map_err)?;
     if version == LATEST {
-        return Ok(());
+        return Ok(None);
     }
     let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)
         .map_err(|e| with_path(map_err(e), path))?;
@@ -199,11 +218,15 @@ pub(crate) fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> 
         if i + 1 == 4 {
             backfill_hosts(&tx)?;
         }
+        if i + 1 == 7 {
+            crate::compact::rewrite(&tx)?;
+        }
         tx.execute_batch(&format!(
             "PRAGMA user_version = {}; PRAGMA application_id = {APPLICATION_ID};",
             i + 1
         ))
         .map_err(map_err)?;
     }
-    tx.commit().map_err(map_err)
+    tx.commit().map_err(map_err)?;
+    Ok(Some(version))
 }

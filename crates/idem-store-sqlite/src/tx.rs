@@ -7,12 +7,17 @@
 //! once known (an integer lookup instead of a 32-byte key's), and what the
 //! writer wrote is read back from its cache (see `cache.rs`).
 
-use crate::cache::Cache;
+use crate::cache::{Cache, Names};
 use crate::open::map_err;
-use crate::rows::{i, mutable_columns, result_json, row_to_job_id, row_to_op};
+use crate::rows::{
+    digest_from, i, kind_code, mutable_columns, result_bytes, row_to_job_id, row_to_op, state_code,
+    status_code, took_ms, url_hash,
+};
 use idem_core::ports::StoreError;
 use idem_core::tx::{Counter, Tx};
-use idem_core::{Epoch, Fingerprint, Job, JobKey, OpKey, OpRecord, Timestamp, WorkerId};
+use idem_core::{
+    fingerprint_of, Epoch, Fingerprint, Job, JobKey, OpKey, OpRecord, Timestamp, WorkerId,
+};
 use rusqlite::types::Value;
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -48,23 +53,56 @@ impl SqliteTx<'_> {
         Ok(id)
     }
 
+    /// The id a name has in `owners` (op rows name their owner by it) or
+    /// `hosts` (job rows name their host by it), added on first use.
+    fn name_id(&mut self, names: Names, name: &str) -> Result<i64, StoreError> {
+        if let Some(id) = self.cache.name(names, name) {
+            return Ok(id);
+        }
+        let (find, add) = match names {
+            Names::Owners => (
+                "SELECT id FROM owners WHERE name = ?1",
+                "INSERT INTO owners (name) VALUES (?1) RETURNING id",
+            ),
+            Names::Hosts => (
+                "SELECT id FROM hosts WHERE host = ?1",
+                "INSERT INTO hosts (host, planned) VALUES (?1, 0) RETURNING id",
+            ),
+        };
+        let found: Option<i64> = self
+            .c
+            .prepare_cached(find)
+            .and_then(|mut st| st.query_row([name], |r| r.get(0)).optional())
+            .map_err(map_err)?;
+        let id = match found {
+            Some(id) => id,
+            None => self
+                .c
+                .prepare_cached(add)
+                .and_then(|mut st| st.query_row([name], |r| r.get(0)))
+                .map_err(map_err)?,
+        };
+        self.cache.put_name(names, name, id);
+        Ok(id)
+    }
+
     /// Runs `sql` with an op row's ten columns as ?1..?10; rows changed.
-    fn write_op(&self, sql: &str, job_id: i64, rec: &OpRecord) -> Result<usize, StoreError> {
-        let result = result_json(rec)?;
+    fn write_op(&mut self, sql: &str, job_id: i64, rec: &OpRecord) -> Result<usize, StoreError> {
+        let owner = self.name_id(Names::Owners, rec.owner.as_str())?;
         self.c
             .prepare_cached(sql)
             .and_then(|mut st| {
                 st.execute(params![
                     job_id,
-                    rec.key.kind.as_str(),
+                    kind_code(rec.key.kind),
                     i(rec.key.epoch.0),
-                    rec.owner.as_str(),
-                    rec.status.as_str(),
-                    result,
+                    owner,
+                    status_code(rec.status),
+                    result_bytes(rec),
                     rec.error,
                     rec.runs,
                     rec.started_at.as_millis(),
-                    rec.finished_at.map(Timestamp::as_millis),
+                    took_ms(rec),
                 ])
             })
             .map_err(map_err)
@@ -150,45 +188,54 @@ impl Tx for SqliteTx<'_> {
         }))
     }
 
+    /// The fingerprint is not stored: it is derived from the payload the
+    /// row keeps.
     fn same_fingerprint(
         &mut self,
         key: &JobKey,
         fingerprint: &Fingerprint,
     ) -> Result<Option<bool>, StoreError> {
-        self.c
-            .prepare_cached("SELECT fingerprint = ?2 FROM jobs WHERE key = ?1")
+        let row: Option<(String, Option<Vec<u8>>, Option<String>)> = self
+            .c
+            .prepare_cached("SELECT url, expected_sha256, expected_type FROM jobs WHERE key = ?1")
             .map_err(map_err)?
-            .query_row(
-                params![key_bytes(key), fingerprint.digest().as_bytes().as_slice()],
-                |r| r.get(0),
-            )
+            .query_row([key_bytes(key)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()
-            .map_err(map_err)
+            .map_err(map_err)?;
+        row.map(|(url, sha, ct)| {
+            let sha = sha
+                .map(|b| digest_from(&b, "expected sha256"))
+                .transpose()
+                .map_err(map_err)?;
+            Ok(fingerprint_of(&url, sha.as_ref(), ct.as_deref()) == *fingerprint)
+        })
+        .transpose()
     }
 
     fn insert_job(&mut self, job: &Job) -> Result<bool, StoreError> {
+        let host_id = self.name_id(Names::Hosts, &job.spec.url.host())?;
         let mut st = self
             .c
             .prepare_cached(
-                "INSERT INTO jobs (key, fingerprint, work_id, artifact_id, url, expected_sha256, expected_type, state, \
-                 epoch, attempts, max_attempts, next_attempt_at, due_at, created_at, updated_at, host, host_rank) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, 0, ?9, ?10, ?10, ?11, ?11, ?12, ?13) ON CONFLICT (key) DO NOTHING",
+                "INSERT INTO jobs (key, work_id, artifact_id, url, url_hash, expected_sha256, expected_type, state, \
+                 epoch, attempts, max_attempts, next_attempt_at, due_at, created_at, updated_at, host_id, host_rank) \
+                 VALUES (?1, ?3, ?4, ?5, ?2, ?6, ?7, ?8, 0, 0, ?9, ?10, ?10, ?11, ?11, ?12, ?13) ON CONFLICT (key) DO NOTHING",
             )
             .map_err(map_err)?;
         let n = st
             .execute(params![
                 key_bytes(&job.key),
-                job.fingerprint.digest().as_bytes().as_slice(),
+                url_hash(job.spec.url.as_str()),
                 job.spec.work_id,
                 job.spec.artifact_id,
                 job.spec.url.as_str(),
-                job.spec.sha256.map(|d| d.to_hex()),
+                job.spec.sha256.map(|d| d.as_bytes().to_vec()),
                 job.spec.content_type,
-                job.state.as_str(),
+                state_code(job.state),
                 job.max_attempts,
                 job.next_attempt_at.as_millis(),
                 job.created_at.as_millis(),
-                job.spec.url.host(),
+                host_id,
                 i(job.host_rank),
             ])
             .map_err(map_err)?;
@@ -242,10 +289,10 @@ impl Tx for SqliteTx<'_> {
             .prepare_cached(concat!(
                 "SELECT ",
                 op_cols!(),
-                " FROM ops WHERE job_id = ?1 AND kind = ?2 AND epoch = ?3"
+                " FROM ops o WHERE job_id = ?1 AND kind = ?2 AND epoch = ?3"
             ))
             .map_err(map_err)?
-            .query_row(params![job_id, key.kind.as_str(), i(key.epoch.0)], |r| {
+            .query_row(params![job_id, kind_code(key.kind), i(key.epoch.0)], |r| {
                 row_to_op(key.job, r)
             })
             .optional()
@@ -259,12 +306,17 @@ impl Tx for SqliteTx<'_> {
     fn insert_op(&mut self, rec: &OpRecord) -> Result<bool, StoreError> {
         let job_id = self.must_id(&rec.key.job)?;
         let n = self.write_op(
-            "INSERT INTO ops (job_id, kind, epoch, owner, status, result, error, runs, started_at, finished_at) \
+            "INSERT INTO ops (job_id, kind, epoch, owner, status, result, error, runs, started_at, took_ms) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (job_id, kind, epoch) DO NOTHING",
             job_id,
             rec,
         )?;
         if n == 1 {
+            // Op rows may be pruned; the count of first starts is kept.
+            self.c
+                .prepare_cached("UPDATE counters SET value = value + 1 WHERE name = 'op_rows'")
+                .and_then(|mut st| st.execute([]))
+                .map_err(map_err)?;
             self.cache.put_op(job_id, rec.clone());
         }
         Ok(n == 1)
@@ -273,7 +325,7 @@ impl Tx for SqliteTx<'_> {
     fn update_op(&mut self, rec: &OpRecord) -> Result<(), StoreError> {
         let job_id = self.must_id(&rec.key.job)?;
         let n = self.write_op(
-            "UPDATE ops SET owner = ?4, status = ?5, result = ?6, error = ?7, runs = ?8, started_at = ?9, finished_at = ?10 \
+            "UPDATE ops SET owner = ?4, status = ?5, result = ?6, error = ?7, runs = ?8, started_at = ?9, took_ms = ?10 \
              WHERE job_id = ?1 AND kind = ?2 AND epoch = ?3",
             job_id,
             rec,
@@ -295,7 +347,7 @@ impl Tx for SqliteTx<'_> {
         let n = self
             .c
             .prepare_cached(
-                "UPDATE ops SET status = 'abandoned', finished_at = ?3 WHERE job_id = ?1 AND status = 'started' AND epoch < ?2",
+                "UPDATE ops SET status = 3, took_ms = ?3 - started_at WHERE job_id = ?1 AND status = 0 AND epoch < ?2",
             )
             .map_err(map_err)?
             .execute(params![id, i(epoch.0), now.as_millis()])
@@ -312,7 +364,7 @@ impl Tx for SqliteTx<'_> {
         let n = self
             .c
             .execute(
-                "UPDATE ops SET status = 'abandoned', finished_at = ?1 WHERE status = 'started' AND NOT EXISTS ( \
+                "UPDATE ops SET status = 3, took_ms = ?1 - started_at WHERE status = 0 AND NOT EXISTS ( \
                    SELECT 1 FROM jobs j WHERE j.id = ops.job_id AND j.lease_epoch = ops.epoch AND j.lease_expires_at > ?1)",
                 [now.as_millis()],
             )
@@ -359,8 +411,10 @@ impl Tx for SqliteTx<'_> {
         let rows: Vec<(Vec<u8>, String, i64)> = self
             .c
             .prepare_cached(
-                "SELECT key, host, id FROM jobs INDEXED BY jobs_rank_due WHERE due_at IS NOT NULL AND due_at <= ?1 \
-                 AND host NOT IN (SELECT value FROM json_each(?3)) ORDER BY host_rank, due_at, id LIMIT ?2 + 0",
+                "SELECT key, (SELECT host FROM hosts WHERE id = host_id), id FROM jobs INDEXED BY jobs_rank_due \
+                 WHERE due_at IS NOT NULL AND due_at <= ?1 \
+                 AND host_id NOT IN (SELECT id FROM hosts WHERE host IN (SELECT value FROM json_each(?3))) \
+                 ORDER BY host_rank, due_at, id LIMIT ?2 + 0",
             )
             .map_err(map_err)?
             .query_map(params![now.as_millis(), i(limit as u64), skip], |r| {
@@ -391,7 +445,8 @@ impl Tx for SqliteTx<'_> {
         let n: i64 = self
             .c
             .prepare_cached(
-                "SELECT count(*) FROM jobs INDEXED BY jobs_host_lease WHERE host = ?1 AND lease_owner IS NOT NULL AND lease_expires_at > ?2",
+                "SELECT count(*) FROM jobs INDEXED BY jobs_host_lease WHERE host_id = (SELECT id FROM hosts WHERE host = ?1) \
+                 AND lease_owner IS NOT NULL AND lease_expires_at > ?2",
             )
             .map_err(map_err)?
             .query_row(params![host, now.as_millis()], |r| r.get(0))

@@ -159,65 +159,40 @@ fn concurrent_callers_in_one_process_are_group_committed_correctly() {
 
 #[test]
 fn migrates_a_version_1_ledger_and_keeps_its_ops() {
-    use idem_core::{Command, HeadInfo, LeaseRequest, OpKey, OpKind, OpResult, OpStatus, WorkerId};
+    use idem_core::{Epoch, OpKey, OpKind, OpResult, OpStatus, WorkerId};
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("v1.db");
     let now = Timestamp::from_millis(1);
-    // A ledger as idem with schema 1 left it: built and filled by a store
-    // of this version, then taken back to version 1's layout by hand.
-    let (key, head_op) = {
-        let s = SqliteStore::open(&p, &Options::default()).unwrap();
-        let key = spec(1).key();
-        let req = LeaseRequest {
-            owner: WorkerId::new("w"),
-            limit: 1,
-            ttl_ms: 60_000,
-            dead_owners: vec![],
-            commit: idem_core::Commit::Durable,
-            isolated: false,
-            per_host: None,
-        };
-        s.plan(&[spec(1)], 3, now).unwrap();
-        let e = s.lease(&req, now).unwrap().value[0]
-            .lease
-            .clone()
-            .unwrap()
-            .epoch;
-        let op = OpKey {
-            job: key,
-            kind: OpKind::Head,
-            epoch: e,
-        };
-        s.begin_op(&op, &WorkerId::new("w"), now).unwrap();
-        let head = HeadInfo {
-            status: 200,
-            ..HeadInfo::default()
-        };
-        s.finish_op(
-            &op,
-            Ok(OpResult::Head(head.clone())),
-            Some(Command::HeadDone { epoch: e, head }),
-            now,
-        )
-        .unwrap();
-        (key, op)
+    // A ledger as idem with schema 1 left it: version 1's tables, one job
+    // leased at epoch 1 whose HEAD committed, rows in that version's text
+    // forms.
+    let key = spec(1).key();
+    let head_op = OpKey {
+        job: key,
+        kind: OpKind::Head,
+        epoch: Epoch(1),
     };
     {
         let c = rusqlite::Connection::open(&p).unwrap();
-        c.execute_batch(
-            "CREATE TABLE ops_v1 (id INTEGER PRIMARY KEY, job_key BLOB NOT NULL REFERENCES jobs (key), kind TEXT NOT NULL, \
-               epoch INTEGER NOT NULL, owner TEXT NOT NULL, status TEXT NOT NULL, result TEXT, error TEXT, runs INTEGER NOT NULL, \
-               started_at INTEGER NOT NULL, finished_at INTEGER, UNIQUE (job_key, kind, epoch)) STRICT;
-             INSERT INTO ops_v1 SELECT o.id, j.key, o.kind, o.epoch, o.owner, o.status, o.result, o.error, o.runs, o.started_at, o.finished_at
-               FROM ops o JOIN jobs j ON j.id = o.job_id;
-             DROP TABLE ops; ALTER TABLE ops_v1 RENAME TO ops;
-             CREATE INDEX ops_started ON ops (job_key) WHERE status = 'started';
-             DROP INDEX jobs_rank_due; DROP INDEX jobs_host_lease; DROP TABLE hosts;
-             ALTER TABLE jobs DROP COLUMN host; ALTER TABLE jobs DROP COLUMN host_rank;
-             DROP INDEX jobs_suspect_due;
-             ALTER TABLE jobs DROP COLUMN holder_deaths; ALTER TABLE jobs DROP COLUMN isolated_deaths;
-             ALTER TABLE jobs DROP COLUMN lease_isolated; ALTER TABLE jobs DROP COLUMN suspect_due_at;
-             PRAGMA user_version = 1;",
+        c.execute_batch(crate::schema::MIGRATIONS[0]).unwrap();
+        c.execute_batch(&format!(
+            "PRAGMA user_version = 1; PRAGMA application_id = {};",
+            crate::schema::APPLICATION_ID
+        ))
+        .unwrap();
+        let k = key.digest().as_bytes().to_vec();
+        c.execute(
+            "INSERT INTO jobs (key, fingerprint, work_id, artifact_id, url, state, lease_owner, lease_epoch, lease_expires_at, \
+               epoch, attempts, max_attempts, next_attempt_at, due_at, head, created_at, updated_at, first_leased_at) \
+             VALUES (?1, ?2, 'w', 'a1', 'http://h/1', 'head_done', 'w', 1, 60001, 1, 1, 3, 1, 60001, \
+               '{\"status\":200,\"accept_ranges\":false}', 1, 1, 1)",
+            rusqlite::params![k, spec(1).fingerprint().digest().as_bytes().to_vec()],
+        )
+        .unwrap();
+        c.execute(
+            "INSERT INTO ops (job_key, kind, epoch, owner, status, result, runs, started_at, finished_at) \
+             VALUES (?1, 'head', 1, 'w', 'committed', '{\"op\":\"head\",\"status\":200,\"accept_ranges\":false}', 1, 1, 1)",
+            [k],
         )
         .unwrap();
     }
