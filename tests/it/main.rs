@@ -17,6 +17,7 @@ mod ledger;
 mod metrics;
 mod pause;
 mod postgres;
+mod prune;
 mod repair;
 mod reuse;
 mod support;

@@ -1,9 +1,10 @@
 //! Operator control: `idem cancel` ends jobs that are not finished;
-//! `idem pause` and `idem resume` stop and restart leasing.
+//! `idem pause` and `idem resume` stop and restart leasing; `idem prune`
+//! drops what finished jobs no longer need.
 
 use crate::commands::{now, open_store, parse_job, print_json};
 use crate::sink::EventsFile;
-use crate::{CancelArgs, Global, PauseArgs, EXIT_PARTIAL};
+use crate::{CancelArgs, Global, PauseArgs, PruneArgs, EXIT_PARTIAL};
 use idem_core::ports::Store;
 use idem_core::{Command, JobKey};
 use idem_worker::EventSink as _;
@@ -49,6 +50,31 @@ pub(crate) fn cancel(g: &Global, a: &CancelArgs) -> anyhow::Result<u8> {
 }
 
 /// Pauses (`paused`) or resumes leasing on one host or all.
+pub(crate) fn prune(g: &Global, a: &PruneArgs) -> anyhow::Result<u8> {
+    let store = open_store(g)?;
+    let before = store.size_bytes()?;
+    let older_than_ms = a.older_than.saturating_mul(1000);
+    let deleted = store.prune(older_than_ms, now())?;
+    let after = store.size_bytes()?;
+    if a.json {
+        print_json(&json!({
+            "ops_deleted": deleted,
+            "older_than_s": a.older_than,
+            "ledger_bytes_before": before,
+            "ledger_bytes_after": after,
+        }))?;
+    } else {
+        outln!(
+            "pruned {deleted} operation records of jobs finished over {}s ago",
+            a.older_than
+        );
+        if let (Some(b), Some(n)) = (before, after) {
+            outln!("ledger: {b} bytes before, {n} bytes after");
+        }
+    }
+    Ok(0)
+}
+
 pub(crate) fn pause(g: &Global, a: &PauseArgs, paused: bool) -> anyhow::Result<u8> {
     let store = open_store(g)?;
     let host = a.host.as_deref().unwrap_or(idem_core::hosts::ALL_HOSTS);

@@ -66,6 +66,14 @@ impl Ledger {
             Self::Postgres(_) => Ok(Vec::new()),
         }
     }
+
+    /// The ledger file's size, for a SQLite ledger.
+    pub(crate) fn size_bytes(&self) -> Result<Option<u64>, StoreError> {
+        match self {
+            Self::Sqlite(s) => s.size_bytes().map(Some),
+            Self::Postgres(_) => Ok(None),
+        }
+    }
 }
 
 macro_rules! each {

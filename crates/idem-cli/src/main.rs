@@ -131,6 +131,20 @@ enum Cmd {
     Pause(PauseArgs),
     /// Lift a pause made by `idem pause` (the same --host, or none).
     Resume(PauseArgs),
+    /// Drop what finished jobs no longer need: the operation records of
+    /// every job that finished (finalized, skipped as a duplicate, or
+    /// failed) more than --older-than ago.
+    ///
+    /// Each job keeps its row: its state, blob (digest, size, path), HEAD
+    /// validators, attempts, last error and times, so status, export,
+    /// verify, URL reuse, `idem slo check` and re-planning (still a no-op)
+    /// are unchanged, and the counts status reports are kept. A job that is
+    /// not finished is never touched. On a SQLite ledger the freed space
+    /// goes back to the file system. Safe while workers run; each batch of
+    /// jobs is one short write.
+    ///
+    /// Typical use: idem prune --older-than 604800
+    Prune(PruneArgs),
     /// Write the manifest of every job (stdout).
     Export(ExportArgs),
     /// See idem work in under a minute: a local origin, faults, a killed
@@ -388,6 +402,16 @@ struct CancelArgs {
 }
 
 #[derive(Args, Debug)]
+struct PruneArgs {
+    /// Prune jobs that finished at least this many seconds ago (default: a
+    /// week; 0: every finished job).
+    #[arg(long, default_value_t = 604_800, value_name = "SECONDS")]
+    older_than: u64,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
 struct PauseArgs {
     /// One host (as in its URLs, e.g. `example.org` or `example.org:8080`);
     /// without it, every host.
@@ -491,6 +515,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Cancel(a) => cancel::cancel(&g, &a),
         Cmd::Pause(a) => cancel::pause(&g, &a, true),
         Cmd::Resume(a) => cancel::pause(&g, &a, false),
+        Cmd::Prune(a) => cancel::prune(&g, &a),
         Cmd::Export(a) => commands::export(&g, &a),
         Cmd::Demo(a) => demo::run(&g, &a),
         Cmd::Slo(SloCmd::Check(a)) => slo::check(&g, &a),

@@ -30,6 +30,8 @@ struct Inner {
     /// Hosts cooling down, and until when.
     cooldowns: HashMap<String, Timestamp>,
     paused: std::collections::BTreeSet<String>,
+    /// Op rows pruned, still counted as started.
+    pruned_ops: u64,
 }
 
 /// An in-memory store. See the module docs.
@@ -230,6 +232,42 @@ impl Tx for Inner {
         Ok(())
     }
 
+    /// Positions are plan order, from 1.
+    fn prune_ops(
+        &mut self,
+        finished_before: Timestamp,
+        after: u64,
+        limit: usize,
+    ) -> Result<(u64, Option<u64>), StoreError> {
+        let mut with_ops: Vec<(u64, JobKey)> = self
+            .ops
+            .keys()
+            .map(|k| (self.seq(&k.job).saturating_add(1), k.job))
+            .filter(|(pos, _)| *pos > after)
+            .collect();
+        with_ops.sort_unstable();
+        with_ops.dedup();
+        with_ops.truncate(limit);
+        let next = (with_ops.len() == limit)
+            .then(|| with_ops.last().map(|(p, _)| *p))
+            .flatten();
+        let gone: std::collections::BTreeSet<JobKey> = with_ops
+            .into_iter()
+            .map(|(_, k)| k)
+            .filter(|k| {
+                self.jobs.get(k).is_some_and(|j| {
+                    j.state.is_terminal() && j.finished_at.is_some_and(|t| t < finished_before)
+                })
+            })
+            .collect();
+        let before = self.ops.len();
+        self.ops.retain(|k, _| !gone.contains(&k.job));
+        self.op_seq.retain(|k| !gone.contains(&k.job));
+        let n = (before - self.ops.len()) as u64;
+        self.pruned_ops += n;
+        Ok((n, next))
+    }
+
     fn held_by(&mut self, owner: &WorkerId, now: Timestamp) -> Result<Vec<JobKey>, StoreError> {
         let mut held: Vec<&Job> = self
             .jobs
@@ -376,7 +414,7 @@ impl Store for MemStore {
         let mut c = StatusCounts {
             fenced_writes: g.counter(Counter::FencedWrites),
             replays: g.counter(Counter::Replays),
-            ops_started: g.ops.len() as u64 + g.counter(Counter::OpRestarts),
+            ops_started: g.ops.len() as u64 + g.pruned_ops + g.counter(Counter::OpRestarts),
             paused: g.paused.iter().cloned().collect(),
             ..StatusCounts::default()
         };

@@ -296,6 +296,33 @@ pub trait Store: Send + Sync {
         }
     }
 
+    /// Deletes the op rows of every job that finished (finalized, skipped
+    /// as a duplicate, or failed) more than `older_than_ms` before `now`,
+    /// a batch of jobs per transaction, keeping each job's row and result
+    /// and the counts `status` reports. Unfinished jobs are never touched.
+    /// Returns the op rows deleted.
+    fn prune(&self, older_than_ms: u64, now: Timestamp) -> Result<u64, StoreError> {
+        const JOBS_PER_WRITE: usize = 2_000;
+        let (mut deleted, mut after) = (0, 0);
+        loop {
+            let write = Write::Prune {
+                older_than_ms,
+                after,
+                limit: JOBS_PER_WRITE,
+            };
+            match self.write(write, now, Commit::Durable)?.value {
+                Written::Pruned { ops, next } => {
+                    deleted += ops;
+                    match next {
+                        Some(n) => after = n,
+                        None => return Ok(deleted),
+                    }
+                }
+                _ => return Err(wrong_reply()),
+            }
+        }
+    }
+
     /// Plans a batch in one transaction. `max_attempts` is stored on new jobs.
     fn plan(
         &self,

@@ -142,6 +142,19 @@ pub trait Tx {
     /// Pauses or resumes `host` ([`crate::hosts::ALL_HOSTS`]: everything).
     fn set_paused(&mut self, host: &str, paused: bool) -> Result<(), StoreError>;
 
+    /// Deletes the op rows of the finished jobs (finalized, skipped as
+    /// duplicates, failed) whose `finished_at` is before `finished_before`,
+    /// among the next `limit` jobs that have op rows, in the store's own
+    /// order, after position `after` (0 to start). Returns the rows deleted
+    /// and the position to go on from, `None` when no job is left. The
+    /// counts `status` reports (ops started among them) are kept.
+    fn prune_ops(
+        &mut self,
+        finished_before: Timestamp,
+        after: u64,
+        limit: usize,
+    ) -> Result<(u64, Option<u64>), StoreError>;
+
     /// Unfinished jobs that are not suspects, leased to `owner`, past their
     /// backoff at `now`, in plan order.
     fn held_by(&mut self, owner: &WorkerId, now: Timestamp) -> Result<Vec<JobKey>, StoreError>;

@@ -89,6 +89,7 @@ macro_rules! __conformance_list {
             op_begun_and_finished_in_one_request_is_recorded_once,
             a_lease_step_sees_the_steps_before_it_and_rolls_back_with_them,
             operator_retry_restarts_a_failed_job,
+            prune_drops_only_old_finished_jobs_ops,
             status_counts_mean_what_they_say,
             import_copies_jobs_and_ops_as_they_are,
             the_store_agrees_with_the_model_under_random_interleavings

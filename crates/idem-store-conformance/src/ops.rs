@@ -324,3 +324,71 @@ pub fn reuse_is_reported_and_counted(s: &dyn Store) {
     );
     assert_eq!(s.status(t(21)).unwrap().replays, 2);
 }
+
+/// Prune drops the op rows of jobs finished before the cutoff and nothing
+/// else: unfinished jobs keep theirs (a takeover reuses them), recent
+/// finishes keep theirs, every job keeps its row and result, the counts
+/// status reports do not move, and re-planning stays a no-op.
+pub fn prune_drops_only_old_finished_jobs_ops(s: &dyn Store) {
+    let keys = plan_n(s, 4, t(0));
+    let held = lease(s, "w1", 4, 600, t(1));
+    assert_eq!(held.len(), 4);
+    let epoch = |k: JobKey| held.iter().find(|h| h.0 == k).expect("held").1;
+    // 0 finishes early, 1 finishes late, 2 fails early, 3 is unfinished.
+    do_head(s, keys[0], epoch(keys[0]), "w1", t(2));
+    let blob = do_finish(s, keys[0], epoch(keys[0]), "w1", t(2));
+    do_head(s, keys[1], epoch(keys[1]), "w1", t(2));
+    do_finish(s, keys[1], epoch(keys[1]), "w1", t(500));
+    let fail = op(keys[2], OpKind::Head, epoch(keys[2]));
+    s.begin_op(&fail, &w("w1"), t(3)).unwrap();
+    s.finish_op(
+        &fail,
+        Err(JobError::permanent("http_404", "not found")),
+        Some(Command::Fail {
+            epoch: epoch(keys[2]),
+            error: JobError::permanent("http_404", "not found"),
+            retry_at: None,
+        }),
+        t(3),
+    )
+    .unwrap();
+    do_head(s, keys[3], epoch(keys[3]), "w1", t(4));
+    assert_eq!(state(s, keys[2]), JobState::Failed);
+    let counts = s.status(t(600)).unwrap();
+    let ops_of = |k: JobKey| s.ops(&k).unwrap().len();
+    let before: Vec<usize> = keys.iter().map(|k| ops_of(*k)).collect();
+    assert_eq!(before, [3, 3, 1, 1]);
+
+    // Finished at least 300 s before t(600): jobs 0 and 2.
+    let deleted = s.prune(300_000, t(600)).unwrap();
+    assert_eq!(deleted, 4);
+    let after: Vec<usize> = keys.iter().map(|k| ops_of(*k)).collect();
+    assert_eq!(after, [0, 3, 0, 1], "only old finished jobs lose their ops");
+    let j = s.job(&keys[0]).unwrap().expect("the job row stays");
+    assert_eq!(j.state, JobState::Finalized);
+    assert_eq!(j.blob, Some(blob));
+    assert_eq!(j.head, Some(head()));
+    assert_eq!(state(s, keys[2]), JobState::Failed);
+    assert_eq!(s.status(t(600)).unwrap(), counts, "status counts are kept");
+    assert_eq!(
+        s.prune(300_000, t(600)).unwrap(),
+        0,
+        "a second prune finds nothing"
+    );
+
+    // Re-planning a pruned job is still a no-op; the unfinished job goes on
+    // with its HEAD kept.
+    let again = s.plan(&[spec(0), spec(2)], 3, t(601)).unwrap().value;
+    assert!(
+        again
+            .iter()
+            .all(|o| matches!(o, PlanOutcome::Existing { .. })),
+        "{again:?}"
+    );
+    do_finish(s, keys[3], epoch(keys[3]), "w1", t(602));
+    assert_eq!(state(s, keys[3]), JobState::Finalized);
+
+    // 0 s: every finished job.
+    assert_eq!(s.prune(0, t(700)).unwrap(), 6);
+    assert!(keys.iter().all(|k| ops_of(*k) == 0));
+}

@@ -217,6 +217,7 @@ pub(crate) async fn status(c: &Client, now: Timestamp) -> Result<StatusCounts, S
         .map_err(map_err)?;
     s.replays = counter(&sums, Counter::Replays.as_str())?;
     s.fenced_writes = counter(&sums, Counter::FencedWrites.as_str())?;
-    s.ops_started = op_rows + counter(&sums, Counter::OpRestarts.as_str())?;
+    s.ops_started =
+        op_rows + counter(&sums, "ops_pruned")? + counter(&sums, Counter::OpRestarts.as_str())?;
     Ok(s)
 }

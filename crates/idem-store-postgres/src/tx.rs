@@ -491,6 +491,43 @@ impl Tx for PgTx<'_> {
         .map(|_| ())
     }
 
+    /// Positions are job ids; deleted rows are counted (`ops_pruned`), so
+    /// the ops started that status reports stay whole.
+    fn prune_ops(
+        &mut self,
+        finished_before: Timestamp,
+        after: u64,
+        limit: usize,
+    ) -> Result<(u64, Option<u64>), StoreError> {
+        self.send_pending()?;
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let ids = self.query(
+            "SELECT DISTINCT job_id FROM ops WHERE job_id > $1 ORDER BY job_id LIMIT $2",
+            &[&after, &limit],
+        )?;
+        let Some(last) = ids.last() else {
+            return Ok((0, None));
+        };
+        let last: i64 = last.try_get(0).map_err(map_err)?;
+        let n = self.execute(
+            "DELETE FROM ops WHERE job_id > $1 AND job_id <= $2 AND job_id IN ( \
+               SELECT id FROM jobs WHERE id > $1 AND id <= $2 \
+               AND state IN ('finalized', 'skipped_duplicate', 'failed') AND finished_at < $3)",
+            &[&after, &last, &finished_before.as_millis()],
+        )?;
+        if n > 0 {
+            let n = i64::try_from(n).unwrap_or(i64::MAX);
+            self.execute(
+                "INSERT INTO counters (name, shard, value) VALUES ('ops_pruned', 0, $1) \
+                 ON CONFLICT (name, shard) DO UPDATE SET value = counters.value + excluded.value",
+                &[&n],
+            )?;
+        }
+        let next = (ids.len() as i64 == limit).then(|| u64::try_from(last).unwrap_or(0));
+        Ok((n, next))
+    }
+
     fn held_by(&mut self, owner: &WorkerId, now: Timestamp) -> Result<Vec<JobKey>, StoreError> {
         self.send_pending()?;
         let rows = self.query(

@@ -52,6 +52,11 @@ pub(crate) enum OwnedWrite {
         host: String,
         paused: bool,
     },
+    Prune {
+        older_than_ms: u64,
+        after: u64,
+        limit: usize,
+    },
 }
 
 impl OwnedWrite {
@@ -71,6 +76,15 @@ impl OwnedWrite {
                 host: host.to_owned(),
                 paused,
             },
+            Write::Prune {
+                older_than_ms,
+                after,
+                limit,
+            } => Self::Prune {
+                older_than_ms,
+                after,
+                limit,
+            },
         }
     }
 
@@ -89,6 +103,15 @@ impl OwnedWrite {
             Self::Pause { host, paused } => Write::Pause {
                 host,
                 paused: *paused,
+            },
+            Self::Prune {
+                older_than_ms,
+                after,
+                limit,
+            } => Write::Prune {
+                older_than_ms: *older_than_ms,
+                after: *after,
+                limit: *limit,
             },
         }
     }

@@ -183,6 +183,20 @@ impl SqliteStore {
         self.read(|c| open::check_integrity(c, thorough))
     }
 
+    /// The ledger's size as SQLite counts it (pages in use and free, the
+    /// log not included): what `VACUUM` or `prune` can shrink.
+    pub fn size_bytes(&self) -> Result<u64, StoreError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| u64::try_from(n).unwrap_or(0))
+            .map_err(open::map_err)
+        })
+    }
+
     /// The schema version this build writes.
     pub const fn schema_version() -> i64 {
         schema::LATEST

@@ -495,6 +495,51 @@ impl Tx for SqliteTx<'_> {
             .map_err(map_err)
     }
 
+    /// Positions are job rowids; the freed pages go back to the file
+    /// system in the same transaction (incremental auto-vacuum).
+    fn prune_ops(
+        &mut self,
+        finished_before: Timestamp,
+        after: u64,
+        limit: usize,
+    ) -> Result<(u64, Option<u64>), StoreError> {
+        let ids: Vec<i64> = self
+            .c
+            .prepare_cached(
+                "SELECT DISTINCT job_id FROM ops WHERE job_id > ?1 ORDER BY job_id LIMIT ?2 + 0",
+            )
+            .map_err(map_err)?
+            .query_map(params![i(after), i(limit as u64)], |r| r.get(0))
+            .map_err(map_err)?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(map_err)?;
+        let Some(&last) = ids.last() else {
+            return Ok((0, None));
+        };
+        // States 0, 1 and 2 are the finished ones (see `rows::STATES`).
+        let n = self
+            .c
+            .prepare_cached(
+                "DELETE FROM ops WHERE job_id > ?1 AND job_id <= ?2 AND job_id IN ( \
+                   SELECT id FROM jobs WHERE id > ?1 AND id <= ?2 AND state <= 2 AND finished_at < ?3)",
+            )
+            .map_err(map_err)?
+            .execute(params![i(after), last, finished_before.as_millis()])
+            .map_err(map_err)? as u64;
+        if n > 0 {
+            self.cache.forget_ops();
+            // The pragma frees a page per step: run it to the end.
+            let mut st = self
+                .c
+                .prepare_cached("PRAGMA incremental_vacuum")
+                .map_err(map_err)?;
+            let mut rows = st.query([]).map_err(map_err)?;
+            while rows.next().map_err(map_err)?.is_some() {}
+        }
+        let next = (ids.len() == limit).then(|| u64::try_from(last).unwrap_or(0));
+        Ok((n, next))
+    }
+
     fn held_by(&mut self, owner: &WorkerId, now: Timestamp) -> Result<Vec<JobKey>, StoreError> {
         self.keys_of(
             "SELECT key, id FROM jobs WHERE lease_owner = ?1 AND due_at IS NOT NULL AND next_attempt_at <= ?2 ORDER BY id",

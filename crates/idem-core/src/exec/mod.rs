@@ -37,6 +37,16 @@ pub enum Write<'a> {
     /// Pauses (or resumes) leasing on `host`, or on every host with
     /// [`crate::hosts::ALL_HOSTS`]. Jobs already held carry on.
     Pause { host: &'a str, paused: bool },
+    /// Deletes the op rows of finished jobs (finalized, skipped as
+    /// duplicates, or failed) that finished more than `older_than_ms`
+    /// ago, among the next `limit` jobs with op rows after `after` (a
+    /// store's own position, 0 to start). Never an unfinished job's: its
+    /// ops are what its next holder reuses.
+    Prune {
+        older_than_ms: u64,
+        after: u64,
+        limit: usize,
+    },
 }
 
 /// What a [`Write`] returned.
@@ -51,6 +61,12 @@ pub enum Written {
         existing: u64,
     },
     Paused,
+    /// Op rows deleted, and where to go on (`None`: no job is left to look
+    /// at).
+    Pruned {
+        ops: u64,
+        next: Option<u64>,
+    },
 }
 
 /// Runs `write` in `tx`. On an error the store must roll back whatever
@@ -98,6 +114,21 @@ fn decide<T: Tx + ?Sized>(
             tx.set_paused(host, paused)?;
             Ok(Applied {
                 value: Written::Paused,
+                events: Vec::new(),
+            })
+        }
+        Write::Prune {
+            older_than_ms,
+            after,
+            limit,
+        } => {
+            let before = Timestamp::from_millis(
+                now.as_millis()
+                    .saturating_sub(i64::try_from(older_than_ms).unwrap_or(i64::MAX)),
+            );
+            let (ops, next) = tx.prune_ops(before, after, limit.max(1))?;
+            Ok(Applied {
+                value: Written::Pruned { ops, next },
                 events: Vec::new(),
             })
         }
