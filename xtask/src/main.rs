@@ -4,6 +4,7 @@
 mod bench;
 mod bench_pg;
 mod latency;
+mod ledger_bytes;
 mod lopsided;
 mod slo;
 mod tidy;
@@ -46,10 +47,13 @@ fn main() -> anyhow::Result<()> {
             if matches!(what, "download" | "lopsided" | "all" | "--quick") {
                 lopsided::bench(&root(), quick)?;
             }
+            if matches!(what, "bytes" | "all" | "--quick") {
+                ledger_bytes::bench(&root(), quick)?;
+            }
             Ok(())
         }
         _ => {
-            eprintln!("usage: cargo xtask <tidy | slo-gen [--check] | slo-check | bench [store|download|latency|lopsided|all] [--quick]>");
+            eprintln!("usage: cargo xtask <tidy | slo-gen [--check] | slo-check | bench [store|download|latency|lopsided|bytes|all] [--quick]>");
             std::process::exit(2);
         }
     }
