@@ -452,7 +452,9 @@ fn a_committed_stream_is_published_by_the_next_holder_without_a_refetch() {
     assert_eq!(check_blobs(&env.out), 1);
 }
 
-/// A finalized job whose blob disappeared is re-queued and fetched again.
+/// A finalized job whose blob disappeared is re-queued by `idem reconcile
+/// --blobs` and fetched again; a worker's start does not walk the finished
+/// jobs to look.
 #[test]
 fn a_missing_blob_is_requeued_and_restored() {
     let env = Env::new();
@@ -461,18 +463,36 @@ fn a_missing_blob_is_requeued_and_restored() {
     assert!(env.run_cmd().output().unwrap().status.success());
     let path = env.out.join(env.show("w/m")["path"].as_str().unwrap());
     std::fs::remove_file(&path).unwrap();
-    let dry = json_of(
-        &env.idem()
-            .args(["reconcile", "--dry-run", "--json"])
-            .output()
-            .unwrap(),
+    let out = env.run_cmd().output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        json_of(&out)["run"]["reconcile"]["blobs_checked"],
+        0,
+        "{}",
+        text(&out)
     );
-    assert_eq!(dry["blobs_missing_requeued"], 1);
+    assert_eq!(
+        env.show("w/m")["state"],
+        "finalized",
+        "a start does not look"
+    );
+    let reconcile = |dry: bool| {
+        let mut c = env.idem();
+        c.args(["reconcile", "--blobs", "--json"]);
+        if dry {
+            c.arg("--dry-run");
+        }
+        json_of(&c.output().unwrap())
+    };
+    let dry = reconcile(true);
+    assert_eq!(dry["blobs_missing_requeued"], 1, "{dry}");
+    assert_eq!(dry["blobs_checked"], 1, "{dry}");
     assert_eq!(
         env.show("w/m")["state"],
         "finalized",
         "dry run changes nothing"
     );
+    assert_eq!(reconcile(false)["blobs_missing_requeued"], 1);
     let out = env.run_cmd().output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(env.show("w/m")["state"], "finalized");

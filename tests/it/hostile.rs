@@ -107,7 +107,11 @@ fn files_planted_at_blob_addresses_are_never_trusted() {
         std::fs::write(&dest, bytes).unwrap();
     };
     replace(b"shorter");
-    let r = env.idem().args(["reconcile", "--json"]).output().unwrap();
+    let r = env
+        .idem()
+        .args(["reconcile", "--blobs", "--json"])
+        .output()
+        .unwrap();
     assert!(r.status.success(), "{}", text(&r));
     assert_eq!(json_of(&r)["blobs_missing_requeued"], 1, "{}", text(&r));
     let out = env.run_cmd().output().unwrap();

@@ -135,7 +135,7 @@ fn reconcilers_and_workers_started_together_repair_each_thing_once() {
                     env.run_cmd()
                 } else {
                     let mut c = env.idem();
-                    c.args(["reconcile", "--json"]);
+                    c.args(["reconcile", "--blobs", "--json"]);
                     c
                 };
                 c.stdout(Stdio::piped())

@@ -268,7 +268,14 @@ pub(crate) fn reconcile(g: &Global, a: &ReconcileArgs) -> anyhow::Result<u8> {
         &out,
         sink,
         &SystemClock,
-        &ReconcileOptions { dry_run: a.dry_run },
+        &ReconcileOptions {
+            dry_run: a.dry_run,
+            blobs: if a.blobs {
+                idem_worker::BlobCheck::All
+            } else {
+                idem_worker::BlobCheck::Skip
+            },
+        },
     )?;
     if let Some(e) = events.as_ref().and_then(EventsFile::error) {
         bail!("{e}");
@@ -282,8 +289,8 @@ pub(crate) fn reconcile(g: &Global, a: &ReconcileArgs) -> anyhow::Result<u8> {
             "repaired"
         };
         outln!(
-            "{verb}: {} expired lease(s), {} dead op(s), {} orphaned part file(s), {} blob(s) healed, {} missing blob(s) requeued",
-            r.expired_leases, r.abandoned_ops, r.parts_removed, r.blobs_healed, r.blobs_missing_requeued
+            "{verb}: {} expired lease(s), {} dead op(s), {} orphaned part file(s), {} blob(s) healed, {} missing blob(s) requeued ({} checked)",
+            r.expired_leases, r.abandoned_ops, r.parts_removed, r.blobs_healed, r.blobs_missing_requeued, r.blobs_checked
         );
     }
     Ok(0)

@@ -107,7 +107,12 @@ enum Cmd {
     /// One job: its spec, state, lease, attempts and operation ledger.
     Show(ShowArgs),
     /// Repair what crashes left: expired leases, dead ops, orphaned part
-    /// files, blobs published but not committed, finished jobs whose blob is gone.
+    /// files, blobs published but not committed, and (--blobs) finished jobs
+    /// whose blob is gone.
+    ///
+    /// Every `idem run` does the same at its start, except the blob check,
+    /// which walks the whole ledger: a following run checks a slice of it at
+    /// each periodic pass (--reconcile-every).
     Reconcile(ReconcileArgs),
     /// Check the ledger and the store: SQLite's integrity check of the
     /// ledger, then every finished job's blob read back against the size and
@@ -302,8 +307,9 @@ struct RunArgs {
     #[arg(long)]
     follow: bool,
     /// With --follow, run the reconciler again every this many seconds
-    /// (blobs gone from the store, parts left by crashed workers); 0: only
-    /// at start.
+    /// (parts left by crashed workers, expired leases, and the blobs of the
+    /// next 50,000 jobs, so blobs gone from the store are found by walking
+    /// the ledger a slice at a time); 0: only at start, without the blobs.
     #[arg(long, default_value_t = 300, value_name = "SECONDS")]
     reconcile_every: u64,
     /// A job whose URL another job already finalized reuses that blob with
@@ -355,6 +361,11 @@ struct ReconcileArgs {
     /// Report what would be repaired; change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Also look for every finished job's blob on disk and re-queue a job
+    /// whose blob is gone or has another size. This walks the whole
+    /// ledger; `idem verify` also reads every blob back.
+    #[arg(long)]
+    blobs: bool,
     /// Write the repairs' events as JSON Lines to this file (appends).
     #[arg(long)]
     events: Option<PathBuf>,

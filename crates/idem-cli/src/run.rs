@@ -12,6 +12,11 @@ use serde_json::json;
 use std::io::IsTerminal;
 use std::sync::Arc;
 
+/// The largest SQLite ledger a run checks (`PRAGMA quick_check`, which
+/// reads every page) before it starts: a check that takes well under a
+/// second.
+const START_CHECK_MAX_BYTES: u64 = 128 << 20;
+
 pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
     if a.backoff_base_ms == 0 || a.backoff_cap_ms < a.backoff_base_ms {
         bail!("--backoff-cap-ms must be at least --backoff-base-ms, and both above 0");
@@ -27,11 +32,21 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
         _ => None,
     };
     // A ledger damaged inside (past its header) is refused before any work
-    // builds on it; `idem verify` says what is wrong. (A child running one
-    // job for its parent relies on the parent's check.)
-    let problems = match alone {
-        Some(_) => Vec::new(),
-        None => store
+    // builds on it; `idem verify` says what is wrong. The check reads the
+    // whole file, so a large ledger's start leaves it to `idem verify`
+    // (SQLite still refuses any damaged page it reads). A child running
+    // one job for its parent relies on the parent's check.
+    let size_bytes = store.size_bytes().unwrap_or(None);
+    let problems = match (&alone, size_bytes) {
+        (Some(_), _) => Vec::new(),
+        (None, Some(n)) if n > START_CHECK_MAX_BYTES => {
+            tracing::info!(
+                ledger_bytes = n,
+                "the ledger is too large to check at every start; `idem verify` checks it"
+            );
+            Vec::new()
+        }
+        (None, _) => store
             .check_integrity(false)
             .unwrap_or_else(|e| vec![e.to_string()]),
     };

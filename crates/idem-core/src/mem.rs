@@ -421,6 +421,17 @@ impl Store for MemStore {
         for s in JobState::ALL {
             c.by_state.insert(s, 0);
         }
+        c.dead_ops = g
+            .ops
+            .values()
+            .filter(|o| {
+                let live = g
+                    .jobs
+                    .get(&o.key.job)
+                    .and_then(|j| j.lease.as_ref().filter(|l| l.is_live(now)).map(|l| l.epoch));
+                ledger::is_dead(o, live)
+            })
+            .count() as u64;
         for j in g.jobs.values() {
             c.total += 1;
             *c.by_state.entry(j.state).or_default() += 1;

@@ -109,6 +109,9 @@ pub struct StatusCounts {
     pub ops_started: u64,
     /// Work reused instead of done again (re-plans aside).
     pub replays: u64,
+    /// Ops started under an epoch that is not their job's live lease: what
+    /// the reconciler would mark abandoned ([`crate::ledger::is_dead`]).
+    pub dead_ops: u64,
     /// What the operator paused: [`crate::hosts::ALL_HOSTS`] for every
     /// host, else host names, sorted.
     #[serde(default)]
@@ -441,8 +444,11 @@ pub trait Store: Send + Sync {
     /// A job's operation ledger, in the order ops were started.
     fn ops(&self, key: &JobKey) -> Result<Vec<OpRecord>, StoreError>;
 
-    /// Jobs in key order after `after`, optionally of one state: for export,
-    /// reconcile and audits, in pages.
+    /// Jobs after `after`, optionally of one state: for export, reconcile
+    /// and audits, in pages. All jobs come in key order; one state's in an
+    /// order of the store's in which a job keeps its place (so paging by
+    /// the last key seen visits each once), which a store may choose so a
+    /// page costs its own rows.
     fn scan(
         &self,
         state: Option<JobState>,

@@ -168,7 +168,9 @@ pub(crate) async fn status(c: &Client, now: Timestamp) -> Result<StatusCounts, S
             "SELECT count(*) FILTER (WHERE lease_expires_at > $1), count(*) FILTER (WHERE lease_expires_at <= $1), \
                (SELECT count(*) FROM jobs WHERE due_at <= $1), (SELECT min(due_at) FROM jobs WHERE due_at <= $1), \
                (SELECT count(*) FROM jobs WHERE suspect_due_at IS NOT NULL), \
-               (SELECT count(*) FROM ops) \
+               (SELECT count(*) FROM ops), \
+               (SELECT count(*) FROM ops o WHERE o.status = 'started' AND NOT EXISTS ( \
+                 SELECT 1 FROM jobs j WHERE j.id = o.job_id AND j.lease_epoch = o.epoch AND j.lease_expires_at > $1)) \
              FROM jobs WHERE lease_owner IS NOT NULL",
             &[&now_ms],
         )
@@ -183,6 +185,7 @@ pub(crate) async fn status(c: &Client, now: Timestamp) -> Result<StatusCounts, S
         .map(|t| now.millis_since(Timestamp::from_millis(t)));
     s.suspects = n(r.try_get(4).map_err(map_err)?);
     let op_rows = n(r.try_get(5).map_err(map_err)?);
+    s.dead_ops = n(r.try_get(6).map_err(map_err)?);
     for r in c
         .query("SELECT host FROM hosts WHERE paused ORDER BY host", &[])
         .await

@@ -30,6 +30,9 @@ pub(crate) fn load_ops(c: &Connection, key: &JobKey) -> Result<Vec<OpRecord>, St
     rows.collect::<rusqlite::Result<Vec<_>>>().map_err(map_err)
 }
 
+/// All jobs in key order; one state's in plan (rowid) order, through the
+/// state index, so a page costs its own rows however many jobs are in
+/// other states (a key order would sort every job of the state per page).
 pub(crate) fn scan(
     c: &Connection,
     state: Option<JobState>,
@@ -37,13 +40,22 @@ pub(crate) fn scan(
     limit: usize,
 ) -> Result<Vec<Job>, StoreError> {
     let after = after.map_or_else(Vec::new, |k| k.digest().as_bytes().to_vec());
-    let mut st = c
-        .prepare_cached(concat!(
+    let mut st = match state {
+        None => c.prepare_cached(concat!(
             "SELECT ",
             job_cols!(),
-            " FROM jobs WHERE key > ?1 AND (?2 IS NULL OR state = ?2) ORDER BY key LIMIT ?3 + 0"
-        ))
-        .map_err(map_err)?;
+            " FROM jobs WHERE key > ?1 AND ?2 IS NULL ORDER BY key LIMIT ?3 + 0"
+        )),
+        // The job after which to go on keeps its rowid whatever its state
+        // now; no such job (or none given) starts from the first.
+        Some(_) => c.prepare_cached(concat!(
+            "SELECT ",
+            job_cols!(),
+            " FROM jobs INDEXED BY jobs_state WHERE state = ?2 \
+               AND id > coalesce((SELECT id FROM jobs WHERE key = ?1), 0) ORDER BY id LIMIT ?3 + 0"
+        )),
+    }
+    .map_err(map_err)?;
     let rows = st
         .query_map(
             params![after, state.map(state_code), i(limit as u64)],
@@ -197,6 +209,15 @@ pub(crate) fn status(c: &Connection, now: Timestamp) -> Result<StatusCounts, Sto
             .map(|v| v.map_or(0, |v| u64::try_from(v).unwrap_or(0)))
             .map_err(map_err)
     };
+    s.dead_ops = c
+        .query_row(
+            "SELECT count(*) FROM ops o INDEXED BY ops_started WHERE status = 0 AND NOT EXISTS ( \
+               SELECT 1 FROM jobs j WHERE j.id = o.job_id AND j.lease_epoch = o.epoch AND j.lease_expires_at > ?1)",
+            [now_ms],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| u64::try_from(n).unwrap_or(0))
+        .map_err(map_err)?;
     s.replays = counter(Counter::Replays.as_str())?;
     s.fenced_writes = counter(Counter::FencedWrites.as_str())?;
     // Op rows may be pruned: first starts are counted as they are inserted,

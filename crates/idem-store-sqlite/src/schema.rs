@@ -175,15 +175,23 @@ fn backfill_hosts(c: &Connection) -> Result<(), StoreError> {
 /// mode, which gives back the space the conversion freed and lets
 /// `prune` give back what it frees.
 pub(crate) fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
-    let from = upgrade(conn, path)?;
-    let mode: i64 = conn
-        .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+    // A rewrite's sorts and the VACUUM's copy are as large as the ledger:
+    // they go to temporary files, not to memory.
+    conn.execute_batch("PRAGMA temp_store = FILE;")
         .map_err(map_err)?;
-    if from.is_some_and(|v| v > 0 && v < 7) && mode != 2 {
-        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")
-            .map_err(|e| with_path(map_err(e), path))?;
-    }
-    Ok(())
+    let migrated = upgrade(conn, path).and_then(|from| {
+        let mode: i64 = conn
+            .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+            .map_err(map_err)?;
+        if from.is_some_and(|v| v > 0 && v < 7) && mode != 2 {
+            conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")
+                .map_err(|e| with_path(map_err(e), path))?;
+        }
+        Ok(())
+    });
+    conn.execute_batch("PRAGMA temp_store = MEMORY;")
+        .map_err(map_err)?;
+    migrated
 }
 
 /// Runs the migrations a ledger needs; the version it had, if it needed

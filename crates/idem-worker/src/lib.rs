@@ -38,7 +38,7 @@ use tokio::sync::Semaphore;
 pub use files::OutDir;
 pub use isolate::{ChildEnd, Isolator};
 pub use owner::SystemClock;
-pub use reconcile::{ReconcileOptions, ReconcileReport};
+pub use reconcile::{BlobCheck, ReconcileOptions, ReconcileReport};
 
 /// Receives every event the engine's transitions produce.
 pub trait EventSink: Send + Sync {
@@ -180,6 +180,10 @@ pub struct Engine<S: Store + 'static, H: Http> {
 /// Hosts whose gates are kept however idle; past this, idle ones are
 /// forgotten.
 const MAX_IDLE_HOSTS: usize = 4096;
+
+/// Jobs a periodic reconcile pass looks at for missing blobs: a slice that
+/// takes well under a second, so a ledger of millions is checked over hours.
+const BLOB_CHECK_SLICE_JOBS: usize = 50_000;
 
 #[derive(Clone)]
 struct HostGate {
@@ -402,6 +406,9 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
     pub async fn run(self: &Arc<Self>) -> Result<RunSummary, EngineError> {
         let reconcile = self.reconcile(&ReconcileOptions::default()).await?;
         let mut reconciled = tokio::time::Instant::now();
+        // The periodic passes check finished jobs' blobs a slice at a time,
+        // walking the ledger round and round.
+        let mut blob_check_from = None;
         let mut tasks = tokio::task::JoinSet::new();
         let mut dead_check = tokio::time::Instant::now();
         let mut isolated_running = false;
@@ -421,8 +428,18 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             if let Some(every) = self.cfg.reconcile_every_ms.filter(|_| self.cfg.follow) {
                 if reconciled.elapsed() >= Duration::from_millis(every) {
                     reconciled = tokio::time::Instant::now();
-                    if let Err(e) = self.reconcile(&ReconcileOptions::default()).await {
-                        tracing::warn!(error = %e, "reconcile failed; the next one retries");
+                    let opts = ReconcileOptions {
+                        dry_run: false,
+                        blobs: BlobCheck::Slice {
+                            after: blob_check_from,
+                            jobs: BLOB_CHECK_SLICE_JOBS,
+                        },
+                    };
+                    match self.reconcile(&opts).await {
+                        Ok(r) => blob_check_from = r.blob_check_next,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reconcile failed; the next one retries")
+                        }
                     }
                 }
             }

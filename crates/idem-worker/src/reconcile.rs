@@ -11,8 +11,14 @@
 //! 4. A `streaming` job nobody holds, whose committed STREAM result is
 //!    already published as a blob with the right digest, is healed to
 //!    `finalized` (the crash hit between rename and commit).
-//! 5. A finalized (or duplicate) job whose blob is missing, or is not a
-//!    regular file of the recorded size, is re-queued.
+//! 5. When asked ([`BlobCheck`]), a finalized (or duplicate) job whose
+//!    blob is missing, or is not a regular file of the recorded size, is
+//!    re-queued. This walks the ledger, so a worker's start leaves it out:
+//!    `idem reconcile --blobs` checks every finished job, and a following
+//!    run checks a slice at each periodic pass.
+//!
+//! Steps 1 to 4 find their jobs through indexes (expired leases, started
+//! ops, unfinished states), so they cost what there is to repair.
 //!
 //! Several reconcilers (and workers) may run at once on one ledger. Each
 //! repair is decided again by the store, on the job as it is, in the
@@ -33,6 +39,21 @@ use serde::Serialize;
 pub struct ReconcileOptions {
     /// Report what would be repaired; change nothing.
     pub dry_run: bool,
+    /// Which finished jobs' blobs to look for on disk.
+    pub blobs: BlobCheck,
+}
+
+/// The finished jobs whose blobs step 5 looks for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum BlobCheck {
+    /// None: the start of every run.
+    #[default]
+    Skip,
+    /// Every finished job's.
+    All,
+    /// Those among the next `jobs` jobs (of any state) in key order after
+    /// `after`; the report says where the next slice starts.
+    Slice { after: Option<JobKey>, jobs: usize },
 }
 
 /// What the reconciler found (and, unless dry, repaired).
@@ -45,6 +66,12 @@ pub struct ReconcileReport {
     pub parts_removed: u64,
     pub blobs_healed: u64,
     pub blobs_missing_requeued: u64,
+    /// Finished jobs whose blob was looked for.
+    pub blobs_checked: u64,
+    /// Where the next [`BlobCheck::Slice`] starts (`None`: from the first
+    /// job again).
+    #[serde(skip)]
+    pub blob_check_next: Option<JobKey>,
 }
 
 impl ReconcileReport {
@@ -152,22 +179,7 @@ pub fn reconcile<S: Store + ?Sized>(
 
     // 2. Ops of dead epochs.
     if opts.dry_run {
-        for st in [
-            JobState::Leased,
-            JobState::HeadDone,
-            JobState::Streaming,
-            JobState::Planned,
-        ] {
-            scan_all(store, st, |j| {
-                let live = j.lease.as_ref().filter(|l| l.is_live(now)).map(|l| l.epoch);
-                rep.abandoned_ops += store
-                    .ops(&j.key)?
-                    .iter()
-                    .filter(|o| o.status == OpStatus::Started && Some(o.key.epoch) != live)
-                    .count() as u64;
-                Ok(())
-            })?;
-        }
+        rep.abandoned_ops = store.status(now)?.dead_ops;
     } else {
         let a = store.abandon_dead_ops(now)?;
         sink.emit(&a.events);
@@ -250,49 +262,72 @@ pub fn reconcile<S: Store + ?Sized>(
     }
 
     // 5. Finished jobs whose blob is gone, repaired page by page.
-    for st in [JobState::Finalized, JobState::SkippedDuplicate] {
-        let mut after: Option<JobKey> = None;
-        loop {
-            let page = store.scan(Some(st), after.as_ref(), PAGE)?;
-            let Some(last) = page.last().map(|j| j.key) else {
-                break;
-            };
-            for j in page {
-                let Some(b) = &j.blob else { continue };
-                // The size, not the digest: reading every blob belongs to
-                // an audit, not to every start.
-                let found = std::fs::symlink_metadata(out.root().join(&b.path));
-                let reason = match found {
-                    Ok(m) if m.is_file() && m.len() == b.size => continue,
-                    Ok(m) if m.is_file() => format!(
-                        "blob_missing: {} holds {} bytes, not the {} recorded",
-                        b.path,
-                        m.len(),
-                        b.size
-                    ),
-                    Ok(_) => format!("blob_missing: {} is not a regular file", b.path),
-                    Err(_) => format!(
-                        "blob_missing: {} was not found under the output directory",
-                        b.path
-                    ),
-                };
-                if opts.dry_run {
-                    rep.blobs_missing_requeued += 1;
-                    continue;
-                }
-                let cmd = Command::Requeue {
-                    reason,
-                    seen: j.epoch,
-                };
-                if let Some(a) = lost_race_is_none(store.apply(&j.key, cmd, now))? {
-                    sink.emit(&a.events);
-                    rep.blobs_missing_requeued += 1;
-                }
-            }
-            after = Some(last);
+    let (mut after, mut left) = match &opts.blobs {
+        BlobCheck::Skip => return Ok(rep),
+        BlobCheck::All => (None, usize::MAX),
+        BlobCheck::Slice { after, jobs } => (*after, *jobs),
+    };
+    while left > 0 {
+        let page = store.scan(None, after.as_ref(), PAGE.min(left))?;
+        let Some(last) = page.last().map(|j| j.key) else {
+            after = None;
+            break;
+        };
+        left = left.saturating_sub(page.len());
+        for j in page {
+            check_blob(store, out, &j, now, opts.dry_run, sink, &mut rep)?;
         }
+        after = Some(last);
     }
+    rep.blob_check_next = after;
     Ok(rep)
+}
+
+/// Step 5 for one job: re-queues a finished job whose blob is not a
+/// regular file of its recorded size.
+fn check_blob<S: Store + ?Sized>(
+    store: &S,
+    out: &OutDir,
+    j: &idem_core::Job,
+    now: idem_core::Timestamp,
+    dry_run: bool,
+    sink: &dyn EventSink,
+    rep: &mut ReconcileReport,
+) -> Result<(), StoreError> {
+    if !matches!(j.state, JobState::Finalized | JobState::SkippedDuplicate) {
+        return Ok(());
+    }
+    let Some(b) = &j.blob else { return Ok(()) };
+    rep.blobs_checked += 1;
+    // The size, not the digest: reading every blob is `idem verify`'s.
+    let found = std::fs::symlink_metadata(out.root().join(&b.path));
+    let reason = match found {
+        Ok(m) if m.is_file() && m.len() == b.size => return Ok(()),
+        Ok(m) if m.is_file() => format!(
+            "blob_missing: {} holds {} bytes, not the {} recorded",
+            b.path,
+            m.len(),
+            b.size
+        ),
+        Ok(_) => format!("blob_missing: {} is not a regular file", b.path),
+        Err(_) => format!(
+            "blob_missing: {} was not found under the output directory",
+            b.path
+        ),
+    };
+    if dry_run {
+        rep.blobs_missing_requeued += 1;
+        return Ok(());
+    }
+    let cmd = Command::Requeue {
+        reason,
+        seen: j.epoch,
+    };
+    if let Some(a) = lost_race_is_none(store.apply(&j.key, cmd, now))? {
+        sink.emit(&a.events);
+        rep.blobs_missing_requeued += 1;
+    }
+    Ok(())
 }
 
 /// Commits the FINALIZE of a job whose blob was published (and checked)
