@@ -131,6 +131,14 @@ impl Store for Ledger {
     fn busiest_hosts(&self, now: Timestamp, limit: usize) -> Result<Vec<HostLoad>, StoreError> {
         each!(self, s => s.busiest_hosts(now, limit))
     }
+
+    fn each_finished_since(
+        &self,
+        since: Timestamp,
+        f: &mut dyn FnMut(&Job),
+    ) -> Result<(), StoreError> {
+        each!(self, s => s.each_finished_since(since, f))
+    }
 }
 
 /// Jobs per destination transaction.

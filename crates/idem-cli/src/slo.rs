@@ -6,7 +6,7 @@ use crate::commands::open_store;
 use crate::{Global, SloCheckArgs};
 use anyhow::{bail, Context};
 use idem_core::ports::Store;
-use idem_core::{Clock, Job, JobKey, JobState};
+use idem_core::{Clock, Job, JobState};
 use idem_worker::SystemClock;
 use serde::Deserialize;
 use serde_json::json;
@@ -67,22 +67,14 @@ pub(crate) fn check(g: &Global, a: &SloCheckArgs) -> anyhow::Result<u8> {
         now.as_millis()
             .saturating_sub(i64::try_from(window_s * 1000).unwrap_or(i64::MAX)),
     );
-    // One pass over the ledger, in pages, keeping only what the SLIs need.
+    // The jobs that finished in the window, keeping only what the SLIs
+    // need.
     let mut w = Window::default();
-    let mut after: Option<JobKey> = None;
-    loop {
-        let page = store.scan(None, after.as_ref(), 2000)?;
-        let Some(last) = page.last().map(|j| j.key) else {
-            break;
-        };
-        for j in page
-            .iter()
-            .filter(|j| j.state.is_terminal() && j.finished_at.is_some_and(|f| f >= since))
-        {
+    store.each_finished_since(since, &mut |j| {
+        if j.state.is_terminal() {
             w.add(j);
         }
-        after = Some(last);
-    }
+    })?;
     let st = store.status(now)?;
     let mut rows = Vec::new();
     let mut all_ok = true;

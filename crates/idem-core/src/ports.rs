@@ -477,6 +477,31 @@ pub trait Store: Send + Sync {
         now: Timestamp,
         limit: usize,
     ) -> Result<Vec<crate::HostLoad>, StoreError>;
+
+    /// Calls `f` with every job whose `finished_at` is at or after `since`,
+    /// in no set order: what `idem slo check` reads. A store may find them
+    /// through an index on the finish time; this default pages through
+    /// every job.
+    fn each_finished_since(
+        &self,
+        since: Timestamp,
+        f: &mut dyn FnMut(&Job),
+    ) -> Result<(), StoreError> {
+        let mut after = None;
+        loop {
+            let page = self.scan(None, after.as_ref(), 2_000)?;
+            let Some(last) = page.last().map(|j| j.key) else {
+                return Ok(());
+            };
+            for j in page
+                .iter()
+                .filter(|j| j.finished_at.is_some_and(|t| t >= since))
+            {
+                f(j);
+            }
+            after = Some(last);
+        }
+    }
 }
 
 fn wrong_reply() -> StoreError {

@@ -83,6 +83,7 @@ macro_rules! __conformance_list {
             status_counts_are_exact,
             scan_pages_through_every_job,
             finalized_by_url_finds_only_finalized,
+            finished_jobs_are_found_by_finish_time,
             expired_leases_are_listed,
             live_lease_owners_are_listed,
             steps_are_all_or_nothing,

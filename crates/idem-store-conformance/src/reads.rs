@@ -320,3 +320,35 @@ pub fn operator_retry_restarts_a_failed_job(s: &dyn Store) {
     assert_eq!((job.state, job.attempts), (JobState::Planned, 0));
     assert_eq!(lease(s, "w2", 1, 60, t(101)), vec![(k, Epoch(2))]);
 }
+
+/// The jobs finished at or after a time, whatever their end, and no other.
+pub fn finished_jobs_are_found_by_finish_time(s: &dyn Store) {
+    let keys = plan_n(s, 3, t(0));
+    let held = lease(s, "w1", 3, 600, t(1));
+    let epoch = |k: JobKey| held.iter().find(|h| h.0 == k).expect("held").1;
+    do_head(s, keys[0], epoch(keys[0]), "w1", t(2));
+    do_finish(s, keys[0], epoch(keys[0]), "w1", t(10));
+    s.apply(
+        &keys[1],
+        Command::Fail {
+            epoch: epoch(keys[1]),
+            error: JobError::permanent("http_404", "gone"),
+            retry_at: None,
+        },
+        t(20),
+    )
+    .unwrap();
+    let found = |since: i64| {
+        let mut got = Vec::new();
+        s.each_finished_since(t(since), &mut |j| got.push(j.key))
+            .unwrap();
+        got.sort();
+        got
+    };
+    let mut both = vec![keys[0], keys[1]];
+    both.sort();
+    assert_eq!(found(0), both);
+    assert_eq!(found(10), both, "the bound is included");
+    assert_eq!(found(11), vec![keys[1]]);
+    assert!(found(21).is_empty());
+}

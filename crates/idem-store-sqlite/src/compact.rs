@@ -125,6 +125,7 @@ CREATE INDEX jobs_state ON jobs (state);
 CREATE INDEX jobs_suspect_due ON jobs (suspect_due_at, id) WHERE suspect_due_at IS NOT NULL;
 CREATE INDEX jobs_rank_due ON jobs (host_rank, due_at) WHERE due_at IS NOT NULL;
 CREATE INDEX jobs_host_lease ON jobs (host_id, lease_expires_at) WHERE lease_owner IS NOT NULL;
+CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 CREATE INDEX ops_started ON ops (status) WHERE status = 0;
 ";
 

@@ -59,7 +59,8 @@
 //!   terminal, and for a suspect, which is due in `suspect_due_at`). A
 //!   partial index on (host rank, `due_at`) makes leasing an index range
 //!   scan, one on (host, lease expiry) counts a host's live leases, and
-//!   finalized jobs are found by URL through a 47-bit hash of it.
+//!   finalized jobs are found by URL through a 47-bit hash of it, and
+//!   finished ones by their finish time (for SLO windows).
 //! - `ops`: the operation ledger, keyed by (job rowid, kind, epoch) with no
 //!   rowid of its own: owner (by id), status, result (compact bytes, never
 //!   truncated), error, run count, start time and duration. A request that
@@ -263,5 +264,13 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<idem_core::HostLoad>, StoreError> {
         self.read(|c| reads::busiest_hosts(c, now, limit))
+    }
+
+    fn each_finished_since(
+        &self,
+        since: Timestamp,
+        f: &mut dyn FnMut(&Job),
+    ) -> Result<(), StoreError> {
+        self.read(|c| reads::each_finished_since(c, since, f))
     }
 }

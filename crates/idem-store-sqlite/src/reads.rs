@@ -106,6 +106,26 @@ pub(crate) fn finalized_by_url(c: &Connection, url: &str) -> Result<Option<Job>,
         .map_err(map_err)
 }
 
+/// Through the finish-time index: the rows of the window, not the ledger.
+pub(crate) fn each_finished_since(
+    c: &Connection,
+    since: Timestamp,
+    f: &mut dyn FnMut(&Job),
+) -> Result<(), StoreError> {
+    let mut st = c
+        .prepare_cached(concat!(
+            "SELECT ",
+            job_cols!(),
+            " FROM jobs INDEXED BY jobs_finished WHERE finished_at >= ?1"
+        ))
+        .map_err(map_err)?;
+    let mut rows = st.query([since.as_millis()]).map_err(map_err)?;
+    while let Some(r) = rows.next().map_err(map_err)? {
+        f(&row_to_job(r).map_err(map_err)?);
+    }
+    Ok(())
+}
+
 pub(crate) fn expired_leases(
     c: &Connection,
     now: Timestamp,
