@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command as Proc;
 use std::time::Instant;
 
-fn now() -> Timestamp {
+pub(crate) fn now() -> Timestamp {
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(0));

@@ -6,6 +6,7 @@ mod bench_pg;
 mod latency;
 mod ledger_bytes;
 mod lopsided;
+mod scale;
 mod slo;
 mod tidy;
 
@@ -50,10 +51,19 @@ fn main() -> anyhow::Result<()> {
             if matches!(what, "bytes" | "all" | "--quick") {
                 ledger_bytes::bench(&root(), quick)?;
             }
+            if what == "scale" {
+                let jobs = args
+                    .iter()
+                    .position(|a| a == "--jobs")
+                    .and_then(|i| args.get(i + 1))
+                    .map(|n| n.parse::<u64>())
+                    .transpose()?;
+                scale::bench(&root(), quick, jobs)?;
+            }
             Ok(())
         }
         _ => {
-            eprintln!("usage: cargo xtask <tidy | slo-gen [--check] | slo-check | bench [store|download|latency|lopsided|bytes|all] [--quick]>");
+            eprintln!("usage: cargo xtask <tidy | slo-gen [--check] | slo-check | bench [store|download|latency|lopsided|bytes|scale [--jobs N]|all] [--quick]>");
             std::process::exit(2);
         }
     }
