@@ -285,6 +285,7 @@ fn export_manifest_shapes() {
             "job_key",
             "last_error",
             "path",
+            "served_url",
             "sha256",
             "size",
             "state",
@@ -300,7 +301,7 @@ fn export_manifest_shapes() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.starts_with(
-            "work_id,artifact_id,url,job_key,state,sha256,size,path,attempts,last_error\n"
+            "work_id,artifact_id,url,job_key,state,sha256,size,path,attempts,last_error,served_url\n"
         ),
         "{text}"
     );

@@ -13,6 +13,7 @@ mod e2e;
 mod events;
 mod hostile;
 mod hosts;
+mod internet;
 mod ledger;
 mod metrics;
 mod pause;

@@ -138,6 +138,10 @@ fn job_json(j: &Job) -> serde_json::Value {
         "work_id": j.spec.work_id,
         "artifact_id": j.spec.artifact_id,
         "url": j.spec.url.redacted(),
+        "urls": j.spec.urls().map(|u| u.redacted()).collect::<Vec<_>>(),
+        "url_index": j.url_index,
+        "served_url": served_url(j),
+        "headers": j.spec.headers.iter().map(|(n, _)| (n.clone(), json!("***"))).collect::<serde_json::Map<_, _>>(),
         "expected_sha256": j.spec.sha256,
         "expected_content_type": j.spec.content_type,
         "state": j.state,
@@ -159,6 +163,14 @@ fn job_json(j: &Job) -> serde_json::Value {
         "first_leased_at": j.first_leased_at,
         "finished_at": j.finished_at,
     })
+}
+
+/// The URL whose answer the job's blob holds (without its secrets):
+/// set once the job finished by fetching.
+fn served_url(j: &Job) -> Option<String> {
+    let fetched = j.state == idem_core::JobState::Finalized
+        || (j.state == idem_core::JobState::SkippedDuplicate && j.duplicate_of.is_none());
+    fetched.then(|| j.url().redacted().into_owned())
 }
 
 /// `s` with its control characters escaped (`\u{1b}`), for a terminal:
@@ -205,7 +217,20 @@ pub(crate) fn show(g: &Global, a: &ShowArgs) -> anyhow::Result<u8> {
     outln!("  work_id      {}", escaped(&job.spec.work_id));
     outln!("  artifact_id  {}", escaped(&job.spec.artifact_id));
     outln!("  url          {}", job.spec.url.redacted());
+    for (i, m) in job.spec.mirrors.iter().enumerate() {
+        outln!("  mirror {:<5} {}", i + 1, m.redacted());
+    }
+    if !job.spec.headers.is_empty() {
+        let names: Vec<&str> = job.spec.headers.iter().map(|(n, _)| n.as_str()).collect();
+        outln!("  headers      {} (values hidden)", names.join(", "));
+    }
     outln!("  state        {}", job.state);
+    if job.url_index > 0 && !job.state.is_terminal() {
+        outln!("  fetching     {}", job.url().redacted());
+    }
+    if let Some(u) = served_url(&job) {
+        outln!("  served by    {u}");
+    }
     if let Some(l) = &job.lease {
         outln!(
             "  lease        {} epoch {} until {}{}",
@@ -424,6 +449,7 @@ pub(crate) fn export(g: &Global, a: &ExportArgs) -> anyhow::Result<u8> {
             "path",
             "attempts",
             "last_error",
+            "served_url",
         ])?;
     }
     let mut after: Option<JobKey> = None;
@@ -448,13 +474,14 @@ pub(crate) fn export(g: &Global, a: &ExportArgs) -> anyhow::Result<u8> {
                     path.unwrap_or_default(),
                     j.attempts.to_string(),
                     j.last_error.clone().unwrap_or_default(),
+                    served_url(j).unwrap_or_default(),
                 ])?,
                 None => {
                     serde_json::to_writer(
                         &mut out,
                         &json!({"work_id": j.spec.work_id, "artifact_id": j.spec.artifact_id, "url": j.spec.url.redacted(),
                             "job_key": j.key, "state": j.state, "sha256": sha, "size": size, "path": path,
-                            "attempts": j.attempts, "last_error": j.last_error}),
+                            "attempts": j.attempts, "last_error": j.last_error, "served_url": served_url(j)}),
                     )?;
                     out.write_all(b"\n")?;
                 }

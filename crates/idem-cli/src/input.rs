@@ -19,6 +19,12 @@ struct Record {
     sha256: Option<String>,
     #[serde(default)]
     content_type: Option<String>,
+    /// The artifact's URLs in the order they are tried (after `url`, if
+    /// both are given).
+    #[serde(default)]
+    urls: Option<Vec<String>>,
+    #[serde(default)]
+    headers: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// The same record with unknown fields ignored (`--allow-unknown-fields`).
@@ -31,6 +37,12 @@ struct LaxRecord {
     sha256: Option<String>,
     #[serde(default)]
     content_type: Option<String>,
+    /// The artifact's URLs in the order they are tried (after `url`, if
+    /// both are given).
+    #[serde(default)]
+    urls: Option<Vec<String>>,
+    #[serde(default)]
+    headers: Option<std::collections::BTreeMap<String, String>>,
 }
 
 impl From<LaxRecord> for Record {
@@ -41,12 +53,22 @@ impl From<LaxRecord> for Record {
             url: r.url,
             sha256: r.sha256,
             content_type: r.content_type,
+            urls: r.urls,
+            headers: r.headers,
         }
     }
 }
 
 /// The fields (JSON) and columns (CSV) a plan line may have.
-const FIELDS: [&str; 5] = ["work_id", "artifact_id", "url", "sha256", "content_type"];
+const FIELDS: [&str; 7] = [
+    "work_id",
+    "artifact_id",
+    "url",
+    "sha256",
+    "content_type",
+    "urls",
+    "headers",
+];
 
 /// The known field nearest to `name`, for "did you mean".
 fn nearest_field(name: &str) -> &'static str {
@@ -153,7 +175,14 @@ fn to_spec(r: Record) -> Result<JobSpec, String> {
     let need = |v: Option<String>, f: &str| v.ok_or_else(|| format!("missing field `{f}`"));
     let work = need(r.work_id, "work_id")?;
     let art = need(r.artifact_id, "artifact_id")?;
-    let url = need(r.url, "url")?;
+    let mut urls = r.urls.unwrap_or_default().into_iter();
+    let url = match r.url {
+        Some(u) => u,
+        None => urls
+            .next()
+            .ok_or_else(|| "missing field `url` (or `urls`)".to_owned())?,
+    };
+    let headers = r.headers.unwrap_or_default();
     JobSpec::new(
         &work,
         &art,
@@ -161,6 +190,8 @@ fn to_spec(r: Record) -> Result<JobSpec, String> {
         r.sha256.as_deref(),
         r.content_type.as_deref(),
     )
+    .and_then(|s| s.with_mirrors(urls.as_slice().iter().map(String::as_str)))
+    .and_then(|s| s.with_headers(headers.iter().map(|(n, v)| (n.as_str(), v.as_str()))))
     .map_err(|e| cut(&e.to_string(), MAX_SHOWN).into_owned())
 }
 
@@ -247,8 +278,11 @@ pub(crate) fn read(
             .headers()
             .map_err(|e| anyhow::anyhow!("{shown}:1: bad CSV header: {e}"))?
             .clone();
-        if !headers.iter().any(|h| h == "url") {
-            anyhow::bail!("{shown}:1: CSV header must name the columns work_id, artifact_id, url (and optionally sha256, content_type)");
+        if !headers.iter().any(|h| h == "url" || h == "urls") {
+            anyhow::bail!("{shown}:1: CSV header must name the columns work_id, artifact_id, url (and optionally sha256, content_type, urls)");
+        }
+        if headers.iter().any(|h| h == "headers") {
+            anyhow::bail!("{shown}:1: column `headers`: request headers are given in JSON lines only (a `headers` object); nothing from this file was applied");
         }
         if !opts.allow_unknown_fields {
             if let Some(h) = headers.iter().find(|h| !FIELDS.contains(h)) {
@@ -278,6 +312,10 @@ pub(crate) fn read(
                         url: get("url"),
                         sha256: get("sha256"),
                         content_type: get("content_type"),
+                        // Several URLs in one cell, separated by spaces.
+                        urls: get("urls")
+                            .map(|v| v.split_whitespace().map(str::to_owned).collect()),
+                        headers: None,
                     };
                     f(match to_spec(r) {
                         Ok(spec) => Item::Spec {

@@ -18,6 +18,7 @@ mod alone;
 mod cancel;
 mod commands;
 mod demo;
+mod hosts;
 mod input;
 mod ledger;
 mod out;
@@ -91,17 +92,22 @@ enum Cmd {
     /// Record jobs from JSON Lines or CSV files (`-` for stdin).
     ///
     /// Each line: {"work_id": ..., "artifact_id": ..., "url": ...} with optional
-    /// "sha256" (expected digest) and "content_type" (expected media type).
-    /// CSV needs a header naming those columns. Re-planning a job is a no-op; the
-    /// same work_id/artifact_id with another URL is a conflict, reported and not
-    /// applied. Bad lines are reported with file and line, and skipped.
+    /// "sha256" (expected digest), "content_type" (expected media type),
+    /// "urls" (further URLs of the same artifact, tried in order when one
+    /// fails; alone, the first is the URL) and "headers" (request headers
+    /// sent to the URL's origin only, values never shown).
+    /// CSV needs a header naming those columns (a `urls` cell holds URLs
+    /// separated by spaces; headers are JSON only). Re-planning a job is a
+    /// no-op; the same work_id/artifact_id with other URLs is a conflict,
+    /// reported and not applied. Bad lines are reported with file and line,
+    /// and skipped.
     Plan(PlanArgs),
     /// Download every due job until all are finished.
     ///
     /// Waits out retry delays and dead workers' leases, then takes their jobs
     /// over. Run several at once (on one host or, with a shared ledger, several):
     /// each job is worked by one holder at a time.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Counts by state, leases, due jobs, failures, and the busiest hosts.
     Status(JsonFlag),
     /// One job: its spec, state, lease, attempts and operation ledger.
@@ -263,9 +269,28 @@ struct RunArgs {
     /// to back (HEAD, GET) in one of the host's slots.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=1024))]
     per_host: u32,
-    /// Most requests started per second per host (default: unlimited).
+    /// Most requests started per second per host, across every worker
+    /// sharing the ledger (default: unlimited): leases of a host's jobs
+    /// are spaced by 1/RATE seconds, whoever takes them.
     #[arg(long)]
     per_host_rate: Option<f64>,
+    /// Per-host limits overriding --per-host and --per-host-rate, as
+    /// PATTERN=CONCURRENCY[,RATE]: `export.arxiv.org=1,0.25` (one job at a
+    /// time, one request every 4 s), `*.example.org=8` (that domain and its
+    /// subdomains), `*` (every other host). Repeat for several; the closest
+    /// pattern wins. Give every worker the same limits.
+    #[arg(long = "host-limit", value_name = "PATTERN=N[,RATE]", value_parser = crate::hosts::parse_host_limit)]
+    host_limits: Vec<idem_core::hosts::HostRule>,
+    /// A JSON file of per-host settings: {"PATTERN": {"per_host": N,
+    /// "rate": R, "headers": {"Name": "value"}}}; the headers go to
+    /// matching hosts (a plan line's own headers win). --host-limit rules
+    /// override the file's for the same pattern.
+    #[arg(long, value_name = "FILE")]
+    host_config: Option<PathBuf>,
+    /// The User-Agent header of every request (a plan line's or a host
+    /// config's `User-Agent` header wins).
+    #[arg(long, default_value = concat!("idem/", env!("CARGO_PKG_VERSION")))]
+    user_agent: String,
     /// Refuse bodies larger than this (bytes, or with a K/M/G/T suffix);
     /// checked on Content-Length and while streaming. 0 disables the cap.
     #[arg(long, default_value = "32G", value_parser = parse_size)]

@@ -56,7 +56,14 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
             crate::ledger::shown(g)
         );
     }
+    let mut rules = match &a.host_config {
+        Some(p) => crate::hosts::read_host_config(p)?,
+        None => Vec::new(),
+    };
+    rules.extend(a.host_limits.iter().cloned());
+    let host_rules = Arc::new(idem_core::hosts::HostRules::new(rules));
     let policy = idem_http::Policy {
+        user_agent: a.user_agent.clone(),
         allow_private: a.allow_private,
         allow_loopback: a.allow_loopback || a.allow_private,
         max_bytes: (a.max_bytes > 0).then_some(a.max_bytes),
@@ -87,6 +94,7 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
         concurrency: a.concurrency as usize,
         per_host: a.per_host as usize,
         per_host_rate: a.per_host_rate,
+        host_rules,
         lease_ttl_ms: a.lease_ttl * 1000,
         retry: RetryPolicy {
             base_ms: a.backoff_base_ms,

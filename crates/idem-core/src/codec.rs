@@ -1,5 +1,6 @@
 //! The compact byte form a store may keep HEAD validators and op results
-//! in: what cannot be derived, in its smallest faithful form.
+//! in: what cannot be derived, in its smallest faithful form; and the
+//! text form of a spec's rarer parts (mirrors, headers).
 //!
 //! Digests are 32 raw bytes, numbers LEB128 varints, strings
 //! length-prefixed UTF-8, and a published blob's path is left out when it
@@ -9,6 +10,7 @@
 use crate::digest::Digest32;
 use crate::job::{BlobInfo, HeadInfo};
 use crate::ledger::{OpKind, OpResult, StreamInfo};
+use crate::spec::{CanonicalUrl, JobSpec};
 
 const ETAG: u8 = 1;
 const LAST_MODIFIED: u8 = 2;
@@ -194,6 +196,43 @@ pub fn decode_result(kind: OpKind, bytes: &[u8]) -> Option<OpResult> {
     };
     r.end()?;
     Some(res)
+}
+
+/// What a spec holds beyond its URL, digest and type (its mirrors and
+/// request headers), as a store keeps it: JSON text, or `None` when the
+/// spec has neither (most do, and then the row holds nothing).
+pub fn encode_extra(spec: &JobSpec) -> Option<String> {
+    if spec.mirrors.is_empty() && spec.headers.is_empty() {
+        return None;
+    }
+    let extra = Extra {
+        mirrors: spec.mirrors.clone(),
+        headers: spec.headers.clone(),
+    };
+    serde_json::to_string(&extra).ok()
+}
+
+/// Puts what [`encode_extra`] kept back into `spec`; `None` when `text`
+/// is not such a record.
+pub fn decode_extra(spec: &mut JobSpec, text: &str) -> Option<()> {
+    let extra: Extra = serde_json::from_str(text).ok()?;
+    spec.mirrors = extra.mirrors;
+    spec.headers = extra.headers;
+    Some(())
+}
+
+/// The mirrors alone from what [`encode_extra`] kept: a payload's
+/// fingerprint covers them, not the headers.
+pub fn decode_mirrors(text: &str) -> Option<Vec<CanonicalUrl>> {
+    serde_json::from_str::<Extra>(text).ok().map(|e| e.mirrors)
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Extra {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    mirrors: Vec<CanonicalUrl>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    headers: Vec<(String, String)>,
 }
 
 #[cfg(test)]

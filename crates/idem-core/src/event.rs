@@ -150,6 +150,10 @@ pub enum EventKind {
         attempt: u32,
         reason: String,
         delay_ms: u64,
+        /// Set when the next attempt moves to another of the artifact's
+        /// URLs: its index (0 is the plan's `url`, then its mirrors).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        url_index: Option<u32>,
     },
     JobFailed {
         job_key: JobKey,

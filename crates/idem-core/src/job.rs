@@ -233,6 +233,15 @@ pub struct Job {
     /// go by (rank, due time), interleaving hosts (see `hosts`).
     #[serde(default)]
     pub host_rank: u64,
+    /// Which of the artifact's URLs ([`JobSpec::urls`]) the job fetches:
+    /// 0 is the plan's `url`; a failure that another URL may not have moves
+    /// it on (see [`Command::Fail`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub url_index: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Job {
@@ -259,7 +268,22 @@ impl Job {
             holder_deaths: 0,
             isolated_deaths: 0,
             host_rank: 0,
+            url_index: 0,
         }
+    }
+
+    /// The URL the job fetches now: its `url_index`-th (the first if the
+    /// index is past the list).
+    pub fn url(&self) -> &crate::spec::CanonicalUrl {
+        self.spec
+            .urls()
+            .nth(self.url_index as usize)
+            .unwrap_or(&self.spec.url)
+    }
+
+    /// Is there another URL after the one the job fetches now?
+    pub fn has_next_url(&self) -> bool {
+        (self.url_index as usize) < self.spec.mirrors.len()
     }
 
     /// Has this job been held by enough workers that died to be leased only

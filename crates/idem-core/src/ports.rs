@@ -174,6 +174,11 @@ pub struct LeaseRequest {
     /// At most this many live leases per host, counting every holder's
     /// (see [`crate::hosts`]); `None`: no host budget.
     pub per_host: Option<usize>,
+    /// At least this long between two leases of one host's jobs, whoever
+    /// takes them; `None`: no pacing.
+    pub host_interval_ms: Option<u64>,
+    /// Per-host overrides of the two above.
+    pub host_rules: std::sync::Arc<crate::hosts::HostRules>,
 }
 
 /// One step of an atomic [`Store::run_steps`] call.
@@ -615,17 +620,26 @@ pub trait Body: Send {
 
 /// The HTTP port. Policy (schemes, redirects, addresses, size caps) is the
 /// adapter's job; it reports refusals as `FetchErrorKind::Policy`.
+///
+/// Every request carries the job's `headers` (name, value) to the origin
+/// (scheme, host and port) of `url` only: a redirect to another origin is
+/// followed without them.
 pub trait Http: Send + Sync + 'static {
     type Body: Body + 'static;
 
     /// HEAD, falling back to a GET's headers when the server refuses HEAD.
-    fn head(&self, url: &str) -> impl Future<Output = Result<HeadInfo, FetchError>> + Send;
+    fn head(
+        &self,
+        url: &str,
+        headers: &[(String, String)],
+    ) -> impl Future<Output = Result<HeadInfo, FetchError>> + Send;
 
     /// GET, optionally resuming. A 200 answer to a range request comes back
     /// with `offset == 0`: the caller must restart from scratch.
     fn get(
         &self,
         url: &str,
+        headers: &[(String, String)],
         resume: Option<&Resume>,
     ) -> impl Future<Output = Result<GetResponse<Self::Body>, FetchError>> + Send;
 
@@ -636,6 +650,7 @@ pub trait Http: Send + Sync + 'static {
     fn revalidate(
         &self,
         url: &str,
+        headers: &[(String, String)],
         recorded: &HeadInfo,
     ) -> impl Future<Output = Result<Option<GetResponse<Self::Body>>, FetchError>> + Send;
 }

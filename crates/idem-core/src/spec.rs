@@ -35,6 +35,68 @@ pub enum SpecError {
     BadDigest(#[from] BadDigest),
     #[error("field `content_type` {0:?} is not a media type like `application/pdf`")]
     BadContentType(String),
+    #[error("field `{field}` has more than {max} entries")]
+    TooMany { field: &'static str, max: usize },
+    #[error("header `{name}`: {reason}")]
+    BadHeader { name: String, reason: &'static str },
+}
+
+/// Most URLs one artifact may have (its `url` and its mirrors).
+pub const MAX_URLS: usize = 16;
+/// Most request headers one job may carry.
+pub const MAX_HEADERS: usize = 32;
+/// Longest header value accepted.
+pub const MAX_HEADER_VALUE_LEN: usize = 8192;
+
+/// Headers idem sets itself (framing, ranges, encodings, proxies): a plan
+/// may not set them.
+const RESERVED_HEADERS: &[&str] = &[
+    "accept-encoding",
+    "connection",
+    "content-length",
+    "host",
+    "if-modified-since",
+    "if-none-match",
+    "if-range",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-connection",
+    "range",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// A request header as a plan gives it: the name checked as an HTTP token
+/// (kept as written, compared without case), the value free of control
+/// characters. Headers a plan may not set are refused by name.
+pub fn check_header(name: &str, value: &str) -> Result<(String, String), SpecError> {
+    let name = name.trim();
+    let bad = |reason| SpecError::BadHeader {
+        name: name.chars().take(64).collect(),
+        reason,
+    };
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c))
+    {
+        return Err(bad(
+            "not a header name (letters, digits and !#$%&'*+-.^_`|~)",
+        ));
+    }
+    if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+        return Err(bad("idem sets this header itself"));
+    }
+    let value = value.trim();
+    if value.len() > MAX_HEADER_VALUE_LEN {
+        return Err(bad("value longer than 8192 bytes"));
+    }
+    if value.chars().any(|c| c.is_control() && c != '\t') {
+        return Err(bad("value holds a control character (a newline, a NUL)"));
+    }
+    Ok((name.to_owned(), value.to_owned()))
 }
 
 /// A URL in canonical form: lower-case scheme and host, no default port, no
@@ -429,6 +491,16 @@ pub struct JobSpec {
     pub sha256: Option<Digest32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_type: Option<String>,
+    /// Further URLs of the same artifact, tried in order after `url` when
+    /// it fails (see [`crate::Job::url`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<CanonicalUrl>,
+    /// Request headers sent with this job's requests, to its URL's origin
+    /// only (never after a redirect to another). Not part of the
+    /// fingerprint: a credential may change while the artifact does not.
+    /// Values are secrets: shown only as `***`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
 }
 
 /// Version tags baked into every key; bump them only with a migration.
@@ -460,7 +532,55 @@ impl JobSpec {
             url,
             sha256,
             content_type,
+            mirrors: Vec::new(),
+            headers: Vec::new(),
         })
+    }
+
+    /// The spec with further URLs for the same artifact, tried in order
+    /// after `url`; a URL given twice is kept once.
+    pub fn with_mirrors<'a>(
+        mut self,
+        urls: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Self, SpecError> {
+        for raw in urls {
+            let u = CanonicalUrl::parse(raw)?;
+            if u != self.url && !self.mirrors.contains(&u) {
+                self.mirrors.push(u);
+            }
+            if self.mirrors.len() + 1 > MAX_URLS {
+                return Err(SpecError::TooMany {
+                    field: "urls",
+                    max: MAX_URLS,
+                });
+            }
+        }
+        Ok(self)
+    }
+
+    /// The spec with request headers (see [`check_header`]); a name given
+    /// twice keeps its last value.
+    pub fn with_headers<'a>(
+        mut self,
+        headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, SpecError> {
+        for (n, v) in headers {
+            let (n, v) = check_header(n, v)?;
+            self.headers.retain(|(m, _)| !m.eq_ignore_ascii_case(&n));
+            self.headers.push((n, v));
+            if self.headers.len() > MAX_HEADERS {
+                return Err(SpecError::TooMany {
+                    field: "headers",
+                    max: MAX_HEADERS,
+                });
+            }
+        }
+        Ok(self)
+    }
+
+    /// Every URL of the artifact, in the order they are tried.
+    pub fn urls(&self) -> impl Iterator<Item = &CanonicalUrl> {
+        std::iter::once(&self.url).chain(&self.mirrors)
     }
 
     pub fn key(&self) -> JobKey {
@@ -472,27 +592,29 @@ impl JobSpec {
             self.url.as_str(),
             self.sha256.as_ref(),
             self.content_type.as_deref(),
+            &self.mirrors,
         )
     }
 }
 
 /// The fingerprint of a spec's payload (its canonical URL, expected digest
-/// and expected type), without building the spec: a store may keep the
-/// three and derive this.
+/// and expected type, and its mirrors in order), without building the
+/// spec: a store may keep them and derive this. A spec without mirrors
+/// hashes only the first three.
 pub fn fingerprint_of(
     canonical_url: &str,
     sha256: Option<&Digest32>,
     content_type: Option<&str>,
+    mirrors: &[CanonicalUrl],
 ) -> Fingerprint {
     let sha = sha256.map(Digest32::to_hex).unwrap_or_default();
-    Fingerprint(hash_fields(
-        FINGERPRINT_DOMAIN,
-        &[
-            canonical_url.as_bytes(),
-            sha.as_bytes(),
-            content_type.unwrap_or("").as_bytes(),
-        ],
-    ))
+    let mut fields: Vec<&[u8]> = vec![
+        canonical_url.as_bytes(),
+        sha.as_bytes(),
+        content_type.unwrap_or("").as_bytes(),
+    ];
+    fields.extend(mirrors.iter().map(|m| m.as_str().as_bytes()));
+    Fingerprint(hash_fields(FINGERPRINT_DOMAIN, &fields))
 }
 
 /// The job key of `work_id/artifact_id` (trimmed, as [`JobSpec::new`] does),

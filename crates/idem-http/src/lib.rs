@@ -12,10 +12,15 @@
 //! - `Accept-Encoding: identity`, so bytes on disk are the bytes served and
 //!   Range offsets mean what they say;
 //! - a per-read timeout and a connect timeout, never a total one, so a large
-//!   body can take as long as it needs while a stalled one is cut off.
+//!   body can take as long as it needs while a stalled one is cut off;
+//! - proxies from the environment ([`proxy`]); through a proxy, a target's
+//!   name is resolved here too and refused as above, while the proxy's own
+//!   address is not judged (a proxy on the local network is common).
 //!
 //! Errors are mapped into [`FetchError`] with a kind the retry policy can
 //! classify; no reqwest type leaves this crate.
+
+pub mod proxy;
 
 use bytes::Bytes;
 use idem_core::ports::{Body, FetchError, FetchErrorKind, GetResponse, Http, Resume};
@@ -150,18 +155,27 @@ impl std::fmt::Display for RefusedAddress {
 
 impl std::error::Error for RefusedAddress {}
 
-/// Resolves with the system resolver, then drops refused addresses.
+/// Resolves with the system resolver, then drops refused addresses (a
+/// proxy's own name is resolved as it is).
 struct GuardedResolver {
     policy: Arc<Policy>,
+    proxy_hosts: Vec<String>,
 }
 
 impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let policy = Arc::clone(&self.policy);
         let host = name.as_str().to_owned();
+        let is_proxy = self
+            .proxy_hosts
+            .iter()
+            .any(|p| p.eq_ignore_ascii_case(&host));
         Box::pin(async move {
             let addrs: Vec<SocketAddr> =
                 tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            if is_proxy {
+                return Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs);
+            }
             let mut refused = None;
             let ok: Vec<SocketAddr> = addrs
                 .into_iter()
@@ -193,6 +207,7 @@ impl reqwest::dns::Resolve for GuardedResolver {
 pub struct HttpClient {
     client: reqwest::Client,
     policy: Arc<Policy>,
+    proxies: Arc<proxy::Proxies>,
 }
 
 impl std::fmt::Debug for HttpClient {
@@ -209,8 +224,16 @@ impl std::fmt::Debug for HttpClient {
 pub struct BuildError(String);
 
 impl HttpClient {
+    /// A client with the proxies the environment names
+    /// ([`proxy::Proxies::from_env`]).
     pub fn new(policy: Policy) -> Result<Self, BuildError> {
+        Self::with_proxies(policy, proxy::Proxies::from_env())
+    }
+
+    pub fn with_proxies(policy: Policy, proxies: proxy::Proxies) -> Result<Self, BuildError> {
         let policy = Arc::new(policy);
+        let proxies = Arc::new(proxies);
+        let chosen = Arc::clone(&proxies);
         let mut headers = HeaderMap::new();
         headers.insert(
             header::ACCEPT_ENCODING,
@@ -220,6 +243,9 @@ impl HttpClient {
             .redirect(reqwest::redirect::Policy::none())
             .retry(reqwest::retry::never())
             .no_proxy()
+            .proxy(reqwest::Proxy::custom(move |url| {
+                chosen.for_url(url).cloned()
+            }))
             .default_headers(headers)
             .user_agent(policy.user_agent.clone())
             .connect_timeout(policy.connect_timeout)
@@ -228,14 +254,48 @@ impl HttpClient {
             .pool_max_idle_per_host(32)
             .dns_resolver(GuardedResolver {
                 policy: Arc::clone(&policy),
+                proxy_hosts: proxies.hosts(),
             })
             .build()
             .map_err(|e| BuildError(e.to_string()))?;
-        Ok(Self { client, policy })
+        Ok(Self {
+            client,
+            policy,
+            proxies,
+        })
     }
 
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// Through a proxy the client resolves no target name: resolve it here
+    /// and judge its addresses, as the resolver does for direct requests.
+    async fn check_proxied(&self, url: &reqwest::Url) -> Result<(), FetchError> {
+        if self.policy.allow_private || self.proxies.for_url(url).is_none() {
+            return Ok(());
+        }
+        let Some(url::Host::Domain(name)) = url.host() else {
+            return Ok(());
+        };
+        let port = url.port_or_known_default().unwrap_or(80);
+        let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((name, port)).await {
+            Ok(a) => a.collect(),
+            // The proxy may know names this host cannot resolve.
+            Err(_) => return Ok(()),
+        };
+        for a in addrs {
+            if let Some(why) = address_refusal(a.ip(), &self.policy) {
+                return Err(FetchError::new(
+                    FetchErrorKind::Policy,
+                    format!(
+                        "{url}: {name} resolves to {} ({why} address refused; see --allow-private)",
+                        a.ip()
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Checks a URL before any connection: scheme and IP-literal host.
@@ -284,17 +344,31 @@ impl HttpClient {
         &self,
         method: reqwest::Method,
         url: &str,
+        job_headers: &[(String, String)],
         extra: &HeaderMap,
     ) -> Result<(reqwest::Response, reqwest::Url), FetchError> {
         let mut current = reqwest::Url::parse(url)
             .map_err(|e| FetchError::new(FetchErrorKind::Policy, format!("{url}: bad url: {e}")))?;
+        let origin = current.origin();
+        let own = header_map(job_headers)?;
         let mut seen = vec![current.clone()];
         for _ in 0..=self.policy.max_redirects {
             self.check_url(&current)?;
+            self.check_proxied(&current).await?;
+            // The job's headers (credentials, often) go to its own origin
+            // only, as curl does: never to a host a redirect names.
+            let mut headers = if current.origin() == origin {
+                own.clone()
+            } else {
+                HeaderMap::new()
+            };
+            for (name, value) in extra {
+                headers.insert(name, value.clone());
+            }
             let resp = self
                 .client
                 .request(method.clone(), current.clone())
-                .headers(extra.clone())
+                .headers(headers)
                 .send()
                 .await
                 .map_err(|e| map_reqwest(&e, current.as_str()))?;
@@ -347,6 +421,29 @@ impl HttpClient {
             _ => Ok(()),
         }
     }
+}
+
+/// A job's headers as a map; a name or value the plan should have refused
+/// is a policy refusal, not a panic.
+fn header_map(headers: &[(String, String)]) -> Result<HeaderMap, FetchError> {
+    let mut map = HeaderMap::new();
+    for (n, v) in headers {
+        let name = header::HeaderName::from_bytes(n.as_bytes());
+        let value = HeaderValue::from_str(v);
+        match (name, value) {
+            (Ok(name), Ok(mut value)) => {
+                value.set_sensitive(true);
+                map.insert(name, value);
+            }
+            _ => {
+                return Err(FetchError::new(
+                    FetchErrorKind::Policy,
+                    format!("header {n:?}: not a valid HTTP header"),
+                ))
+            }
+        }
+    }
+    Ok(map)
 }
 
 fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<String> {
@@ -574,9 +671,9 @@ impl Body for ResponseBody {
 impl Http for HttpClient {
     type Body = ResponseBody;
 
-    async fn head(&self, url: &str) -> Result<HeadInfo, FetchError> {
+    async fn head(&self, url: &str, headers: &[(String, String)]) -> Result<HeadInfo, FetchError> {
         let (resp, final_url) = self
-            .send(reqwest::Method::HEAD, url, &HeaderMap::new())
+            .send(reqwest::Method::HEAD, url, headers, &HeaderMap::new())
             .await?;
         let status = resp.status();
         // Servers that refuse HEAD: take the headers of a GET instead, and
@@ -585,9 +682,18 @@ impl Http for HttpClient {
             status,
             StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED
         ) {
-            self.send(reqwest::Method::GET, final_url.as_str(), &HeaderMap::new())
-                .await?
-                .0
+            // The GET goes where the HEAD ended; the job's headers only if
+            // that is still the job's origin.
+            let same = reqwest::Url::parse(url).is_ok_and(|u| u.origin() == final_url.origin());
+            let own: &[(String, String)] = if same { headers } else { &[] };
+            self.send(
+                reqwest::Method::GET,
+                final_url.as_str(),
+                own,
+                &HeaderMap::new(),
+            )
+            .await?
+            .0
         } else {
             resp
         };
@@ -602,6 +708,7 @@ impl Http for HttpClient {
     async fn get(
         &self,
         url: &str,
+        headers: &[(String, String)],
         resume: Option<&Resume>,
     ) -> Result<GetResponse<ResponseBody>, FetchError> {
         let mut extra = HeaderMap::new();
@@ -620,13 +727,16 @@ impl Http for HttpClient {
                 extra.insert(header::IF_RANGE, v);
             }
         }
-        let (resp, _) = self.send(reqwest::Method::GET, url, &extra).await?;
+        let (resp, _) = self
+            .send(reqwest::Method::GET, url, headers, &extra)
+            .await?;
         self.opened(url, resp, resume)
     }
 
     async fn revalidate(
         &self,
         url: &str,
+        headers: &[(String, String)],
         recorded: &HeadInfo,
     ) -> Result<Option<GetResponse<ResponseBody>>, FetchError> {
         let mut extra = HeaderMap::new();
@@ -639,7 +749,9 @@ impl Http for HttpClient {
                 extra.insert(name, v);
             }
         }
-        let (resp, _) = self.send(reqwest::Method::GET, url, &extra).await?;
+        let (resp, _) = self
+            .send(reqwest::Method::GET, url, headers, &extra)
+            .await?;
         if resp.status() == StatusCode::NOT_MODIFIED {
             return Ok(None);
         }

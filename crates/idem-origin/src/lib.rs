@@ -23,6 +23,12 @@
 //! | `/noval/NAME` | sends neither `ETag` nor `Last-Modified`, and answers conditional requests in full |
 //! | `/norange/NAME` | ignores `Range`, always 200 with the full body |
 //! | `/chunked/NAME` | HEAD gives the length; GET answers 200 in `Transfer-Encoding: chunked`, without one (and ignores `Range`) |
+//! | `/auth/NAME` | answers 401 unless the request carries `Authorization: Bearer letmein` |
+//! | `/xredirect/PORT/NAME` | redirects to `/f/NAME` on `127.0.0.1:PORT`: another origin |
+//!
+//! The last request's headers are kept per path-and-query
+//! ([`Origin::headers`]). [`Proxy`] is a forward HTTP proxy that counts
+//! what it carries.
 //!
 //! `?digest=right` or `?digest=wrong` (any mode) adds `Repr-Digest:
 //! sha-256=:…:` with the body's SHA-256 or another's; `?digest=legacy-wrong`
@@ -62,6 +68,9 @@ struct Shared {
     stop: AtomicBool,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
+    headers: Mutex<HashMap<String, HashMap<String, String>>>,
+    started: std::time::Instant,
+    arrivals_ms: Mutex<Vec<u64>>,
 }
 
 impl Origin {
@@ -86,6 +95,9 @@ impl Origin {
             stop: AtomicBool::new(false),
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
+            headers: Mutex::new(HashMap::new()),
+            started: std::time::Instant::now(),
+            arrivals_ms: Mutex::new(Vec::new()),
         });
         let s = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -143,6 +155,17 @@ impl Origin {
             .get(path_and_query)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// The headers (names lower-cased) of the last request for
+    /// `path_and_query`, if there was one.
+    pub fn headers(&self, path_and_query: &str) -> Option<HashMap<String, String>> {
+        lock(&self.shared.headers).get(path_and_query).cloned()
+    }
+
+    /// When each request arrived, in milliseconds since the origin started.
+    pub fn arrivals_ms(&self) -> Vec<u64> {
+        lock(&self.shared.arrivals_ms).clone()
     }
 
     /// Requests per path, for reports.
@@ -237,6 +260,8 @@ fn serve(conn: TcpStream, s: &Shared) {
         } else {
             0
         };
+        lock(&s.headers).insert(req.target.clone(), req.headers.clone());
+        lock(&s.arrivals_ms).push(s.started.elapsed().as_millis() as u64);
         s.total.fetch_add(1, Ordering::SeqCst);
         let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         s.max_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -317,7 +342,7 @@ fn respond(
         _ => return simple(w, 404, "not found"),
     };
     let (name, arg) = match mode {
-        "status" | "redirect" => match rest.split_once('/') {
+        "status" | "redirect" | "xredirect" => match rest.split_once('/') {
             Some((a, n)) => (n.to_owned(), a.parse::<u64>().unwrap_or(0)),
             None => return simple(w, 404, "not found"),
         },
@@ -357,6 +382,12 @@ fn respond(
         }
         "private" if faulty => return redirect(w, &format!("http://10.255.255.1/f/{name}")),
         "nohead" if is_head => return simple(w, 405, ""),
+        "auth"
+            if req.headers.get("authorization").map(String::as_str) != Some("Bearer letmein") =>
+        {
+            return simple(w, 401, "unauthorized")
+        }
+        "xredirect" => return redirect(w, &format!("http://127.0.0.1:{arg}/f/{name}")),
         _ => {}
     }
     let mut body: Arc<Vec<u8>> = body;
@@ -539,4 +570,90 @@ pub fn raw_get(addr: SocketAddr, target: &str) -> std::io::Result<String> {
     let mut out = Vec::new();
     let _ = c.read_to_end(&mut out);
     Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// A forward HTTP proxy on 127.0.0.1 for `http://` targets (absolute-form
+/// requests), one upstream connection per request. Stops when dropped.
+pub struct Proxy {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    pub fn start() -> std::io::Result<Self> {
+        let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
+        let addr = listener.local_addr()?;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, st) = (Arc::clone(&seen), Arc::clone(&stop));
+        std::thread::Builder::new()
+            .name("idem-proxy".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if st.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    let s = Arc::clone(&s);
+                    let _ = std::thread::Builder::new()
+                        .name("idem-proxy-conn".into())
+                        .spawn(move || proxy_conn(conn, &s));
+                }
+            })?;
+        Ok(Self { addr, seen, stop })
+    }
+
+    /// `http://127.0.0.1:PORT`, for `HTTP_PROXY`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The absolute URLs it was asked for, in order.
+    pub fn seen(&self) -> Vec<String> {
+        lock(&self.seen).clone()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+    }
+}
+
+/// Carries a client's requests one at a time: each to its target's host
+/// on a new connection, whose whole answer (the upstream closes after it)
+/// goes back to the client.
+fn proxy_conn(conn: TcpStream, seen: &Mutex<Vec<String>>) {
+    let Ok(mut w) = conn.try_clone() else { return };
+    let mut reader = BufReader::new(conn);
+    while let Some(req) = read_request(&mut reader) {
+        let Some(rest) = req.target.strip_prefix("http://") else {
+            let _ = simple(&mut w, 400, "absolute http:// URLs only");
+            return;
+        };
+        lock(seen).push(req.target.clone());
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let path = if path.is_empty() { "/" } else { path };
+        let Ok(mut up) = TcpStream::connect(authority) else {
+            let _ = simple(&mut w, 502, "upstream unreachable");
+            return;
+        };
+        let mut head = format!("{} {path} HTTP/1.1\r\n", req.method);
+        for (k, v) in &req.headers {
+            if k != "connection" && k != "proxy-connection" {
+                head.push_str(&format!("{k}: {v}\r\n"));
+            }
+        }
+        head.push_str("Connection: close\r\n\r\n");
+        let mut answer = Vec::new();
+        let sent = up
+            .write_all(head.as_bytes())
+            .and_then(|()| up.shutdown(std::net::Shutdown::Write))
+            .and_then(|()| up.read_to_end(&mut answer));
+        if sent.is_err() || w.write_all(&answer).is_err() {
+            return;
+        }
+    }
 }

@@ -65,6 +65,8 @@ pub fn suspects_are_leased_only_alone_and_poison_fails_them(s: &dyn Store) {
             commit: idem_core::Commit::Durable,
             isolated: true,
             per_host: None,
+            host_interval_ms: None,
+            host_rules: Default::default(),
         };
         s.lease(&req, now).unwrap().value
     };
@@ -129,6 +131,8 @@ pub fn leases_interleave_hosts_within_their_budget(s: &dyn Store) {
         commit: idem_core::Commit::Durable,
         isolated: false,
         per_host: Some(2),
+        host_interval_ms: None,
+        host_rules: Default::default(),
     };
     let got: Vec<String> = s
         .lease(&req("w1"), t(1))
@@ -195,6 +199,8 @@ pub fn a_full_hosts_long_queue_does_not_hide_the_others(s: &dyn Store) {
         commit: idem_core::Commit::Durable,
         isolated: false,
         per_host: Some(1),
+        host_interval_ms: None,
+        host_rules: Default::default(),
     };
     // The slow host's one slot stays taken; the fast host's jobs go one by
     // one, past ranks far beyond the slow host's waiting queue.
@@ -245,6 +251,8 @@ pub fn a_host_cooling_down_is_not_leased(s: &dyn Store) {
         commit: idem_core::Commit::Durable,
         isolated: false,
         per_host: Some(2),
+        host_interval_ms: None,
+        host_rules: Default::default(),
     };
     let got = s.lease(&req, t(25)).unwrap().value;
     assert_eq!(got.len(), 1);
@@ -295,4 +303,120 @@ pub fn paused_hosts_are_not_leased_until_resumed(s: &dyn Store) {
     s.pause("example.org", false, t(4)).unwrap();
     assert!(s.status(t(4)).unwrap().paused.is_empty());
     assert_eq!(lease(s, "w2", 10, 60, t(4)).len(), 2, "resumed");
+}
+
+pub fn a_paced_host_is_leased_once_per_interval_whoever_asks(s: &dyn Store) {
+    let specs: Vec<JobSpec> = (0..6)
+        .map(|i| {
+            let host = if i % 2 == 0 { "paced" } else { "free" };
+            JobSpec::new(
+                "w",
+                &format!("{host}-{i}"),
+                &format!("https://{host}.example/{i}"),
+                None,
+                None,
+            )
+            .unwrap()
+        })
+        .collect();
+    s.plan(&specs, 3, t(0)).unwrap();
+    let rules = idem_core::hosts::HostRules::new([idem_core::hosts::HostRule {
+        pattern: "paced.example".into(),
+        interval_ms: Some(10_000),
+        ..Default::default()
+    }]);
+    let req = |owner: &str| LeaseRequest {
+        owner: w(owner),
+        limit: 10,
+        ttl_ms: 3_600_000,
+        dead_owners: vec![],
+        commit: idem_core::Commit::Durable,
+        isolated: false,
+        per_host: None,
+        host_interval_ms: None,
+        host_rules: std::sync::Arc::new(rules.clone()),
+    };
+    let paced = |got: &[idem_core::Job]| {
+        got.iter()
+            .filter(|j| j.spec.artifact_id.starts_with("paced"))
+            .count()
+    };
+    let got = s.lease(&req("a"), t(1)).unwrap().value;
+    assert_eq!(
+        (got.len(), paced(&got)),
+        (4, 1),
+        "every free job, one paced"
+    );
+    let got = s.lease(&req("b"), t(5)).unwrap().value;
+    assert!(
+        got.is_empty(),
+        "another worker waits for the host's next slot: {got:?}"
+    );
+    let got = s.lease(&req("b"), t(11)).unwrap().value;
+    assert_eq!(paced(&got), 1, "the next slot: {got:?}");
+    assert!(s.lease(&req("c"), t(12)).unwrap().value.is_empty());
+}
+
+pub fn mirrors_and_headers_are_kept_and_the_url_index_moves_on(s: &dyn Store) {
+    let spec = JobSpec::new("w", "m", "https://one.example/a.pdf", None, None)
+        .unwrap()
+        .with_mirrors(["https://two.example/a.pdf", "https://three.example/a.pdf"])
+        .unwrap()
+        .with_headers([
+            ("Authorization", "Bearer s3cret"),
+            ("Accept", "application/pdf"),
+        ])
+        .unwrap();
+    let kinds = |r: Vec<PlanOutcome>| {
+        r.iter()
+            .map(|o| match o {
+                PlanOutcome::Planned { .. } => "planned",
+                PlanOutcome::Existing { .. } => "existing",
+                PlanOutcome::Conflict(_) => "conflict",
+            })
+            .collect::<Vec<_>>()
+    };
+    let out = s.plan(std::slice::from_ref(&spec), 3, t(0)).unwrap();
+    assert_eq!(kinds(out.value), ["planned"]);
+    let key = spec.key();
+    let job = s.job(&key).unwrap().unwrap();
+    assert_eq!(job.spec, spec, "mirrors and headers come back as planned");
+    assert_eq!(job.fingerprint, spec.fingerprint());
+    let again = s.plan(std::slice::from_ref(&spec), 3, t(1)).unwrap();
+    assert_eq!(kinds(again.value), ["existing"], "a re-plan is a no-op");
+    let mut reordered = spec.clone();
+    reordered.mirrors.reverse();
+    let clash = s.plan(&[reordered], 3, t(2)).unwrap();
+    assert_eq!(
+        kinds(clash.value),
+        ["conflict"],
+        "other mirrors are another payload"
+    );
+    let mut other_headers = spec.clone();
+    other_headers.headers.clear();
+    let same = s.plan(&[other_headers], 3, t(2)).unwrap();
+    assert_eq!(
+        kinds(same.value),
+        ["existing"],
+        "headers are not the payload"
+    );
+    // A permanent failure moves the job to its next URL at once.
+    let (_, e) = lease(s, "w", 1, 10, t(3))[0];
+    s.apply(
+        &key,
+        Command::Fail {
+            epoch: e,
+            error: JobError::permanent("http_404", "gone"),
+            retry_at: None,
+        },
+        t(3),
+    )
+    .unwrap();
+    let job = s.job(&key).unwrap().unwrap();
+    assert_eq!(
+        (job.state, job.url_index, job.attempts),
+        (JobState::Planned, 1, 0)
+    );
+    assert_eq!(job.url().as_str(), "https://two.example/a.pdf");
+    assert_eq!(lease(s, "w", 1, 10, t(3)).len(), 1, "due at once");
 }

@@ -131,6 +131,8 @@ pub fn dead_owner_lease_is_taken_over_early(s: &dyn Store) {
         commit: idem_core::Commit::Durable,
         isolated: false,
         per_host: None,
+        host_interval_ms: None,
+        host_rules: Default::default(),
     };
     let got = s.lease(&req, t(5)).unwrap().value;
     assert_eq!(got.len(), 1);
@@ -141,6 +143,8 @@ pub fn dead_owner_lease_is_taken_over_early(s: &dyn Store) {
         commit: idem_core::Commit::Durable,
         isolated: false,
         per_host: None,
+        host_interval_ms: None,
+        host_rules: Default::default(),
         ..req
     };
     assert!(

@@ -79,6 +79,8 @@ macro_rules! __conformance_list {
             leases_interleave_hosts_within_their_budget,
             a_full_hosts_long_queue_does_not_hide_the_others,
             a_host_cooling_down_is_not_leased,
+            a_paced_host_is_leased_once_per_interval_whoever_asks,
+            mirrors_and_headers_are_kept_and_the_url_index_moves_on,
             paused_hosts_are_not_leased_until_resumed,
             status_counts_are_exact,
             scan_pages_through_every_job,
@@ -192,6 +194,8 @@ fn lease(
         commit: idem_core::Commit::Durable,
         isolated: false,
         per_host: None,
+        host_interval_ms: None,
+        host_rules: Default::default(),
     };
     s.lease(&req, now)
         .expect("lease")

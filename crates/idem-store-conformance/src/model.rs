@@ -159,6 +159,8 @@ impl Run<'_> {
             commit: Commit::Deferred,
             isolated: self.pick(8) == 0,
             per_host: [None, Some(1), Some(2)][self.pick(3)],
+            host_interval_ms: None,
+            host_rules: Default::default(),
         };
         let now = self.now;
         if let Some(a) = self.both("lease", |s| s.lease(&req, now)) {
@@ -254,6 +256,8 @@ impl Run<'_> {
                     commit: Commit::Deferred,
                     isolated: false,
                     per_host: Some(2),
+                    host_interval_ms: None,
+                    host_rules: Default::default(),
                 }),
             ],
             6 => {

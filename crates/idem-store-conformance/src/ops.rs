@@ -294,6 +294,8 @@ pub fn reuse_is_reported_and_counted(s: &dyn Store) {
         commit: idem_core::Commit::Durable,
         isolated: false,
         per_host: None,
+        host_interval_ms: None,
+        host_rules: Default::default(),
     };
     let taken = s.lease(&req, t(20)).unwrap();
     assert_eq!(

@@ -26,6 +26,8 @@ pub fn racing_leasers_never_share_a_job(a: &dyn Store, b: &dyn Store) {
                 commit: Commit::Deferred,
                 isolated: false,
                 per_host: None,
+                host_interval_ms: None,
+                host_rules: Default::default(),
             };
             match s.lease(&req, t(1)) {
                 Ok(a) if a.value.is_empty() => return got,
@@ -131,6 +133,8 @@ pub fn a_renewal_racing_a_takeover_has_one_winner(a: &dyn Store, b: &dyn Store) 
                 commit: Commit::Durable,
                 isolated: false,
                 per_host: None,
+                host_interval_ms: None,
+                host_rules: Default::default(),
             };
             Ok(b.lease(&req, t(30))?
                 .value

@@ -261,6 +261,8 @@ pub fn a_lease_step_sees_the_steps_before_it_and_rolls_back_with_them(s: &dyn St
             commit: idem_core::Commit::Deferred,
             isolated: false,
             per_host: None,
+            host_interval_ms: None,
+            host_rules: Default::default(),
         })
     };
     let stale = Step::Apply {

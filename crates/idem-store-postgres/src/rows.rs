@@ -13,7 +13,7 @@ macro_rules! job_cols {
         "key, fingerprint, work_id, artifact_id, url, expected_sha256, expected_type, state, \
          lease_owner, lease_epoch, lease_expires_at, epoch, attempts, max_attempts, next_attempt_at, last_error, \
          head, blob_sha256, blob_size, blob_path, duplicate_of, created_at, updated_at, first_leased_at, finished_at, \
-         holder_deaths, isolated_deaths, lease_isolated, host_rank, id"
+         holder_deaths, isolated_deaths, lease_isolated, host_rank, id, extra, url_index"
     };
 }
 
@@ -65,7 +65,7 @@ pub(crate) fn job_of(r: &Row) -> Result<(i64, Job), StoreError> {
     let head: Option<String> = get(r, 16)?;
     let blob_sha: Option<String> = get(r, 17)?;
     let dup: Option<&[u8]> = get(r, 20)?;
-    let spec = JobSpec {
+    let mut spec = JobSpec {
         work_id: get(r, 2)?,
         artifact_id: get(r, 3)?,
         url: serde_json::from_value::<CanonicalUrl>(serde_json::Value::String(url))
@@ -75,7 +75,13 @@ pub(crate) fn job_of(r: &Row) -> Result<(i64, Job), StoreError> {
             .transpose()
             .map_err(|_| corrupt("expected sha256"))?,
         content_type: get(r, 6)?,
+        mirrors: Vec::new(),
+        headers: Vec::new(),
     };
+    if let Some(extra) = get::<Option<String>>(r, 30)? {
+        idem_core::codec::decode_extra(&mut spec, &extra)
+            .ok_or_else(|| corrupt("mirrors or headers"))?;
+    }
     let lease = match (lease_owner, lease_epoch, lease_expires) {
         (Some(owner), Some(epoch), Some(exp)) => Some(Lease {
             owner: WorkerId(owner),
@@ -117,6 +123,7 @@ pub(crate) fn job_of(r: &Row) -> Result<(i64, Job), StoreError> {
         holder_deaths: u32_of(get(r, 25)?, "holder_deaths")?,
         isolated_deaths: u32_of(get(r, 26)?, "isolated_deaths")?,
         host_rank: u(get(r, 28)?, "host_rank")?,
+        url_index: u32_of(get(r, 31)?, "url_index")?,
     };
     Ok((get(r, 29)?, job))
 }

@@ -6,7 +6,7 @@ use crate::error::map_err;
 use idem_core::ports::StoreError;
 
 /// The schema version this build writes.
-pub(crate) const LATEST: i64 = 2;
+pub(crate) const LATEST: i64 = 3;
 
 /// Forward-only migrations; entry `i` takes version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -91,6 +91,13 @@ CREATE TABLE counters (
 -- its jobs until it is resumed.
 ALTER TABLE hosts ADD COLUMN paused BOOLEAN NOT NULL DEFAULT false;
 CREATE INDEX hosts_paused ON hosts (host) WHERE paused;
+",
+    r"
+-- v3: an artifact's further URLs (mirrors) and a job's request headers,
+-- as JSON (NULL for the many jobs that have neither), and which URL a job
+-- fetches now.
+ALTER TABLE jobs ADD COLUMN extra TEXT;
+ALTER TABLE jobs ADD COLUMN url_index BIGINT NOT NULL DEFAULT 0;
 ",
 ];
 

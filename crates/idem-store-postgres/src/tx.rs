@@ -79,16 +79,17 @@ impl<'a> PgTx<'a> {
         let due: Vec<Option<i64>> = jobs.iter().map(|j| due_columns(j).0).collect();
         let created: Vec<i64> = jobs.iter().map(|j| j.created_at.as_millis()).collect();
         let rank: Vec<i64> = jobs.iter().map(|j| i(j.host_rank)).collect();
+        let extra = col(&|j| idem_core::codec::encode_extra(&j.spec));
         let rows = self.query(
             "INSERT INTO jobs (key, fingerprint, work_id, artifact_id, url, expected_sha256, expected_type, state, \
-             epoch, attempts, max_attempts, next_attempt_at, due_at, created_at, updated_at, host, host_rank) \
-             SELECT k, f, w, a, u, s, t, st, 0, 0, m, n, d, c, c, h, r FROM unnest($1::bytea[], $2::bytea[], \
+             epoch, attempts, max_attempts, next_attempt_at, due_at, created_at, updated_at, host, host_rank, extra) \
+             SELECT k, f, w, a, u, s, t, st, 0, 0, m, n, d, c, c, h, r, e FROM unnest($1::bytea[], $2::bytea[], \
              $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[], \
-             $11::bigint[], $12::bigint[], $13::text[], $14::bigint[]) AS x(k, f, w, a, u, s, t, st, m, n, d, c, h, r) \
+             $11::bigint[], $12::bigint[], $13::text[], $14::bigint[], $15::text[]) AS x(k, f, w, a, u, s, t, st, m, n, d, c, h, r, e) \
              ON CONFLICT (key) DO NOTHING RETURNING key, id",
             &[
                 &keys, &fps, &work, &art, &url, &sha, &ctype, &state, &max, &next, &due, &created,
-                &host, &rank,
+                &host, &rank, &extra,
             ],
         )?;
         if rows.len() != jobs.len() {
@@ -236,8 +237,8 @@ impl Tx for PgTx<'_> {
         let (due_at, _) = due_columns(job);
         let rows = self.query(
             "INSERT INTO jobs (key, fingerprint, work_id, artifact_id, url, expected_sha256, expected_type, state, \
-             epoch, attempts, max_attempts, next_attempt_at, due_at, created_at, updated_at, host, host_rank) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, 0, $9, $10, $11, $12, $12, $13, $14) \
+             epoch, attempts, max_attempts, next_attempt_at, due_at, created_at, updated_at, host, host_rank, extra) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, 0, $9, $10, $11, $12, $12, $13, $14, $15) \
              ON CONFLICT (key) DO NOTHING RETURNING id",
             &[
                 &key_bytes(&job.key),
@@ -254,6 +255,7 @@ impl Tx for PgTx<'_> {
                 &job.created_at.as_millis(),
                 &job.spec.url.host(),
                 &i(job.host_rank),
+                &idem_core::codec::encode_extra(&job.spec),
             ],
         )?;
         let Some(r) = rows.first() else {
@@ -272,8 +274,8 @@ impl Tx for PgTx<'_> {
             "UPDATE jobs SET state = $3, lease_owner = $4, lease_epoch = $5, lease_expires_at = $6, lease_isolated = $7, \
              epoch = $8, attempts = $9, max_attempts = $10, next_attempt_at = $11, due_at = $12, suspect_due_at = $13, \
              last_error = $14, head = $15, blob_sha256 = $16, blob_size = $17, blob_path = $18, duplicate_of = $19, \
-             updated_at = $20, first_leased_at = $21, finished_at = $22, holder_deaths = $23, isolated_deaths = $24 \
-             WHERE id = $1 AND epoch = $2",
+             updated_at = $20, first_leased_at = $21, finished_at = $22, holder_deaths = $23, isolated_deaths = $24, \
+             url_index = $25 WHERE id = $1 AND epoch = $2",
             &[
                 &id,
                 &i(old.epoch.0),
@@ -302,6 +304,7 @@ impl Tx for PgTx<'_> {
                 &new.finished_at.map(Timestamp::as_millis),
                 &i64::from(new.holder_deaths),
                 &i64::from(new.isolated_deaths),
+                &i64::from(new.url_index),
             ],
         )?;
         if n == 1 {

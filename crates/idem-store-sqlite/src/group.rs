@@ -539,6 +539,8 @@ mod tests {
             commit: Commit::Durable,
             isolated: false,
             per_host: None,
+            host_interval_ms: None,
+            host_rules: Default::default(),
         };
         let mut w = Writer {
             conn,

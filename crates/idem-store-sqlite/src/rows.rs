@@ -15,7 +15,7 @@ macro_rules! job_cols {
         "key, work_id, artifact_id, url, expected_sha256, expected_type, state, \
          lease_owner, lease_epoch, lease_expires_at, epoch, attempts, max_attempts, next_attempt_at, last_error, \
          head, blob_sha256, blob_size, blob_path, duplicate_of, created_at, updated_at, first_leased_at, finished_at, \
-         holder_deaths, isolated_deaths, lease_isolated, host_rank"
+         holder_deaths, isolated_deaths, lease_isolated, host_rank, extra, url_index"
     };
 }
 
@@ -115,7 +115,7 @@ pub(crate) fn row_to_job(r: &Row<'_>) -> rusqlite::Result<Job> {
     let head: Option<Vec<u8>> = r.get(15)?;
     let blob_sha: Option<Vec<u8>> = r.get(16)?;
     let dup: Option<Vec<u8>> = r.get(19)?;
-    let spec = JobSpec {
+    let mut spec = JobSpec {
         work_id: r.get(1)?,
         artifact_id: r.get(2)?,
         url: serde_json::from_value::<CanonicalUrl>(serde_json::Value::String(url))
@@ -124,7 +124,12 @@ pub(crate) fn row_to_job(r: &Row<'_>) -> rusqlite::Result<Job> {
             .map(|s| digest_from(&s, "expected sha256"))
             .transpose()?,
         content_type: r.get(5)?,
+        mirrors: Vec::new(),
+        headers: Vec::new(),
     };
+    if let Some(extra) = r.get::<_, Option<String>>(28)? {
+        codec::decode_extra(&mut spec, &extra).ok_or_else(|| corrupt("mirrors or headers"))?;
+    }
     let lease = match (lease_owner, lease_epoch, lease_expires) {
         (Some(owner), Some(epoch), Some(exp)) => Some(Lease {
             owner: WorkerId(owner),
@@ -171,6 +176,7 @@ pub(crate) fn row_to_job(r: &Row<'_>) -> rusqlite::Result<Job> {
         isolated_deaths: u32::try_from(r.get::<_, i64>(25)?)
             .map_err(|_| corrupt("isolated_deaths"))?,
         host_rank: u64::try_from(r.get::<_, i64>(27)?).map_err(|_| corrupt("host_rank"))?,
+        url_index: u32::try_from(r.get::<_, i64>(29)?).map_err(|_| corrupt("url_index"))?,
     })
 }
 
@@ -207,7 +213,7 @@ pub(crate) fn i(v: u64) -> i64 {
 }
 
 /// The mutable columns of a job row, in a fixed order.
-pub(crate) fn mutable_columns(job: &Job) -> [(&'static str, Value); 22] {
+pub(crate) fn mutable_columns(job: &Job) -> [(&'static str, Value); 23] {
     let opt_i = |v: Option<i64>| v.map_or(Value::Null, Value::Integer);
     let opt_t = |v: Option<String>| v.map_or(Value::Null, Value::Text);
     let opt_b = |v: Option<Vec<u8>>| v.map_or(Value::Null, Value::Blob);
@@ -268,6 +274,7 @@ pub(crate) fn mutable_columns(job: &Job) -> [(&'static str, Value); 22] {
             Value::Integer(i64::from(job.lease.as_ref().is_some_and(|l| l.isolated))),
         ),
         ("suspect_due_at", opt_i(suspect_due_at(job))),
+        ("url_index", Value::Integer(i64::from(job.url_index))),
     ]
 }
 
@@ -278,7 +285,7 @@ pub(crate) fn row_to_job_id(r: &Row<'_>) -> rusqlite::Result<(i64, Job)> {
 }
 
 /// The column of `id` in `SELECT job_cols!(), id`.
-pub(crate) const JOB_ID_COL: usize = 28;
+pub(crate) const JOB_ID_COL: usize = 30;
 
 /// An op row's columns (the owner's name joined from `owners`); its job
 /// key comes from the query's parameter.

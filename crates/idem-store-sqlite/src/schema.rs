@@ -9,7 +9,7 @@ use std::path::Path;
 /// `PRAGMA application_id` of an idem ledger: "idem" in ASCII.
 pub(crate) const APPLICATION_ID: i64 = 0x6964_656d;
 /// The schema version this build writes.
-pub(crate) const LATEST: i64 = 7;
+pub(crate) const LATEST: i64 = 8;
 
 /// Forward-only migrations; entry `i` takes version `i` to `i + 1`.
 ///
@@ -137,6 +137,13 @@ ALTER TABLE hosts ADD COLUMN paused INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX hosts_paused ON hosts (host) WHERE paused = 1;
 ",
     crate::compact::CREATE,
+    r"
+-- v8: an artifact's further URLs (mirrors) and a job's request headers,
+-- as JSON (NULL for the many jobs that have neither), and which URL a job
+-- fetches now.
+ALTER TABLE jobs ADD COLUMN extra TEXT;
+ALTER TABLE jobs ADD COLUMN url_index INTEGER NOT NULL DEFAULT 0;
+",
 ];
 
 /// Gives the rows of a ledger older than v4 their host and host rank, in

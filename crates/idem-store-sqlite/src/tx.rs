@@ -26,6 +26,9 @@ pub(crate) struct SqliteTx<'a> {
     pub(crate) cache: &'a mut Cache,
 }
 
+/// A job's payload columns: URL, expected digest, expected type, extra.
+type PayloadRow = (String, Option<Vec<u8>>, Option<String>, Option<String>);
+
 fn key_bytes(key: &JobKey) -> &[u8] {
     key.digest().as_bytes().as_slice()
 }
@@ -195,31 +198,41 @@ impl Tx for SqliteTx<'_> {
         key: &JobKey,
         fingerprint: &Fingerprint,
     ) -> Result<Option<bool>, StoreError> {
-        let row: Option<(String, Option<Vec<u8>>, Option<String>)> = self
+        let row: Option<PayloadRow> = self
             .c
-            .prepare_cached("SELECT url, expected_sha256, expected_type FROM jobs WHERE key = ?1")
+            .prepare_cached(
+                "SELECT url, expected_sha256, expected_type, extra FROM jobs WHERE key = ?1",
+            )
             .map_err(map_err)?
-            .query_row([key_bytes(key)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .query_row([key_bytes(key)], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
             .optional()
             .map_err(map_err)?;
-        row.map(|(url, sha, ct)| {
+        row.map(|(url, sha, ct, extra)| {
             let sha = sha
                 .map(|b| digest_from(&b, "expected sha256"))
                 .transpose()
                 .map_err(map_err)?;
-            Ok(fingerprint_of(&url, sha.as_ref(), ct.as_deref()) == *fingerprint)
+            let mirrors = match extra {
+                Some(text) => idem_core::codec::decode_mirrors(&text)
+                    .ok_or_else(|| map_err(crate::rows::corrupt("mirrors")))?,
+                None => Vec::new(),
+            };
+            Ok(fingerprint_of(&url, sha.as_ref(), ct.as_deref(), &mirrors) == *fingerprint)
         })
         .transpose()
     }
 
     fn insert_job(&mut self, job: &Job) -> Result<bool, StoreError> {
+        debug_assert_eq!(job.url_index, 0, "a job is planned at its first URL");
         let host_id = self.name_id(Names::Hosts, &job.spec.url.host())?;
         let mut st = self
             .c
             .prepare_cached(
                 "INSERT INTO jobs (key, work_id, artifact_id, url, url_hash, expected_sha256, expected_type, state, \
-                 epoch, attempts, max_attempts, next_attempt_at, due_at, created_at, updated_at, host_id, host_rank) \
-                 VALUES (?1, ?3, ?4, ?5, ?2, ?6, ?7, ?8, 0, 0, ?9, ?10, ?10, ?11, ?11, ?12, ?13) ON CONFLICT (key) DO NOTHING",
+                 epoch, attempts, max_attempts, next_attempt_at, due_at, created_at, updated_at, host_id, host_rank, extra) \
+                 VALUES (?1, ?3, ?4, ?5, ?2, ?6, ?7, ?8, 0, 0, ?9, ?10, ?10, ?11, ?11, ?12, ?13, ?14) ON CONFLICT (key) DO NOTHING",
             )
             .map_err(map_err)?;
         let n = st
@@ -237,6 +250,7 @@ impl Tx for SqliteTx<'_> {
                 job.created_at.as_millis(),
                 host_id,
                 i(job.host_rank),
+                idem_core::codec::encode_extra(&job.spec),
             ])
             .map_err(map_err)?;
         Ok(n == 1)

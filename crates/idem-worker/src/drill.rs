@@ -28,6 +28,8 @@ pub fn run_worker<S: Store + ?Sized>(
         commit: Commit::Deferred,
         isolated: false,
         per_host: None,
+        host_interval_ms: None,
+        host_rules: Default::default(),
     };
     let mut jobs = store.lease(&req, now())?.value;
     while !jobs.is_empty() {

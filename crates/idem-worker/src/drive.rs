@@ -87,7 +87,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         // The host's slot is held for the job's whole life, so its steps run
         // back to back. Leases count the host's budget, so it is rarely
         // waited for.
-        let _slot = self.host_slot(&job.spec.url.host()).await;
+        let _slot = self.host_slot(&job.url().host()).await;
         let mut next = None;
         let r = self.drive(job, epoch, &fenced, dup, &mut next).await;
         drop(hb);
@@ -218,7 +218,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
     /// every worker then holds off that host, not only this job.
     pub(crate) fn cooldown_step(&self, job: &Job, error: &JobError) -> Option<Step> {
         idem_core::hosts::cooldown_after(error, self.now()).map(|until| Step::HostCooldown {
-            host: job.spec.url.host(),
+            host: job.url().host(),
             until,
         })
     }
@@ -379,7 +379,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         ),
         Abort,
     > {
-        let url = job.spec.url.to_string();
+        let url = job.url().to_string();
         let op = OpKey {
             job: job.key,
             kind: OpKind::Head,
@@ -409,17 +409,17 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         let get_first = !self.cfg.probe_head && self.out.parts_of(&job.key, epoch.0).is_empty();
         let began = self.now();
         if answered.is_none() || !get_first {
-            self.host_pace(&job.spec.url.host()).await;
+            self.host_pace(&job.url().host()).await;
         }
         let (res, mut opened) = if let Some(r) = answered.filter(|_| get_first) {
             (Ok(r.head.clone()), Some(r))
         } else if get_first {
-            match self.http.get(&url, None).await {
+            match self.http.get(&url, &self.headers_of(job), None).await {
                 Ok(r) => (Ok(r.head.clone()), Some(r)),
                 Err(e) => (Err(e), None),
             }
         } else {
-            (self.http.head(&url).await, None)
+            (self.http.head(&url, &self.headers_of(job)).await, None)
         };
         let elapsed_ms = self.now().millis_since(began);
         let begin = Step::BeginOp {
@@ -669,12 +669,15 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         fenced: &AtomicBool,
         opened: Option<GetResponse<H::Body>>,
     ) -> Result<Option<Vec<u8>>, StreamErr> {
-        let url = job.spec.url.to_string();
+        let url = job.url().to_string();
         let response = match opened {
             Some(r) => r,
             None => {
-                self.host_pace(&job.spec.url.host()).await;
-                self.http.get(&url, None).await.map_err(StreamErr::Fetch)?
+                self.host_pace(&job.url().host()).await;
+                self.http
+                    .get(&url, &self.headers_of(job), None)
+                    .await
+                    .map_err(StreamErr::Fetch)?
             }
         };
         let GetResponse {
@@ -715,13 +718,13 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             Some(ct) if media_type_matches(want, ct) => Ok(()),
             Some(ct) => Err(FetchError::new(
                 FetchErrorKind::Policy,
-                format!("{}: content type {ct:?}, expected {want:?}", job.spec.url),
+                format!("{}: content type {ct:?}, expected {want:?}", job.url()),
             )),
             None => Err(FetchError::new(
                 FetchErrorKind::Policy,
                 format!(
                     "{}: the server declared no content type, expected {want:?}",
-                    job.spec.url
+                    job.url()
                 ),
             )),
         }
@@ -735,7 +738,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                     FetchErrorKind::TooLarge,
                     format!(
                         "{}: Content-Length {len} is over the {max}-byte cap",
-                        job.spec.url
+                        job.url()
                     ),
                 ));
             }
@@ -954,7 +957,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                         &self.out,
                         key,
                         epoch,
-                        job.spec.url.as_str(),
+                        job.url().as_str(),
                         &HeadInfo::default(),
                         None,
                     )
@@ -1042,7 +1045,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 files::remove_part(part);
                 let err = JobError::retryable(
                     "digest_mismatch",
-                    format!("{}: got sha256 {}, {whose} {want}", job.spec.url, si.sha256),
+                    format!("{}: got sha256 {}, {whose} {want}", job.url(), si.sha256),
                 );
                 return self.fail_now(job, epoch, Vec::new(), fop, err);
             }
@@ -1133,7 +1136,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             Begin::Opened(r) => (None, Some(r)),
             Begin::Ask(committed) => (committed, None),
         };
-        let url = job.spec.url.to_string();
+        let url = job.url().to_string();
         let head = job.head.clone().unwrap_or_default();
         let prepared = match prepared {
             Some(p) => p,
@@ -1188,9 +1191,9 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         let response = match opened {
             Some(r) => r,
             None => {
-                self.host_pace(&job.spec.url.host()).await;
+                self.host_pace(&job.url().host()).await;
                 self.http
-                    .get(&url, resume.as_ref())
+                    .get(&url, &self.headers_of(job), resume.as_ref())
                     .await
                     .map_err(StreamErr::Fetch)?
             }
@@ -1396,12 +1399,16 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         else {
             return Reuse::No;
         };
-        self.host_pace(&job.spec.url.host()).await;
-        match self.http.revalidate(job.spec.url.as_str(), &head).await {
+        self.host_pace(&job.url().host()).await;
+        match self
+            .http
+            .revalidate(job.url().as_str(), &self.headers_of(job), &head)
+            .await
+        {
             Ok(None) => Reuse::Yes(stored),
             Ok(Some(r)) => Reuse::Changed(r),
             Err(e) => {
-                tracing::debug!(url = %job.spec.url, error = %e, "revalidation failed; fetching");
+                tracing::debug!(url = %job.url().redacted(), error = %e, "revalidation failed; fetching");
                 Reuse::No
             }
         }
@@ -1416,6 +1423,9 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
 /// failed lookup counts as none (publishing still stores content once).
 pub(crate) fn duplicate_of<S: Store + ?Sized>(store: &S, root: &Path, job: &Job) -> Option<Stored> {
     if job.state != JobState::Leased {
+        return None;
+    }
+    if job.url_index > 0 {
         return None;
     }
     let prev = store.finalized_by_url(job.spec.url.as_str()).ok()??;
@@ -1593,8 +1603,9 @@ pub(crate) fn prepare_part(
     committed: Option<&StreamInfo>,
 ) -> std::io::Result<Prepared> {
     // Sidecars sit outside the ledger, so they keep the URL without its
-    // secrets; a job's URL never changes, so the redacted form still tells
-    // a part of this job's URL from a stray one.
+    // secrets; the redacted form still tells a part fetched from the URL
+    // the job fetches now from one of its other URLs (a mirror's bytes are
+    // never spliced onto another's) or from a stray.
     let shown = idem_core::redact_url(url);
     let fresh_sc = Sidecar::new(
         shown.clone().into_owned(),

@@ -61,8 +61,13 @@ pub struct EngineConfig {
     pub concurrency: usize,
     /// Requests in flight per host.
     pub per_host: usize,
-    /// Most requests started per second per host, if limited.
+    /// Most requests started per second per host, if limited: leases of
+    /// one host's jobs are spaced by its inverse across every worker that
+    /// shares the ledger, and this process spaces its own requests too.
     pub per_host_rate: Option<f64>,
+    /// Per-host overrides of `per_host` and `per_host_rate`, and headers
+    /// sent to matching hosts.
+    pub host_rules: Arc<idem_core::hosts::HostRules>,
     pub lease_ttl_ms: u64,
     pub retry: RetryPolicy,
     /// Keep polling for new jobs instead of stopping when all are terminal.
@@ -99,6 +104,7 @@ impl Default for EngineConfig {
             concurrency: 8,
             per_host: 2,
             per_host_rate: None,
+            host_rules: Arc::default(),
             lease_ttl_ms: 60_000,
             retry: RetryPolicy::default(),
             follow: false,
@@ -188,6 +194,8 @@ const BLOB_CHECK_SLICE_JOBS: usize = 50_000;
 #[derive(Clone)]
 struct HostGate {
     permits: Arc<Semaphore>,
+    /// How many permits it was made with.
+    size: usize,
     next_start: Arc<tokio::sync::Mutex<tokio::time::Instant>>,
 }
 
@@ -296,6 +304,8 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         LeaseRequest {
             isolated,
             per_host: Some(self.cfg.per_host.max(1)),
+            host_interval_ms: self.default_interval_ms(),
+            host_rules: Arc::clone(&self.cfg.host_rules),
             owner: self.owner.clone(),
             limit,
             ttl_ms: self.cfg.lease_ttl_ms,
@@ -336,20 +346,60 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if hosts.len() > MAX_IDLE_HOSTS && !hosts.contains_key(host) {
-            let per_host = self.cfg.per_host.max(1);
             let now = tokio::time::Instant::now();
             hosts.retain(|_, g| {
-                g.permits.available_permits() < per_host
+                g.permits.available_permits() < g.size
                     || g.next_start.try_lock().map_or(true, |t| *t > now)
             });
         }
         hosts
             .entry(host.to_owned())
-            .or_insert_with(|| HostGate {
-                permits: Arc::new(Semaphore::new(self.cfg.per_host.max(1))),
-                next_start: Arc::new(tokio::sync::Mutex::new(tokio::time::Instant::now())),
+            .or_insert_with(|| {
+                let size = self.host_budget(host);
+                HostGate {
+                    permits: Arc::new(Semaphore::new(size)),
+                    size,
+                    next_start: Arc::new(tokio::sync::Mutex::new(tokio::time::Instant::now())),
+                }
             })
             .clone()
+    }
+
+    /// Jobs at once on `host`: its rule's budget, else `per_host`.
+    fn host_budget(&self, host: &str) -> usize {
+        self.cfg
+            .host_rules
+            .per_host(host, Some(self.cfg.per_host))
+            .unwrap_or(1)
+            .max(1)
+    }
+
+    /// The pause between two requests to a host from `per_host_rate`.
+    fn default_interval_ms(&self) -> Option<u64> {
+        self.cfg
+            .per_host_rate
+            .filter(|r| *r > 0.0)
+            .map(|r| (1000.0 / r).ceil() as u64)
+    }
+
+    /// The headers a request for `job` carries: its host's rule's, then the
+    /// job's own (which win over a rule's of the same name).
+    pub(crate) fn headers_of(&self, job: &idem_core::Job) -> Vec<(String, String)> {
+        let mut all: Vec<(String, String)> = self
+            .cfg
+            .host_rules
+            .headers(&job.url().host())
+            .iter()
+            .filter(|(n, _)| {
+                !job.spec
+                    .headers
+                    .iter()
+                    .any(|(m, _)| m.eq_ignore_ascii_case(n))
+            })
+            .cloned()
+            .collect();
+        all.extend(job.spec.headers.iter().cloned());
+        all
     }
 
     /// Waits for one of `host`'s slots (`per_host` jobs at a time), held
@@ -365,9 +415,13 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
     /// Waits until a request to `host` may start (`per_host_rate`), and
     /// counts it.
     pub(crate) async fn host_pace(&self, host: &str) {
-        if let Some(rate) = self.cfg.per_host_rate.filter(|r| *r > 0.0) {
+        if let Some(gap) = self
+            .cfg
+            .host_rules
+            .interval_ms(host, self.default_interval_ms())
+        {
             let gate = self.host_gate(host);
-            let interval = Duration::from_secs_f64(1.0 / rate);
+            let interval = Duration::from_millis(gap);
             let mut next = gate.next_start.lock().await;
             let now = tokio::time::Instant::now();
             if *next > now {

@@ -94,28 +94,47 @@ fn pick_due<T: Tx + ?Sized>(
     req: &LeaseRequest,
     now: Timestamp,
 ) -> Result<Vec<JobKey>, StoreError> {
-    let mut room = HostRoom::new(req.per_host);
+    let mut room = HostRoom::new(req.per_host, req.host_interval_ms, &req.host_rules);
+    let mut paced: Vec<(String, u64)> = Vec::new();
     let mut keys: Vec<JobKey> = Vec::new();
     let mut left_out: Vec<String> = Vec::new();
     let window = hosts::scan_for(req.limit);
     loop {
         let candidates = tx.due(now, window, &left_out)?;
         let seen = candidates.len();
+        let mut hosts_of: Vec<(JobKey, String)> = Vec::new();
         let picked = hosts::pick_by_host_room(
-            candidates.into_iter().filter(|(k, _)| !keys.contains(k)),
+            candidates
+                .into_iter()
+                .filter(|(k, _)| !keys.contains(k))
+                .inspect(|(k, h)| hosts_of.push((*k, h.clone()))),
             req.limit - keys.len(),
             &mut room,
             |host| {
-                // A host cooling down, or paused, is as good as full.
+                // A host cooling down (or waiting for its next request
+                // slot), or paused, is as good as full.
                 if tx.paused(host)? || tx.cooldown(host)?.is_some_and(|t| t > now) {
                     return Ok(usize::MAX);
                 }
                 tx.live_on_host(host, now)
             },
         )?;
+        for k in &picked {
+            let host = hosts_of.iter().find(|(h, _)| h == k).map(|(_, h)| h);
+            if let Some(host) = host {
+                if let Some(gap) = room.interval_ms(host) {
+                    paced.push((host.clone(), gap));
+                }
+            }
+        }
         keys.extend(picked);
         let full = room.full();
         if keys.len() >= req.limit || seen < window || full.len() == left_out.len() {
+            // A paced host's next lease waits for its next slot, whoever
+            // asks: its jobs are due, but not before then.
+            for (host, gap) in paced {
+                tx.extend_cooldown(&host, now.plus_ms(gap))?;
+            }
             return Ok(keys);
         }
         left_out = full;

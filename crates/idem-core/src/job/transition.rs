@@ -481,9 +481,28 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
                     attempt: job.attempts,
                     reason: error.reason.clone(),
                     delay_ms: at.millis_since(now),
+                    url_index: None,
                 });
                 if from != JobState::Planned {
                     events.push(state_changed(key, from, JobState::Planned, "retry"));
+                }
+            } else if job.has_next_url() && moves_to_next_url(&error) {
+                // This URL will not serve the artifact (or ran out of
+                // attempts): the next one starts now, with its own attempts.
+                next.state = JobState::Planned;
+                next.url_index = job.url_index + 1;
+                next.attempts = 0;
+                next.next_attempt_at = now;
+                next.head = None;
+                events.push(EventKind::RetryScheduled {
+                    job_key: key,
+                    attempt: job.attempts,
+                    reason: error.reason.clone(),
+                    delay_ms: 0,
+                    url_index: Some(next.url_index),
+                });
+                if from != JobState::Planned {
+                    events.push(state_changed(key, from, JobState::Planned, "next_url"));
                 }
             } else {
                 finish(&mut next, JobState::Failed, now);
@@ -517,6 +536,7 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
             }
             next.state = JobState::Planned;
             next.attempts = 0;
+            next.url_index = 0;
             next.holder_deaths = 0;
             next.isolated_deaths = 0;
             next.next_attempt_at = now;
@@ -629,6 +649,7 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
             next.duplicate_of = None;
             next.finished_at = None;
             next.attempts = 0;
+            next.url_index = 0;
             next.next_attempt_at = now;
             next.last_error = Some(reason);
             events.push(EventKind::CrashRecovery {
@@ -716,4 +737,12 @@ fn lease_end(job: &Job, next: &Job, cancelled: bool, events: &mut Vec<EventKind>
         epoch: old.epoch,
         reason: reason.into(),
     });
+}
+
+/// Whether a failure that ends a URL's attempts lets the job go on to the
+/// next URL: failures of the URL (statuses, refusals, a body that is not
+/// the artifact) do; failures here (the disk, the operator) would follow it
+/// there.
+fn moves_to_next_url(error: &JobError) -> bool {
+    !matches!(error.reason.as_str(), "io" | "cancelled" | "poison")
 }

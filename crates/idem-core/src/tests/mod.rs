@@ -112,6 +112,8 @@ impl Sim {
             commit: crate::Commit::Durable,
             isolated,
             per_host: None,
+            host_interval_ms: None,
+            host_rules: Default::default(),
         };
         let r = self.store.lease(&req, self.now).expect("lease");
         let got: Vec<(JobKey, Epoch)> = r

@@ -72,7 +72,7 @@ proptest! {
             match s {
                 Step::Tick(ms) => now = now.plus_ms(ms),
                 Step::Lease(w) => {
-                    let req = LeaseRequest { owner: worker(w), limit: 2, ttl_ms: 30_000, dead_owners: vec![], commit: crate::Commit::Durable, isolated: false, per_host: None };
+                    let req = LeaseRequest { owner: worker(w), limit: 2, ttl_ms: 30_000, dead_owners: vec![], commit: crate::Commit::Durable, isolated: false, per_host: None, host_interval_ms: None, host_rules: Default::default() };
                     for job in store.lease(&req, now).unwrap().value {
                         let e = job.lease.as_ref().unwrap().epoch;
                         let prev = max_epoch.insert(job.key, e).unwrap_or_default();

@@ -25,6 +25,8 @@ fn lease(s: &PgStore, owner: &str, ttl_ms: u64, now: Timestamp) -> usize {
         commit: Commit::Durable,
         isolated: false,
         per_host: None,
+        host_interval_ms: None,
+        host_rules: Default::default(),
     };
     s.lease(&req, now).expect("lease").value.len()
 }

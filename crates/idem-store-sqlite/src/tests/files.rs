@@ -128,6 +128,8 @@ fn concurrent_callers_in_one_process_are_group_committed_correctly() {
                         commit: idem_core::Commit::Durable,
                         isolated: false,
                         per_host: None,
+                        host_interval_ms: None,
+                        host_rules: Default::default(),
                     };
                     let got = db.lease(&req, now).unwrap().value;
                     if got.is_empty() {

@@ -107,6 +107,8 @@ fn a_version_1_ledger_made_by_idem_upgrades_in_place_and_keeps_working() {
         commit: Commit::Durable,
         isolated: false,
         per_host: Some(4),
+        host_interval_ms: None,
+        host_rules: Default::default(),
     };
     let leased = s.lease(&req, now).unwrap().value;
     assert_eq!(leased.len(), 1);
