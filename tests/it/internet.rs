@@ -290,3 +290,84 @@ fn a_proxy_from_the_environment_carries_requests_and_the_policy_still_judges_tar
     );
     assert_eq!(proxy.seen().len(), 1, "{:?}", proxy.seen());
 }
+
+#[test]
+fn a_throttling_host_costs_no_attempts_and_a_shared_rate_avoids_it() {
+    // Unpaced, four workers run into the host's limit; its 429s cost the
+    // jobs no attempt, so every job finishes with one attempt allowed.
+    let env = Env::new();
+    let o = Origin::start_on(Ipv4Addr::new(127, 0, 0, 2), []).unwrap();
+    let mut lines = Vec::new();
+    for i in 0..12 {
+        o.put(&format!("t{i}.pdf"), content(60 + i, 1000));
+        lines.push(job(
+            "w",
+            &format!("t{i}"),
+            &o.url(&format!("/f/t{i}.pdf?rate_limit=3")),
+        ));
+    }
+    let plan = env.write_plan(&lines);
+    let out = env
+        .idem()
+        .args(["plan", "--max-attempts", "1"])
+        .arg(&plan)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            env.run_cmd()
+                .args(["--concurrency", "4", "--per-host", "8"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut w in workers {
+        assert!(w.wait().unwrap().success());
+    }
+    let st = env.status();
+    assert!(
+        o.throttled() > 0,
+        "the host never throttled: the test proves nothing"
+    );
+    assert_eq!(count(&st, "finalized"), 12, "{st}");
+    // Paced below the host's limit, the fleet is never told to slow down.
+    let env = Env::new();
+    let o = Origin::start_on(Ipv4Addr::new(127, 0, 0, 3), []).unwrap();
+    let mut lines = Vec::new();
+    for i in 0..8 {
+        o.put(&format!("u{i}.pdf"), content(80 + i, 1000));
+        lines.push(job(
+            "w",
+            &format!("u{i}"),
+            &o.url(&format!("/f/u{i}.pdf?rate_limit=3")),
+        ));
+    }
+    env.plan(&lines);
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            env.run_cmd()
+                .args([
+                    "--concurrency",
+                    "4",
+                    "--per-host",
+                    "8",
+                    "--per-host-rate",
+                    "2",
+                ])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut w in workers {
+        assert!(w.wait().unwrap().success());
+    }
+    assert_eq!(count(&env.status(), "finalized"), 8);
+    assert_eq!(
+        o.throttled(),
+        0,
+        "a shared rate of 2/s stays under a limit of 3/s"
+    );
+}

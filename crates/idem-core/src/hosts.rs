@@ -197,13 +197,27 @@ pub fn pick_by_host_room<T, E>(
 /// Longest a host's own `Retry-After` cools it down for.
 pub const MAX_COOLDOWN_MS: u64 = 15 * 60 * 1000;
 
+/// How long after its first lease a job's throttled answers (see
+/// [`is_throttled`]) cost it no attempt: a host that keeps asking to be left
+/// alone delays its jobs this long before they start to fail.
+pub const MAX_THROTTLED_WAIT_MS: u64 = 6 * 60 * 60 * 1000;
+
+/// Whether `error` is a host asking to be left alone for a while: a 429 or
+/// 503 carrying a `Retry-After` of more than nothing. It says nothing
+/// against the job.
+pub fn is_throttled(error: &crate::JobError) -> bool {
+    matches!(error.reason.as_str(), "http_429" | "http_503")
+        && error.retry_after_ms.is_some_and(|ms| ms > 0)
+}
+
 /// When a host that answered with `error` may be asked again, if it asked
 /// to be left alone: a 429 or 503 carrying `Retry-After` (capped at
 /// [`MAX_COOLDOWN_MS`]). The whole fleet holds off that host until then,
 /// not only the job that was told.
 pub fn cooldown_after(error: &crate::JobError, now: crate::Timestamp) -> Option<crate::Timestamp> {
-    let throttled = matches!(error.reason.as_str(), "http_429" | "http_503");
-    let wait = error.retry_after_ms.filter(|_| throttled)?;
+    let wait = error
+        .retry_after_ms
+        .filter(|_| matches!(error.reason.as_str(), "http_429" | "http_503"))?;
     Some(now.plus_ms(wait.min(MAX_COOLDOWN_MS)))
 }
 

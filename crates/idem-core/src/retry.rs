@@ -74,7 +74,10 @@ impl RetryPolicy {
         rng: &mut SplitMix64,
         now: Timestamp,
     ) -> Option<Timestamp> {
-        if error.class == ErrorClass::Permanent || attempts >= self.max_attempts {
+        // A throttled answer may cost no attempt (the transition decides):
+        // its retry is always scheduled.
+        let spent = attempts >= self.max_attempts && !crate::hosts::is_throttled(error);
+        if error.class == ErrorClass::Permanent || spent {
             return None;
         }
         let jitter = self.backoff_ms(attempts, rng);

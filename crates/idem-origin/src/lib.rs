@@ -39,7 +39,9 @@
 //! Not Modified`; [`Origin::put`] changes a file and so its `ETag`.
 //!
 //! `?delay_ms=N` (any mode) waits N milliseconds before answering: a slow
-//! host. The origin counts the requests it is answering at once
+//! host. `?rate_limit=N` (any mode) answers `429` with `Retry-After: 1` to a
+//! request that finds N or more requests arrived in the second before it
+//! ([`Origin::throttled`] counts them): a host that throttles. The origin counts the requests it is answering at once
 //! ([`Origin::max_in_flight`]), to check a client's per-host limit.
 //!
 //! Faulty modes misbehave for the first `?fail=K` requests to that exact
@@ -71,6 +73,7 @@ struct Shared {
     headers: Mutex<HashMap<String, HashMap<String, String>>>,
     started: std::time::Instant,
     arrivals_ms: Mutex<Vec<u64>>,
+    throttled: AtomicU64,
 }
 
 impl Origin {
@@ -98,6 +101,7 @@ impl Origin {
             headers: Mutex::new(HashMap::new()),
             started: std::time::Instant::now(),
             arrivals_ms: Mutex::new(Vec::new()),
+            throttled: AtomicU64::new(0),
         });
         let s = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -161,6 +165,11 @@ impl Origin {
     /// `path_and_query`, if there was one.
     pub fn headers(&self, path_and_query: &str) -> Option<HashMap<String, String>> {
         lock(&self.shared.headers).get(path_and_query).cloned()
+    }
+
+    /// Requests answered 429 by `?rate_limit=`.
+    pub fn throttled(&self) -> u64 {
+        self.shared.throttled.load(Ordering::SeqCst)
     }
 
     /// When each request arrived, in milliseconds since the origin started.
@@ -261,11 +270,33 @@ fn serve(conn: TcpStream, s: &Shared) {
             0
         };
         lock(&s.headers).insert(req.target.clone(), req.headers.clone());
-        lock(&s.arrivals_ms).push(s.started.elapsed().as_millis() as u64);
+        let arrived_ms = s.started.elapsed().as_millis() as u64;
+        let recent = {
+            let mut a = lock(&s.arrivals_ms);
+            let recent = a
+                .iter()
+                .rev()
+                .take_while(|t| **t + 1000 > arrived_ms)
+                .count() as u64;
+            a.push(arrived_ms);
+            recent
+        };
         s.total.fetch_add(1, Ordering::SeqCst);
         let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         s.max_in_flight.fetch_max(now, Ordering::SeqCst);
-        let answered = respond(&req, n, n_get, s, &mut w);
+        let limit = req
+            .target
+            .split_once('?')
+            .and_then(|(_, q)| query_param(q, "rate_limit"));
+        let answered = if limit.is_some_and(|l| recent >= l) {
+            s.throttled.fetch_add(1, Ordering::SeqCst);
+            w.write_all(
+                b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 4\r\nConnection: keep-alive\r\n\r\nslow",
+            )
+            .map(|()| true)
+        } else {
+            respond(&req, n, n_get, s, &mut w)
+        };
         s.in_flight.fetch_sub(1, Ordering::SeqCst);
         match answered {
             Ok(true) => {}

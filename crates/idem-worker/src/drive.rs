@@ -200,12 +200,14 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
     /// with backoff, or failure for good.
     pub(crate) fn fail_command(&self, job: &Job, epoch: Epoch, error: &JobError) -> Command {
         let mut rng = SplitMix64::new(self.next_seed() ^ u64::from(job.attempts));
-        let retry_at = self.cfg.retry.decide(
-            job.attempts.min(job.max_attempts),
-            error,
-            &mut rng,
-            self.now(),
-        );
+        // A throttled answer spends no attempt, so its backoff grows with
+        // the job's tries (its leases) instead.
+        let tries = if idem_core::hosts::is_throttled(error) {
+            u32::try_from(job.epoch.0).unwrap_or(u32::MAX)
+        } else {
+            job.attempts.min(job.max_attempts)
+        };
+        let retry_at = self.cfg.retry.decide(tries, error, &mut rng, self.now());
         Command::Fail {
             epoch,
             error: error.clone(),

@@ -468,8 +468,18 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
             }
             next.lease = None;
             next.last_error = Some(error.summary());
+            // A host asking to be left alone says nothing against the job:
+            // within a bounded wait, that attempt does not count.
+            let throttled = crate::hosts::is_throttled(&error)
+                && job
+                    .first_leased_at
+                    .is_some_and(|t| now.millis_since(t) < crate::hosts::MAX_THROTTLED_WAIT_MS);
+            if throttled {
+                next.attempts = next.attempts.saturating_sub(1);
+            }
             let retry = retry_at.filter(|_| {
-                error.class == ErrorClass::Retryable && job.attempts < job.max_attempts
+                error.class == ErrorClass::Retryable
+                    && (throttled || job.attempts < job.max_attempts)
             });
             if let Some(at) = retry {
                 next.state = JobState::Planned;

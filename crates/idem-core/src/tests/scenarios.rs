@@ -656,3 +656,52 @@ fn d06_deaths_never_fail_a_job_but_one_that_kills_its_workers_is_poison() {
     assert!(job.last_error.unwrap().starts_with("poison:"));
     insta::assert_snapshot!(sim.trace);
 }
+
+#[test]
+fn s_throttled_answers_cost_no_attempt_within_the_bounded_wait() {
+    let mut sim = Sim::new();
+    let j = sim.plan("J1", "w", "a", URL);
+    let throttled = || {
+        let mut e = JobError::retryable("http_429", "slow down");
+        e.retry_after_ms = Some(1000);
+        e
+    };
+    // Far more throttled answers than attempts: the job waits, never fails.
+    for i in 0..10 {
+        let got = sim.at(i * 10).lease("w1", 1, 60);
+        assert_eq!(got.len(), 1, "round {i}");
+        let epoch = got[0].1;
+        sim.apply(
+            "w1",
+            j,
+            Command::Fail {
+                epoch,
+                error: throttled(),
+                retry_at: Some(sim.now.plus_ms(1000)),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (sim.job(j).state, sim.job(j).attempts),
+            (JobState::Planned, 0)
+        );
+    }
+    // Past the bound, throttling counts as any failure.
+    let late = 10 + crate::hosts::MAX_THROTTLED_WAIT_MS as i64 / 1000;
+    for i in 0..3 {
+        let got = sim.at(late + i * 10).lease("w1", 1, 60);
+        assert_eq!(got.len(), 1);
+        let epoch = got[0].1;
+        sim.apply(
+            "w1",
+            j,
+            Command::Fail {
+                epoch,
+                error: throttled(),
+                retry_at: Some(sim.now.plus_ms(1000)),
+            },
+        )
+        .unwrap();
+    }
+    assert_eq!(sim.job(j).state, JobState::Failed);
+}
