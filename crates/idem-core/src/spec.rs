@@ -481,8 +481,9 @@ digest_newtype!(JobKey);
 digest_newtype!(Fingerprint);
 
 /// What a user asks idem to fetch. Construct with [`JobSpec::new`], which
-/// validates and canonicalises every field.
-#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+/// validates and canonicalises every field. Its `Debug` form shows header
+/// names only, and URLs without their secrets.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobSpec {
     pub work_id: String,
     pub artifact_id: String,
@@ -501,6 +502,27 @@ pub struct JobSpec {
     /// Values are secrets: shown only as `***`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<(String, String)>,
+}
+
+impl fmt::Debug for JobSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let headers: Vec<(&str, &str)> = self
+            .headers
+            .iter()
+            .map(|(n, _)| (n.as_str(), "***"))
+            .collect();
+        let mirrors: Vec<std::borrow::Cow<'_, str>> =
+            self.mirrors.iter().map(CanonicalUrl::redacted).collect();
+        f.debug_struct("JobSpec")
+            .field("work_id", &self.work_id)
+            .field("artifact_id", &self.artifact_id)
+            .field("url", &self.url.redacted())
+            .field("sha256", &self.sha256)
+            .field("content_type", &self.content_type)
+            .field("mirrors", &mirrors)
+            .field("headers", &headers)
+            .finish()
+    }
 }
 
 /// Version tags baked into every key; bump them only with a migration.

@@ -237,3 +237,17 @@ fn hosts_are_read_from_canonical_urls() {
         );
     }
 }
+
+#[test]
+fn a_specs_debug_form_hides_header_values_and_url_secrets() {
+    let spec = JobSpec::new("w", "a", "https://h/x?token=t0ps3cret", None, None)
+        .unwrap()
+        .with_headers([("Authorization", "Bearer hunter2")])
+        .unwrap();
+    let shown = format!("{spec:?}");
+    assert!(shown.contains("Authorization"), "{shown}");
+    assert!(
+        !shown.contains("hunter2") && !shown.contains("t0ps3cret"),
+        "{shown}"
+    );
+}
