@@ -1,11 +1,13 @@
 //! xtask: the project's automation (tidy checks, benchmarks, SLO tooling),
 //! written in Rust so CI and developers run the same thing.
 
+mod api;
 mod bench;
 mod bench_pg;
 mod latency;
 mod ledger_bytes;
 mod lopsided;
+mod release;
 mod scale;
 mod slo;
 mod tidy;
@@ -24,6 +26,8 @@ fn main() -> anyhow::Result<()> {
     let quick = args.iter().any(|a| a == "--quick");
     match args.first().map(String::as_str) {
         Some("tidy") => tidy::run(),
+        Some("api") => api::run(&root(), args.iter().any(|a| a == "--check")),
+        Some("release-check") => release::run(&root()),
         Some("probe") => bench::probe(),
         Some("slo-check") => slo::release_check(&root()),
         Some("slo-gen") => slo::run(&root(), args.iter().any(|a| a == "--check")),
@@ -63,7 +67,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         _ => {
-            eprintln!("usage: cargo xtask <tidy | slo-gen [--check] | slo-check | bench [store|download|latency|lopsided|bytes|scale [--jobs N]|all] [--quick]>");
+            eprintln!("usage: cargo xtask <tidy | api [--check] | release-check | slo-gen [--check] | slo-check | bench [store|download|latency|lopsided|bytes|scale [--jobs N]|all] [--quick]>");
             std::process::exit(2);
         }
     }

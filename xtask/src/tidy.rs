@@ -40,6 +40,7 @@ pub(crate) fn run() -> Result<()> {
     problems.extend(core_source_problems(&root)?);
     problems.extend(module_doc_problems(&root)?);
     problems.extend(library_print_problems(&root)?);
+    problems.extend(library_closure_problems(&root)?);
     if problems.is_empty() {
         eprintln!("tidy: ok");
         Ok(())
@@ -57,20 +58,42 @@ fn workspace_root() -> PathBuf {
 
 /// The package names in `idem-core`'s normal (non-dev, non-build) closure.
 fn core_closure(root: &Path) -> Result<Vec<String>> {
+    closure_of(root, &["idem-core"])
+}
+
+/// What a library user's build of the core, the SQLite store and the
+/// engine must not pull in: the CLI's argument parser, the Prometheus
+/// exporter, the test origin.
+const CLI_ONLY_DEPS: &[&str] = &[
+    "clap",
+    "metrics-exporter-prometheus",
+    "idem-origin",
+    "idem-cli",
+];
+
+fn library_closure_problems(root: &Path) -> Result<Vec<String>> {
+    let closure = closure_of(root, &["idem-core", "idem-store-sqlite", "idem-worker"])?;
+    Ok(closure
+        .iter()
+        .filter(|name| CLI_ONLY_DEPS.contains(&name.as_str()))
+        .map(|name| {
+            format!("a build of idem-core + idem-store-sqlite + idem-worker pulls in `{name}`")
+        })
+        .collect())
+}
+
+/// The package names in the normal (non-dev, non-build) closure of
+/// `packages`.
+fn closure_of(root: &Path, packages: &[&str]) -> Result<Vec<String>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut args: Vec<&str> = vec!["tree"];
+    for p in packages {
+        args.extend(["--package", p]);
+    }
     let out = Command::new(cargo)
         .current_dir(root)
-        .args([
-            "tree",
-            "--package",
-            "idem-core",
-            "--edges",
-            "normal",
-            "--prefix",
-            "none",
-            "--format",
-            "{p}",
-        ])
+        .args(args)
+        .args(["--edges", "normal", "--prefix", "none", "--format", "{p}"])
         .output()
         .context("running cargo tree")?;
     if !out.status.success() {
@@ -183,6 +206,12 @@ fn library_print_problems(root: &Path) -> Result<Vec<String>> {
             let text = std::fs::read_to_string(&file)?;
             // Code after a `#[cfg(test)]` module is test code.
             let code = text.split("#[cfg(test)]\nmod tests").next().unwrap_or("");
+            // Comments (doc examples included) may show a print.
+            let code: String = code
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .collect::<Vec<_>>()
+                .join("\n");
             for pat in ["eprintln!", "println!", "print!(", "eprint!("] {
                 if code.contains(pat) {
                     problems.push(format!(

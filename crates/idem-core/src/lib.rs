@@ -6,6 +6,38 @@
 //! a retry policy and telemetry events. Nothing here performs I/O, reads a
 //! clock or needs an async runtime: time comes in as an argument and effects
 //! go out as data. Adapters plug in through the [`ports`].
+//!
+//! ## Example
+//!
+//! Plan a job and lease it, with the in-memory reference store and a time
+//! of your choosing (`examples/state_machine.rs` carries it to the end):
+//!
+//! ```
+//! use idem_core::{Commit, JobSpec, JobState, LeaseRequest, MemStore, Store, Timestamp, WorkerId};
+//!
+//! let store = MemStore::new();
+//! let now = Timestamp::from_millis(1_700_000_000_000);
+//! let spec = JobSpec::new("W1", "pdf", "https://example.org/w1.pdf", None, None)?;
+//! store.plan(&[spec.clone()], 3, now)?;
+//! store.plan(&[spec.clone()], 3, now)?; // planning again is a no-op
+//! let req = LeaseRequest {
+//!     owner: WorkerId::new("worker-1"),
+//!     limit: 10,
+//!     ttl_ms: 30_000,
+//!     dead_owners: Vec::new(),
+//!     commit: Commit::Durable,
+//!     isolated: false,
+//!     per_host: Some(2),
+//!     host_interval_ms: None,
+//!     host_rules: Default::default(),
+//! };
+//! let leased = store.lease(&req, now)?.value;
+//! assert_eq!(leased.len(), 1);
+//! assert_eq!(store.job(&spec.key())?.unwrap().state, JobState::Leased);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Depends on serde, serde_json, sha2, thiserror and url; nothing async.
 
 pub mod codec;
 pub mod digest;

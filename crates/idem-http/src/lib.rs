@@ -19,6 +19,22 @@
 //!
 //! Errors are mapped into [`FetchError`] with a kind the retry policy can
 //! classify; no reqwest type leaves this crate.
+//!
+//! ## Example
+//!
+//! ```no_run
+//! use idem_core::Http;
+//! use idem_http::{HttpClient, Policy};
+//!
+//! # async fn head() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = HttpClient::new(Policy { max_bytes: Some(1 << 30), ..Policy::default() })?;
+//! let head = client.head("https://example.org/paper.pdf", &[]).await?;
+//! println!("{:?} bytes of {:?}", head.content_length, head.content_type);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Depends on idem-core, reqwest (rustls), tokio and url.
 
 pub mod proxy;
 

@@ -48,6 +48,18 @@
 //! URL (default: always), then serve normally, so recovery can be tested;
 //! body faults (`reset`, `trunc`) count GETs only.
 //! Every request is counted per path-and-query.
+//!
+//! ## Example
+//!
+//! ```
+//! use idem_origin::{content, Origin};
+//!
+//! let origin = Origin::start([("a.pdf".to_owned(), content(1, 4096))])?;
+//! let url = origin.url("/trunc/a.pdf?fail=1"); // cut short once, then served whole
+//! assert!(url.starts_with("http://127.0.0.1:"));
+//! assert_eq!(origin.count("/trunc/a.pdf?fail=1"), 0);
+//! # Ok::<(), std::io::Error>(())
+//! ```
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};

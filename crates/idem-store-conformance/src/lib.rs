@@ -15,6 +15,20 @@
 //! (reference §15.2): orphaned jobs after a crash, finished jobs re-leased,
 //! unfenced zombies, started ops replayed as success, errors replayed
 //! forever, truncated results, renew failing outside `leased`.
+//!
+//! ## Example
+//!
+//! In your store's tests, one `#[test]` per case, on a fresh store each:
+//!
+//! ```ignore
+//! idem_store_conformance::conformance_tests!(Box::new(my_store::open_scratch()));
+//! ```
+//!
+//! or run one case yourself:
+//!
+//! ```
+//! idem_store_conformance::plan_is_idempotent_and_reports_conflicts(&idem_core::MemStore::new());
+//! ```
 
 mod counts;
 mod hosts;

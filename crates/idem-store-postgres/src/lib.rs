@@ -34,6 +34,21 @@
 //! that holds other tables but no ledger, or a ledger written by a newer
 //! idem, is refused untouched. Migrations are forward-only and run under an
 //! advisory lock.
+//!
+//! ## Example
+//!
+//! ```no_run
+//! use idem_core::{JobSpec, Store, Timestamp};
+//! use idem_store_postgres::{Options, PgStore};
+//!
+//! let store = PgStore::connect("postgres://idem@db.internal/idem", &Options::default())?;
+//! let spec = JobSpec::new("W1", "pdf", "https://example.org/w1.pdf", None, None)?;
+//! store.plan(&[spec], 5, Timestamp::from_millis(0))?; // the database's clock decides
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Depends on idem-core, tokio-postgres, deadpool-postgres and tokio (its
+//! own runtime: the calls are synchronous, like the SQLite store's).
 
 #[macro_use]
 mod rows;

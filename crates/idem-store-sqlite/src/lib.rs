@@ -44,7 +44,7 @@
 //! (across processes, under the writer lock) is the isolation the port
 //! asks for; every job update is also guarded by the epoch it read.
 //!
-//! ## Schema (version 7)
+//! ## Schema (version 8)
 //!
 //! What cannot be derived, in its smallest faithful form (see
 //! `compact.rs` for the codes):
@@ -60,7 +60,10 @@
 //!   partial index on (host rank, `due_at`) makes leasing an index range
 //!   scan, one on (host, lease expiry) counts a host's live leases, and
 //!   finalized jobs are found by URL through a 47-bit hash of it, and
-//!   finished ones by their finish time (for SLO windows).
+//!   finished ones by their finish time (for SLO windows). A spec's
+//!   mirrors and request headers, which few jobs have, are one JSON
+//!   column (`extra`, NULL when there are none), beside `url_index`: which
+//!   of its URLs the job fetches now.
 //! - `ops`: the operation ledger, keyed by (job rowid, kind, epoch) with no
 //!   rowid of its own: owner (by id), status, result (compact bytes, never
 //!   truncated), error, run count, start time and duration. A request that
@@ -88,6 +91,25 @@
 //! step backwards can only make a lease look younger (later takeover), and a
 //! step forwards can expire leases early, which fencing makes safe: the old
 //! holder's writes are refused.
+//!
+//! ## Example
+//!
+//! ```
+//! use idem_core::{JobSpec, Store, Timestamp};
+//! use idem_store_sqlite::{Options, SqliteStore};
+//!
+//! let dir = std::env::temp_dir().join(format!("idem-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir)?;
+//! let store = SqliteStore::open(dir.join("idem.db"), &Options::default())?;
+//! let now = Timestamp::from_millis(1_700_000_000_000);
+//! let spec = JobSpec::new("W1", "pdf", "https://example.org/w1.pdf", None, None)?;
+//! store.plan(&[spec], 5, now)?;
+//! assert_eq!(store.status(now)?.total, 1);
+//! # std::fs::remove_dir_all(&dir)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Depends on idem-core and rusqlite (with SQLite bundled).
 
 #[macro_use]
 mod rows;

@@ -9,6 +9,26 @@
 //! Conventions: `idem_` prefix, base units (`_seconds`, `_bytes`), `_total`
 //! on counters, and only low-cardinality labels (state, op, status, reason
 //! code), never job keys or URLs.
+//!
+//! ## Example
+//!
+//! ```
+//! use idem_core::{Event, EventKind, JobKey, Timestamp, Digest32};
+//!
+//! // With a `metrics` recorder installed (the `idem` binary installs the
+//! // Prometheus exporter), every event becomes counters and histograms.
+//! idem_telemetry::describe();
+//! let planned = EventKind::JobPlanned {
+//!     job_key: JobKey::from_digest(Digest32::of(b"job")),
+//!     work_id: "W1".into(),
+//!     artifact_id: "pdf".into(),
+//!     url: "https://example.org/w1.pdf".into(),
+//! };
+//! idem_telemetry::record(&Event { timestamp: Timestamp::from_millis(0), kind: planned });
+//! assert!(idem_telemetry::is_known("idem_jobs_planned_total"));
+//! ```
+//!
+//! Depends on idem-core and the `metrics` facade only.
 
 use idem_core::{Event, EventKind, StatusCounts};
 use metrics::{counter, gauge, histogram};

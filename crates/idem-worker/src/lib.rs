@@ -15,6 +15,31 @@
 //!
 //! Store calls are blocking (SQLite); they run on tokio's blocking pool and
 //! are never held across network or disk I/O.
+//!
+//! ## Example
+//!
+//! ```no_run
+//! use idem_core::{Clock, JobSpec, Store};
+//! use idem_store_sqlite::{Options, SqliteStore};
+//! use idem_worker::{Engine, EngineConfig, NullSink, SystemClock};
+//! use std::sync::Arc;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = Arc::new(SqliteStore::open("idem.db", &Options::default())?);
+//! let spec = JobSpec::new("W1", "pdf", "https://example.org/w1.pdf", None, None)?;
+//! store.plan(&[spec], 5, SystemClock.now())?;
+//! let http = Arc::new(idem_http::HttpClient::new(idem_http::Policy::default())?);
+//! let cfg = EngineConfig { out_dir: "artifacts".into(), ..EngineConfig::default() };
+//! let engine = Arc::new(Engine::new(store, http, cfg, Arc::new(NullSink))?);
+//! let summary = tokio::runtime::Runtime::new()?.block_on(engine.run())?;
+//! println!("{} finalized", summary.finalized);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! `examples/` has the same with events printed by a sink of your own, and
+//! an engine over an `Http` of your own. Depends on idem-core, tokio,
+//! tracing and libc; any `Store` and `Http` implementation plugs in.
 
 pub mod drill;
 mod drive;
