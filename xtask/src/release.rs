@@ -40,7 +40,20 @@ pub(crate) fn run(root: &Path) -> Result<()> {
     )?;
     println!("== release-check: public API");
     crate::api::run(root, true)?;
-    let mut doc = cargo(root, &["doc", "--workspace", "--no-deps", "--locked"]);
+    // The libraries: the binaries' doc comments are their `--help`.
+    let mut doc = cargo(
+        root,
+        &[
+            "doc",
+            "--workspace",
+            "--exclude",
+            "idem-cli",
+            "--exclude",
+            "xtask",
+            "--no-deps",
+            "--locked",
+        ],
+    );
     doc.env("RUSTDOCFLAGS", "-D warnings");
     step("docs", doc)?;
     for (krate, example) in [
