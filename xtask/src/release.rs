@@ -71,18 +71,26 @@ pub(crate) fn run(root: &Path) -> Result<()> {
     }
     let msrv = msrv(root)?;
     if has_toolchain(&msrv) || install_toolchain(&msrv) {
+        // Through rustup, so the toolchain's own cargo and rustc build it.
+        let mut check = Command::new("rustup");
+        check.current_dir(root).args([
+            "run",
+            &msrv,
+            "cargo",
+            "check",
+            "--workspace",
+            "--all-targets",
+            "--locked",
+        ]);
+        // The variables the outer cargo set would point this one at the
+        // current toolchain's tools.
+        check
+            .env_remove("RUSTC")
+            .env_remove("RUSTDOC")
+            .env_remove("CARGO");
         step(
             &format!("the minimum Rust version ({msrv}) builds the workspace"),
-            cargo(
-                root,
-                &[
-                    &format!("+{msrv}"),
-                    "check",
-                    "--workspace",
-                    "--all-targets",
-                    "--locked",
-                ],
-            ),
+            check,
         )?;
     } else {
         // Without that toolchain: clippy's incompatible_msrv lint (run with

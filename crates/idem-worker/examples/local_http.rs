@@ -94,6 +94,8 @@ impl Http for LocalDir {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::env::temp_dir().join("idem-local-http");
+    // A fresh store each run, so the counts below are this run's.
+    let _ = std::fs::remove_dir_all(&root);
     let source = root.join("source");
     std::fs::create_dir_all(&source)?;
     for (name, text) in [("a.txt", "first"), ("b.txt", "second"), ("c.txt", "first")] {
