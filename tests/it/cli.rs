@@ -470,3 +470,56 @@ fn an_unusable_output_directory_is_named_once() {
         "the job is untouched"
     );
 }
+
+#[test]
+fn durations_take_units_and_bare_numbers_keep_their_unit() {
+    let env = Env::new();
+    let out = env
+        .idem()
+        .args([
+            "run",
+            "--json",
+            "--lease-ttl",
+            "2m",
+            "--backoff-base-ms",
+            "50ms",
+            "--backoff-cap-ms",
+            "1s",
+        ])
+        .args([
+            "--read-timeout",
+            "30s",
+            "--reconcile-every",
+            "0",
+            "--reuse-max-age",
+            "1d",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = env
+        .idem()
+        .args(["prune", "--json", "--older-than", "7d"])
+        .output()
+        .unwrap();
+    assert_eq!(json_of(&out)["older_than_s"], 604_800, "{}", text(&out));
+    let out = env
+        .idem()
+        .args(["prune", "--json", "--older-than", "3600"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        json_of(&out)["older_than_s"],
+        3600,
+        "a bare number is still seconds"
+    );
+    for bad in [
+        ["--lease-ttl", "0s"],
+        ["--lease-ttl", "2d"],
+        ["--read-timeout", "1500ms"],
+        ["--backoff-cap-ms", "soon"],
+    ] {
+        let out = env.idem().arg("run").args(bad).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", text(&out));
+    }
+}

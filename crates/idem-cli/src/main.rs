@@ -18,6 +18,7 @@ mod alone;
 mod cancel;
 mod commands;
 mod demo;
+mod duration;
 mod hosts;
 mod input;
 mod ledger;
@@ -299,11 +300,13 @@ struct RunArgs {
     /// than this many bytes per second over --min-speed-window.
     #[arg(long, default_value = "1K", value_parser = parse_size)]
     min_speed: u64,
-    /// The window of --min-speed, in seconds (0 disables the check).
-    #[arg(long, default_value_t = 60)]
+    /// The window of --min-speed (seconds, or 90s, 2m; 0 disables the
+    /// check).
+    #[arg(long, default_value = "60", value_parser = crate::duration::secs)]
     min_speed_window: u64,
-    /// Lease time-to-live; leases are renewed every third of it while working.
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    /// Lease time-to-live (seconds, or 30s, 2m; at most a day); leases are
+    /// renewed every third of it while working.
+    #[arg(long, default_value = "60", value_parser = crate::duration::lease_ttl_secs)]
     lease_ttl: u64,
     /// Allow private, loopback and link-local addresses (refused by default).
     #[arg(long)]
@@ -331,24 +334,27 @@ struct RunArgs {
     /// Keep polling for new jobs instead of stopping when all are finished.
     #[arg(long)]
     follow: bool,
-    /// With --follow, run the reconciler again every this many seconds
-    /// (parts left by crashed workers, expired leases, and the blobs of the
-    /// next 50,000 jobs, so blobs gone from the store are found by walking
-    /// the ledger a slice at a time); 0: only at start, without the blobs.
-    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    /// With --follow, run the reconciler again this often (seconds, or 5m,
+    /// 1h): parts left by crashed workers, expired leases, and the blobs of
+    /// the next 50,000 jobs, so blobs gone from the store are found by
+    /// walking the ledger a slice at a time; 0: only at start, without the
+    /// blobs.
+    #[arg(long, default_value = "300", value_name = "DURATION", value_parser = crate::duration::secs)]
     reconcile_every: u64,
     /// A job whose URL another job already finalized reuses that blob with
     /// no request while that fetch is at most this old; older, it first asks
     /// the server with a conditional GET (If-None-Match / If-Modified-Since):
     /// 304 reuses it, a full answer is downloaded as new content, and a
     /// server that gave no validators is downloaded again. 0: always ask.
-    #[arg(long, default_value_t = 86_400, value_name = "SECONDS")]
+    /// Seconds, or 12h, 7d.
+    #[arg(long, default_value = "86400", value_name = "DURATION", value_parser = crate::duration::secs)]
     reuse_max_age: u64,
-    /// First retry delay ceiling in milliseconds (full jitter, doubling).
-    #[arg(long, default_value_t = 1000)]
+    /// First retry delay ceiling (milliseconds, or 500ms, 2s; full jitter,
+    /// doubling).
+    #[arg(long, default_value = "1000", value_parser = crate::duration::millis)]
     backoff_base_ms: u64,
-    /// Longest retry delay in milliseconds.
-    #[arg(long, default_value_t = 300_000)]
+    /// Longest retry delay (milliseconds, or 30s, 5m).
+    #[arg(long, default_value = "300000", value_parser = crate::duration::millis)]
     backoff_cap_ms: u64,
     /// Send a HEAD before each fresh job's GET, for origins whose GET
     /// headers differ from their HEAD's. By default a fresh job costs one
@@ -357,8 +363,8 @@ struct RunArgs {
     /// any of the body is read.
     #[arg(long)]
     head: bool,
-    /// Idle timeout of a body read, in seconds.
-    #[arg(long, default_value_t = 30)]
+    /// Idle timeout of a body read (seconds, or 30s, 2m).
+    #[arg(long, default_value = "30", value_parser = crate::duration::secs)]
     read_timeout: u64,
     /// Print the summary as JSON (and no progress bar).
     #[arg(long)]
@@ -439,9 +445,9 @@ struct CancelArgs {
 
 #[derive(Args, Debug)]
 struct PruneArgs {
-    /// Prune jobs that finished at least this many seconds ago (default: a
-    /// week; 0: every finished job).
-    #[arg(long, default_value_t = 604_800, value_name = "SECONDS")]
+    /// Prune jobs that finished at least this long ago (seconds, or 12h,
+    /// 7d; default: a week; 0: every finished job).
+    #[arg(long, default_value = "604800", value_name = "DURATION", value_parser = crate::duration::secs)]
     older_than: u64,
     #[arg(long)]
     json: bool,
