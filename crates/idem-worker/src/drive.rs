@@ -1431,6 +1431,11 @@ pub(crate) fn duplicate_of<S: Store + ?Sized>(store: &S, root: &Path, job: &Job)
         return None;
     }
     let prev = store.finalized_by_url(job.spec.url.as_str()).ok()??;
+    // A job finalized from one of its mirrors holds what the mirror
+    // served, not what this URL serves.
+    if prev.url_index != 0 {
+        return None;
+    }
     let blob = prev.blob.filter(|_| prev.key != job.key)?;
     if job.spec.sha256.is_some_and(|want| want != blob.sha256) {
         return None;
