@@ -167,6 +167,37 @@ fn a_host_config_gives_headers_and_limits_by_host() {
     let st = env.status();
     assert_eq!(count(&st, "finalized"), 6, "{}\n{st}", text(&out));
     assert_eq!(o.max_in_flight(), 1, "the host's own budget holds");
+    // A --host-limit for the same pattern overrides the budget, not the
+    // file's headers.
+    let mut more = Vec::new();
+    for i in 6..10 {
+        o.put(&format!("h{i}.pdf"), content(10 + i, 1500));
+        more.push(job(
+            "w",
+            &format!("h{i}"),
+            &o.url(&format!("/auth/h{i}.pdf?delay_ms=300")),
+        ));
+    }
+    env.plan(&more);
+    let out = env
+        .run_cmd()
+        .args([
+            "--concurrency",
+            "6",
+            "--host-limit",
+            "127.0.0.2=2",
+            "--host-config",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let st = env.status();
+    assert_eq!(count(&st, "finalized"), 10, "{}\n{st}", text(&out));
+    assert_eq!(
+        o.max_in_flight(),
+        2,
+        "the limit's budget, the file's headers"
+    );
     let bad = env.path("bad.json");
     std::fs::write(&bad, r#"{"127.0.0.2": {"per_hots": 1}}"#).unwrap();
     let out = env
@@ -179,7 +210,7 @@ fn a_host_config_gives_headers_and_limits_by_host() {
     assert!(text(&out).contains("per_hots"), "{}", text(&out));
     assert_eq!(
         count(&env.status(), "finalized"),
-        6,
+        10,
         "the ledger is as it was"
     );
 }

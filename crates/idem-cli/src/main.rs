@@ -284,8 +284,8 @@ struct RunArgs {
     host_limits: Vec<idem_core::hosts::HostRule>,
     /// A JSON file of per-host settings: {"PATTERN": {"per_host": N,
     /// "rate": R, "headers": {"Name": "value"}}}; the headers go to
-    /// matching hosts (a plan line's own headers win). --host-limit rules
-    /// override the file's for the same pattern.
+    /// matching hosts (a plan line's own headers win). A --host-limit for
+    /// the same pattern overrides the file's limits, not its headers.
     #[arg(long, value_name = "FILE")]
     host_config: Option<PathBuf>,
     /// The User-Agent header of every request (a plan line's or a host

@@ -60,7 +60,20 @@ pub(crate) fn run(g: &Global, a: &RunArgs) -> anyhow::Result<u8> {
         Some(p) => crate::hosts::read_host_config(p)?,
         None => Vec::new(),
     };
-    rules.extend(a.host_limits.iter().cloned());
+    // A --host-limit overrides the file's limits for its pattern; the
+    // file's headers for it stay.
+    for limit in &a.host_limits {
+        let same = |r: &&mut idem_core::hosts::HostRule| {
+            r.pattern.eq_ignore_ascii_case(limit.pattern.trim())
+        };
+        match rules.iter_mut().find(same) {
+            Some(r) => {
+                r.per_host = limit.per_host;
+                r.interval_ms = limit.interval_ms.or(r.interval_ms);
+            }
+            None => rules.push(limit.clone()),
+        }
+    }
     let host_rules = Arc::new(idem_core::hosts::HostRules::new(rules));
     let policy = idem_http::Policy {
         user_agent: a.user_agent.clone(),
