@@ -481,7 +481,10 @@ pub fn transition(job: &Job, cmd: Command, now: Timestamp) -> Result<Transition,
                 error.class == ErrorClass::Retryable
                     && (throttled || job.attempts < job.max_attempts)
             });
-            if let Some(at) = retry {
+            // A body that is not the artifact will not become it by
+            // asking the same URL again while another URL may serve it.
+            let other_url_now = job.has_next_url() && error.reason == "digest_mismatch";
+            if let Some(at) = retry.filter(|_| !other_url_now) {
                 next.state = JobState::Planned;
                 next.next_attempt_at = at;
                 // Validators may be stale by the next attempt; HEAD again.

@@ -705,3 +705,52 @@ fn s_throttled_answers_cost_no_attempt_within_the_bounded_wait() {
     }
     assert_eq!(sim.job(j).state, JobState::Failed);
 }
+
+#[test]
+fn s_a_digest_mismatch_moves_to_the_next_url_at_once() {
+    let mut sim = Sim::new();
+    let spec = crate::JobSpec::new("w", "a", URL, None, None)
+        .unwrap()
+        .with_mirrors(["https://mirror.example/a.pdf"])
+        .unwrap();
+    sim.store
+        .plan(std::slice::from_ref(&spec), 3, sim.now)
+        .unwrap();
+    let j = spec.key();
+    let got = sim.lease("w1", 1, 60);
+    let epoch = got[0].1;
+    sim.apply(
+        "w1",
+        j,
+        Command::Fail {
+            epoch,
+            error: JobError::retryable("digest_mismatch", "got another body"),
+            retry_at: Some(sim.now.plus_ms(5_000)),
+        },
+    )
+    .unwrap();
+    let job = sim.job(j);
+    assert_eq!(
+        (job.url_index, job.attempts, job.state),
+        (1, 0, JobState::Planned)
+    );
+    assert_eq!(
+        job.next_attempt_at, sim.now,
+        "at once, not after the backoff"
+    );
+    // On its last URL a mismatch is retried there as before.
+    let epoch = sim.lease("w1", 1, 60)[0].1;
+    sim.apply(
+        "w1",
+        j,
+        Command::Fail {
+            epoch,
+            error: JobError::retryable("digest_mismatch", "got another body"),
+            retry_at: Some(sim.now.plus_ms(5_000)),
+        },
+    )
+    .unwrap();
+    let job = sim.job(j);
+    assert_eq!((job.url_index, job.attempts), (1, 1));
+    assert_eq!(job.next_attempt_at, sim.now.plus_ms(5_000));
+}
