@@ -73,8 +73,8 @@ fn listing(root: &Path, krate: &str) -> Result<String> {
     if !status.success() {
         bail!("rustdoc of {krate} failed");
     }
-    let json = root
-        .join("target/doc")
+    let json = crate::bench::target_dir(root)?
+        .join("doc")
         .join(format!("{}.json", krate.replace('-', "_")));
     let doc: Value = serde_json::from_str(
         &std::fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?,

@@ -207,7 +207,12 @@ pub(crate) fn release_idem(root: &Path) -> Result<PathBuf> {
     if !st.success() {
         bail!("cargo build --release -p idem-cli failed");
     }
-    // Honour CARGO_TARGET_DIR (and build.target-dir) by asking cargo.
+    Ok(target_dir(root)?.join("release/idem"))
+}
+
+/// The build's target directory, honouring `CARGO_TARGET_DIR` (and
+/// `build.target-dir`): cargo is asked.
+pub(crate) fn target_dir(root: &Path) -> Result<PathBuf> {
     let meta = Proc::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(root)
         .args(["metadata", "--format-version", "1", "--no-deps"])
@@ -215,10 +220,9 @@ pub(crate) fn release_idem(root: &Path) -> Result<PathBuf> {
         .context("cargo metadata")?;
     let v: serde_json::Value =
         serde_json::from_slice(&meta.stdout).context("parsing cargo metadata")?;
-    let target = v["target_directory"]
+    Ok(v["target_directory"]
         .as_str()
-        .map_or_else(|| root.join("target"), PathBuf::from);
-    Ok(target.join("release/idem"))
+        .map_or_else(|| root.join("target"), PathBuf::from))
 }
 
 /// N `idem ledger-drill` processes on one ledger.
