@@ -46,9 +46,14 @@ impl Proxies {
                 format!("http://{v}")
             };
             match reqwest::Url::parse(&full) {
-                Ok(u) if u.host_str().is_some() => Some(u),
+                Ok(u) if u.host_str().is_some() && matches!(u.scheme(), "http" | "https") => {
+                    Some(u)
+                }
                 _ => {
-                    tracing::warn!(variable = name, "not a proxy URL; ignored");
+                    tracing::warn!(
+                        variable = name,
+                        "not an http:// or https:// proxy URL; ignored"
+                    );
                     None
                 }
             }
@@ -234,6 +239,12 @@ mod tests {
         assert_eq!(via(&p, "https://a/").as_deref(), Some("all"));
         let p = proxies(&[("HTTP_PROXY", "http://evil:1"), ("REQUEST_METHOD", "GET")]);
         assert_eq!(via(&p, "http://a/"), None);
+        let p = proxies(&[("HTTPS_PROXY", "socks5://s:1080")]);
+        assert_eq!(
+            via(&p, "https://a/"),
+            None,
+            "a scheme this client cannot speak"
+        );
         assert!(proxies(&[]).is_empty());
     }
 }
