@@ -8,6 +8,23 @@ use idem_origin::{content, Origin, Proxy};
 use serde_json::json;
 use std::net::Ipv4Addr;
 
+/// Runs `n` workers on `env`'s ledger at once, each with `args`, and waits
+/// until each has finished cleanly.
+fn run_workers(env: &Env, n: usize, args: &[&str]) {
+    let workers: Vec<_> = (0..n)
+        .map(|_| {
+            env.run_cmd()
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut w in workers {
+        assert!(w.wait().unwrap().success());
+    }
+}
+
 #[test]
 fn mirrors_are_tried_in_order_and_the_one_that_served_is_named() {
     let env = Env::new();
@@ -236,24 +253,20 @@ fn four_workers_share_one_host_rate_and_one_override() {
         ));
     }
     env.plan(&lines);
-    let workers: Vec<_> = (0..4)
-        .map(|_| {
-            env.run_cmd()
-                .args(["--concurrency", "4", "--per-host", "4"])
-                .args([
-                    "--host-limit",
-                    "127.0.0.2=4,2",
-                    "--host-limit",
-                    "127.0.0.3=1",
-                ])
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for mut w in workers {
-        assert!(w.wait().unwrap().success());
-    }
+    run_workers(
+        &env,
+        4,
+        &[
+            "--concurrency",
+            "4",
+            "--per-host",
+            "4",
+            "--host-limit",
+            "127.0.0.2=4,2",
+            "--host-limit",
+            "127.0.0.3=1",
+        ],
+    );
     let st = env.status();
     assert_eq!(count(&st, "finalized"), 16, "{st}");
     assert_eq!(
@@ -346,18 +359,7 @@ fn a_throttling_host_costs_no_attempts_and_a_shared_rate_avoids_it() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
-    let workers: Vec<_> = (0..4)
-        .map(|_| {
-            env.run_cmd()
-                .args(["--concurrency", "4", "--per-host", "8"])
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for mut w in workers {
-        assert!(w.wait().unwrap().success());
-    }
+    run_workers(&env, 4, &["--concurrency", "4", "--per-host", "8"]);
     let st = env.status();
     assert!(
         o.throttled() > 0,
@@ -377,25 +379,18 @@ fn a_throttling_host_costs_no_attempts_and_a_shared_rate_avoids_it() {
         ));
     }
     env.plan(&lines);
-    let workers: Vec<_> = (0..4)
-        .map(|_| {
-            env.run_cmd()
-                .args([
-                    "--concurrency",
-                    "4",
-                    "--per-host",
-                    "8",
-                    "--per-host-rate",
-                    "1",
-                ])
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for mut w in workers {
-        assert!(w.wait().unwrap().success());
-    }
+    run_workers(
+        &env,
+        4,
+        &[
+            "--concurrency",
+            "4",
+            "--per-host",
+            "8",
+            "--per-host-rate",
+            "1",
+        ],
+    );
     assert_eq!(count(&env.status(), "finalized"), 6);
     assert_eq!(
         o.throttled(),

@@ -2,6 +2,7 @@
 //! defects as regression cases, and property tests over random interleavings.
 
 mod props;
+mod retries;
 mod scenarios;
 mod units;
 
