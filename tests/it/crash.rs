@@ -424,6 +424,104 @@ fn a_publish_whose_commit_was_lost_is_healed_by_the_reconciler() {
     assert!(leftovers(&env.out).is_empty(), "{:?}", leftovers(&env.out));
 }
 
+/// Crash while a batch of bodies is linked into the store but not yet made
+/// durable, and before any of them is committed: the next run heals each
+/// linked blob (made durable first) without a request, fetches the rest,
+/// and leaves no part behind; identical bodies end as one blob.
+#[test]
+fn a_crash_inside_a_publish_batch_is_repaired_without_refetching() {
+    let env = Env::new();
+    let mut files = Vec::new();
+    let mut lines = Vec::new();
+    for i in 0..12u64 {
+        // Two jobs share each body: duplicates in one batch, or across two.
+        let body = content(300 + i / 2, 2_000 + (i / 2) as usize * 100);
+        let name = format!("b{i}.pdf");
+        files.push((name.clone(), body));
+        lines.push(job("w", &format!("b{i}"), &format!("/f/{name}")));
+    }
+    let o = Origin::start(files).unwrap();
+    for l in &mut lines {
+        let path = l["url"].as_str().unwrap().to_owned();
+        l["url"] = o.url(&path).into();
+    }
+    env.plan(&lines);
+    let crashed = env
+        .run_cmd()
+        .args(["--lease-ttl", "1", "--concurrency", "8", "--per-host", "8"])
+        .env("IDEM_CRASHPOINT", "after_batch_link")
+        .output()
+        .unwrap();
+    assert!(!crashed.status.success(), "the crash point aborted the run");
+    assert!(
+        check_blobs(&env.out) >= 1,
+        "a batch was linked before the crash"
+    );
+    let st = env.status();
+    assert_eq!(
+        count(&st, "finalized") + count(&st, "skipped_duplicate"),
+        0,
+        "{st}"
+    );
+    // The jobs to heal: STREAM committed, and its blob linked.
+    let mut linked_paths = Vec::new();
+    for i in 0..12 {
+        let j = env.show(&format!("w/b{i}"));
+        let stream = j["ops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|op| op["kind"] == "stream" && op["status"] == "committed")
+            .cloned();
+        if let Some(sha) = stream
+            .as_ref()
+            .and_then(|op| op["result"]["sha256"].as_str())
+        {
+            let blob = env
+                .out
+                .join("blobs/sha256")
+                .join(&sha[..2])
+                .join(&sha[2..4])
+                .join(sha);
+            if blob.exists() {
+                linked_paths.push((format!("/f/b{i}.pdf"), o.count(&format!("/f/b{i}.pdf"))));
+            }
+        }
+    }
+    assert!(!linked_paths.is_empty(), "a committed stream was linked");
+    std::thread::sleep(Duration::from_millis(1200));
+    let evp = env.out.join("../ev.jsonl");
+    let out = env.run_cmd().arg("--events").arg(&evp).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let r = &json_of(&out)["run"]["reconcile"];
+    assert_eq!(r["blobs_healed"], linked_paths.len() as u64, "{r}");
+    let st = env.status();
+    let states: Vec<String> = (0..12)
+        .map(|i| {
+            let j = env.show(&format!("w/b{i}"));
+            format!("b{i} {} {}", j["state"], j["sha256"])
+        })
+        .collect();
+    assert_eq!(
+        count(&st, "finalized"),
+        6,
+        "{st} {states:#?} {linked_paths:?} {} {}",
+        text(&out),
+        std::fs::read_to_string(&evp).unwrap()
+    );
+    assert_eq!(count(&st, "skipped_duplicate"), 6, "{st}");
+    assert_eq!(check_blobs(&env.out), 6);
+    for (path, before) in &linked_paths {
+        assert_eq!(
+            o.count(path),
+            *before,
+            "{path} was healed, not fetched again"
+        );
+    }
+    assert!(leftovers(&env.out).is_empty(), "{:?}", leftovers(&env.out));
+}
+
 /// Crash right after STREAM's commit, before publishing: the next holder
 /// adopts the complete part and publishes it without fetching again.
 #[test]

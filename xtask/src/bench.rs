@@ -4,9 +4,10 @@
 //!
 //! - `store`: planning and the durable per-job ledger path, against raw
 //!   rusqlite loops doing the minimum equivalent SQL;
-//! - `download`: idem against curl, wget and aria2c on the same files from
-//!   the same local origin, then the latency-bound case (`latency.rs`) and
-//!   the lopsided case (`lopsided.rs`).
+//! - `download`: idem against curl (alone, followed by `sync`, and with
+//!   `--parallel`), wget and aria2c on the same files from the same local
+//!   origin, then the latency-bound case (`latency.rs`) and the lopsided
+//!   case (`lopsided.rs`); `small` runs only its many-small-files cases.
 
 use anyhow::{bail, Context, Result};
 use idem_core::ports::Store;
@@ -348,6 +349,18 @@ pub(crate) fn probe() -> Result<()> {
     Ok(())
 }
 
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Empties `dir` (keeping it), so the next tool writes fresh files.
+fn clear(dir: &Path) -> Result<()> {
+    std::fs::remove_dir_all(dir)?;
+    std::fs::create_dir_all(dir)?;
+    Ok(())
+}
+
 /// One tool's run: wall seconds, CPU seconds, peak RSS in KiB.
 struct Timed {
     wall: f64,
@@ -500,7 +513,8 @@ impl Server {
     }
 }
 
-pub(crate) fn download(root: &Path, quick: bool) -> Result<()> {
+/// `small`: only the many-small-files cases; each case runs `rounds` times.
+pub(crate) fn download(root: &Path, quick: bool, small: bool, rounds: usize) -> Result<()> {
     let idem = release_idem(root)?;
     // Best effort: the bench installs its baselines and its server where it
     // can (Debian packages).
@@ -519,11 +533,14 @@ pub(crate) fn download(root: &Path, quick: bool) -> Result<()> {
     let use_nginx =
         have("nginx") && std::env::var_os("IDEM_BENCH_ORIGIN").is_none_or(|v| v != "test");
     let big = if quick { 256 << 20 } else { 1 << 30 };
-    let cases: Vec<(String, usize, usize)> = vec![
+    let mut cases: Vec<(String, usize, usize)> = vec![
         (format!("(a) 1 x {} MiB", big >> 20), 1, big),
         ("(b) 200 x 1 MiB".to_owned(), 200, 1 << 20),
         ("(c) 1000 x 1 KiB".to_owned(), 1000, 1 << 10),
     ];
+    if small {
+        cases.remove(0);
+    }
     println!(
         "== download (from {} on 127.0.0.1; idem hashes, fsyncs, renames, commits; the others only write) ==",
         if use_nginx { "nginx" } else { "the in-process test origin" }
@@ -554,92 +571,137 @@ pub(crate) fn download(root: &Path, quick: bool) -> Result<()> {
             .collect();
         let bytes = (n * size) as u64;
         std::fs::write(s.join("urls.txt"), urls.join("\n") + "\n")?;
-        // curl: one process, sequential, connection reused.
-        let cfg: String = urls
-            .iter()
-            .enumerate()
-            .map(|(i, u)| {
-                format!(
-                    "url = \"{u}\"\noutput = \"{}\"\n",
-                    s.join(format!("curl/{i}")).display()
-                )
-            })
-            .collect();
-        std::fs::create_dir_all(s.join("curl"))?;
-        std::fs::write(s.join("curl.cfg"), cfg)?;
-        let t = timed(
-            Proc::new("curl").args(["-s", "-K"]).arg(s.join("curl.cfg")),
-            s,
-        )?;
-        report(&case, "curl", &t, n, bytes);
-        let t = timed(
-            Proc::new("wget")
-                .args(["-q", "-i"])
-                .arg(s.join("urls.txt"))
-                .arg("-P")
-                .arg(s.join("wget")),
-            s,
-        )?;
-        report(&case, "wget", &t, n, bytes);
-        if have("aria2c") {
+        // Each round gives every tool fresh output folders; tools alternate,
+        // so drift on a shared machine reaches them all.
+        let mut ratios = Vec::new();
+        for round in 0..rounds {
+            std::fs::create_dir_all(s.join("curl"))?;
+            clear(&s.join("curl"))?;
+            // curl: one process, sequential, connection reused.
+            let cfg: String = urls
+                .iter()
+                .enumerate()
+                .map(|(i, u)| {
+                    format!(
+                        "url = \"{u}\"\noutput = \"{}\"\n",
+                        s.join(format!("curl/{i}")).display()
+                    )
+                })
+                .collect();
+            std::fs::create_dir_all(s.join("curl"))?;
+            std::fs::write(s.join("curl.cfg"), cfg)?;
             let t = timed(
-                Proc::new("aria2c")
-                    .args([
-                        "-q",
-                        "-j",
-                        "16",
-                        "--allow-overwrite=true",
-                        "--auto-file-renaming=false",
-                        "--file-allocation=none",
-                        "-i",
-                    ])
-                    .arg(s.join("urls.txt"))
-                    .arg("-d")
-                    .arg(s.join("aria")),
+                Proc::new("curl").args(["-s", "-K"]).arg(s.join("curl.cfg")),
                 s,
             )?;
-            report(&case, "aria2c -j16", &t, n, bytes);
-        } else {
-            println!("{case:<28} aria2c     (not installed; skipped)");
-        }
-        let plan: String = urls
-            .iter()
-            .enumerate()
-            .map(|(i, u)| {
-                format!("{{\"work_id\":\"b\",\"artifact_id\":\"{i}\",\"url\":\"{u}\"}}\n")
-            })
-            .collect();
-        std::fs::write(s.join("plan.jsonl"), plan)?;
-        let db = s.join("idem.db");
-        let out = s.join("idem-out");
-        let p = Proc::new(&idem)
-            .arg("--db")
-            .arg(&db)
-            .arg("plan")
-            .arg(s.join("plan.jsonl"))
-            .output()?;
-        if !p.status.success() {
-            bail!("idem plan failed");
-        }
-        let conc = if n == 1 { "1" } else { "16" };
-        let t = timed(
-            Proc::new(&idem)
+            report(&case, "curl", &t, n, bytes);
+            // curl + sync: the same transfers, then every byte made durable
+            // (one sync for the lot), which is what idem promises per file.
+            clear(&s.join("curl"))?;
+            let curl_sync = timed(
+                Proc::new("sh").arg("-c").arg(format!(
+                    "curl -s -K '{}' && sync",
+                    s.join("curl.cfg").display()
+                )),
+                s,
+            )?;
+            report(&case, "curl + sync", &curl_sync, n, bytes);
+            clear(&s.join("curl"))?;
+            let curl_par = timed(
+                Proc::new("curl")
+                    .args(["-s", "--parallel", "--parallel-max", "16", "-K"])
+                    .arg(s.join("curl.cfg")),
+                s,
+            )?;
+            report(&case, "curl -Z16", &curl_par, n, bytes);
+            std::fs::create_dir_all(s.join("wget"))?;
+            clear(&s.join("wget"))?;
+            let t = timed(
+                Proc::new("wget")
+                    .args(["-q", "-i"])
+                    .arg(s.join("urls.txt"))
+                    .arg("-P")
+                    .arg(s.join("wget")),
+                s,
+            )?;
+            report(&case, "wget", &t, n, bytes);
+            if have("aria2c") {
+                std::fs::create_dir_all(s.join("aria"))?;
+                clear(&s.join("aria"))?;
+                let t = timed(
+                    Proc::new("aria2c")
+                        .args([
+                            "-q",
+                            "-j",
+                            "16",
+                            "--allow-overwrite=true",
+                            "--auto-file-renaming=false",
+                            "--file-allocation=none",
+                            "-i",
+                        ])
+                        .arg(s.join("urls.txt"))
+                        .arg("-d")
+                        .arg(s.join("aria")),
+                    s,
+                )?;
+                report(&case, "aria2c -j16", &t, n, bytes);
+            } else {
+                println!("{case:<28} aria2c     (not installed; skipped)");
+            }
+            let plan: String = urls
+                .iter()
+                .enumerate()
+                .map(|(i, u)| {
+                    format!("{{\"work_id\":\"b\",\"artifact_id\":\"{i}\",\"url\":\"{u}\"}}\n")
+                })
+                .collect();
+            std::fs::write(s.join("plan.jsonl"), plan)?;
+            let db = s.join(format!("idem{round}.db"));
+            let out = s.join(format!("idem-out{round}"));
+            let p = Proc::new(&idem)
                 .arg("--db")
                 .arg(&db)
-                .arg("--out")
-                .arg(&out)
-                .args([
-                    "run",
-                    "--allow-loopback",
-                    "--json",
-                    "--concurrency",
-                    conc,
-                    "--per-host",
-                    "16",
-                ]),
-            s,
-        )?;
-        report(&case, &format!("idem -c{conc}"), &t, n, bytes);
+                .arg("plan")
+                .arg(s.join("plan.jsonl"))
+                .output()?;
+            if !p.status.success() {
+                bail!("idem plan failed");
+            }
+            let conc = if n == 1 { "1" } else { "16" };
+            let t = timed(
+                Proc::new(&idem)
+                    .arg("--db")
+                    .arg(&db)
+                    .arg("--out")
+                    .arg(&out)
+                    .args([
+                        "run",
+                        "--allow-loopback",
+                        "--json",
+                        "--concurrency",
+                        conc,
+                        "--per-host",
+                        "16",
+                    ]),
+                s,
+            )?;
+            report(&case, &format!("idem -c{conc}"), &t, n, bytes);
+            println!(
+                "{case:<28} ratios     idem / (curl + sync) {:.2}, idem / curl -Z16 {:.2}",
+                curl_sync.wall / t.wall,
+                curl_par.wall / t.wall
+            );
+            ratios.push((curl_sync.wall / t.wall, curl_par.wall / t.wall));
+        }
+        if rounds > 1 {
+            let mut a: Vec<f64> = ratios.iter().map(|r| r.0).collect();
+            let mut b: Vec<f64> = ratios.iter().map(|r| r.1).collect();
+            println!(
+                "{case:<28} medians    idem / (curl + sync) {:.2}, idem / curl -Z16 {:.2} over {rounds} rounds",
+                median(&mut a),
+                median(&mut b)
+            );
+        }
         let threads = if n == 1 { 1 } else { 16 };
         let bodies: Vec<Vec<u8>> = (0..n)
             .map(|i| idem_origin::content(i as u64 + 1, size))
@@ -658,6 +720,15 @@ pub(crate) fn download(root: &Path, quick: bool) -> Result<()> {
             bytes as f64 / 1e6 / wall,
             n as f64 / wall,
         );
+        for layout in [Layout::TwoLevels, Layout::TopMade, Layout::OneLevel] {
+            let wall = layout_floor(&s.join(format!("{layout:?}")), &bodies, threads, layout)?;
+            println!(
+                "{case:<28} {:<10} {:>8.1} MB/s {:>9.1} files/s  (written, linked under {layout:?}, one syncfs)",
+                "batched",
+                bytes as f64 / 1e6 / wall,
+                n as f64 / wall,
+            );
+        }
     }
     Ok(())
 }
@@ -699,6 +770,60 @@ fn store_floor(dir: &Path, bodies: &[Vec<u8>], threads: usize) -> Result<f64> {
         files::publish(&out, &part, digests[i], bodies[i].len() as u64)?;
         Ok(())
     })
+}
+
+/// The store layout's cost on a fresh store, durability batched as idem
+/// batches it: every body written to a part, linked under `layout`'s
+/// directories (created without fsyncs), then one `sync -f` (`syncfs`) of
+/// the filesystem. Returns wall seconds, the directories made included.
+fn layout_floor(dir: &Path, bodies: &[Vec<u8>], threads: usize, layout: Layout) -> Result<f64> {
+    use std::io::Write as _;
+    let tmp = dir.join("tmp");
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&tmp)?;
+    std::fs::create_dir_all(&blobs)?;
+    let hex: Vec<String> = bodies
+        .iter()
+        .map(|b| idem_core::Digest32::of(b).to_hex())
+        .collect();
+    let _ = Proc::new("sync").status();
+    let t = Instant::now();
+    if layout == Layout::TopMade {
+        for i in 0..256 {
+            std::fs::create_dir(blobs.join(format!("{i:02x}")))?;
+        }
+    }
+    timed_floor(bodies.len(), threads, |i| {
+        let part = tmp.join(format!("{i}.part"));
+        let mut f = std::fs::File::create(&part)?;
+        f.write_all(&bodies[i])?;
+        let h = &hex[i];
+        let d = match layout {
+            Layout::TwoLevels | Layout::TopMade => blobs.join(&h[..2]).join(&h[2..4]),
+            Layout::OneLevel => blobs.join(&h[..2]),
+        };
+        std::fs::create_dir_all(&d)?;
+        std::fs::hard_link(&part, d.join(h))?;
+        Ok(())
+    })?;
+    let st = Proc::new("sync").arg("-f").arg(dir).status()?;
+    if !st.success() {
+        bail!("sync -f failed");
+    }
+    for i in 0..bodies.len() {
+        std::fs::remove_file(tmp.join(format!("{i}.part")))?;
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Layout {
+    /// `<aa>/<bb>/<hex>`, every directory made when first needed (idem's).
+    TwoLevels,
+    /// The same, the 256 `<aa>` directories made up front.
+    TopMade,
+    /// `<aa>/<hex>`.
+    OneLevel,
 }
 
 /// Runs `one(i)` for every `i < n` on `threads` threads after a `sync`

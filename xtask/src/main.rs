@@ -44,7 +44,16 @@ fn main() -> anyhow::Result<()> {
                 bench::store(&root(), quick)?;
             }
             if matches!(what, "download" | "all" | "--quick") {
-                bench::download(&root(), quick)?;
+                bench::download(&root(), quick, false, 1)?;
+            }
+            if what == "small" {
+                let rounds = args
+                    .iter()
+                    .position(|a| a == "--rounds")
+                    .and_then(|i| args.get(i + 1))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(3);
+                bench::download(&root(), quick, true, rounds)?;
             }
             if matches!(what, "download" | "latency" | "all" | "--quick") {
                 latency::bench(&root(), quick)?;
@@ -67,7 +76,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         _ => {
-            eprintln!("usage: cargo xtask <tidy | api [--check] | release-check | slo-gen [--check] | slo-check | bench [store|download|latency|lopsided|bytes|scale [--jobs N]|all] [--quick]>");
+            eprintln!("usage: cargo xtask <tidy | api [--check] | release-check | slo-gen [--check] | slo-check | bench [store|download|small [--rounds N]|latency|lopsided|bytes|scale [--jobs N]|all] [--quick]>");
             std::process::exit(2);
         }
     }

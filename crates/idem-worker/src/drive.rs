@@ -775,12 +775,20 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             let path = self.out.blob_path(&si.sha256);
             if path.exists() {
                 let p = path.clone();
-                let ok = tokio::task::spawn_blocking(move || files::hash_file(&p))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .is_some_and(|(sha, size)| sha == si.sha256 && size == si.size);
-                if ok {
+                let (out, want) = (self.out.clone(), si.clone());
+                // Checked, then made durable (its publisher may have died
+                // before its durability step); whose it is decides how the
+                // job ends.
+                let found = tokio::task::spawn_blocking(move || {
+                    let ok = files::hash_file(&p)
+                        .is_ok_and(|(sha, size)| sha == want.sha256 && size == want.size);
+                    (ok && files::sync_blob(&out, &want.sha256).is_ok())
+                        .then(|| files::published_by(&out, &key, epoch.0, &want.sha256))
+                })
+                .await
+                .ok()
+                .flatten();
+                if let Some(own) = found {
                     let blob = idem_core::BlobInfo::new(si.sha256, si.size);
                     let fop = OpKey {
                         job: key,
@@ -804,12 +812,20 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                         count: 1,
                     }
                     .at(self.now())]);
+                    let then = if own {
+                        Command::Finalize {
+                            epoch,
+                            blob: blob.clone(),
+                        }
+                    } else {
+                        Command::Duplicate {
+                            epoch,
+                            blob: blob.clone(),
+                            of: None,
+                        }
+                    };
                     return self
-                        .finish(
-                            fop,
-                            Ok(OpResult::Finalize(blob.clone())),
-                            Some(Command::Finalize { epoch, blob }),
-                        )
+                        .finish(fop, Ok(OpResult::Finalize(blob)), Some(then))
                         .await;
                 }
             }
@@ -1060,7 +1076,9 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
             }
             return Err(abort);
         }
-        let published = files::publish(&self.out, part, si.sha256, si.size);
+        let published = self
+            .publisher
+            .publish(part.to_path_buf(), si.sha256, si.size);
         hooks::crashpoint("after_publish");
         let (blob, then) = match published {
             Ok(Published::New(blob)) => (blob.clone(), Command::Finalize { epoch, blob }),
@@ -1272,7 +1290,11 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         }
         let (landed, size) = match sink {
             Sink::Writer(w) => {
-                let (sha256, size, lock) = w.finish().await.map_err(StreamErr::Io)?;
+                // Publishing makes the part durable.
+                let (sha256, size, lock) = w
+                    .finish_unsynced(self.publisher.is_batched())
+                    .await
+                    .map_err(StreamErr::Io)?;
                 let si = StreamInfo {
                     sha256,
                     size,

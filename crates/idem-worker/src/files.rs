@@ -366,12 +366,11 @@ pub fn write_sidecar(part: &Path, sc: &Sidecar) -> io::Result<()> {
     f.write_all_at(&text, 0)
 }
 
-/// Writes a whole small body into its (empty, locked) part at offset 0
-/// and fsyncs it.
+/// Writes a whole small body into its (empty, locked) part at offset 0;
+/// publishing makes it durable.
 pub fn write_whole(file: &File, bytes: &[u8]) -> io::Result<()> {
     use std::os::unix::fs::FileExt as _;
-    file.write_all_at(bytes, 0)?;
-    file.sync_all()
+    file.write_all_at(bytes, 0)
 }
 
 pub fn remove_part(part: &Path) {
@@ -522,13 +521,84 @@ fn check_real_dirs(root: &Path, dir: &Path) -> io::Result<()> {
 /// with this size and digest (idem may not have written it); otherwise it
 /// is moved to `<out>/quarantine/` and the part is linked in its place.
 pub fn publish(out: &OutDir, part: &Path, sha: Digest32, size: u64) -> io::Result<Published> {
+    let published = link_blob(out, part, sha, size, true)?;
+    match published {
+        // Found, not written here: perhaps by a process that died before
+        // making it durable.
+        Published::AlreadyStored(_) => sync_blob(out, &sha)?,
+        _ => sync_dir(&blob_dir(out, &sha)?)?,
+    }
+    remove_part(part);
+    Ok(published)
+}
+
+/// Whether the blob at `sha`'s address is this job's own publish (so the
+/// job is `finalized` by it, not a duplicate): true unless one of the
+/// job's parts (up to `epoch`) is still there and is not that file. A
+/// publisher drops the part's name only after the blob is durable, so a
+/// part that is the blob's other name was linked by this job, and a part
+/// that is another file was not.
+pub fn published_by(out: &OutDir, job: &JobKey, epoch: u64, sha: &Digest32) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(blob) = fs::symlink_metadata(out.blob_path(sha)) else {
+        return false;
+    };
+    let parts: Vec<fs::Metadata> = out
+        .parts_of(job, epoch)
+        .iter()
+        .filter_map(|p| fs::symlink_metadata(p).ok())
+        .collect();
+    parts.is_empty()
+        || parts
+            .iter()
+            .any(|m| m.dev() == blob.dev() && m.ino() == blob.ino())
+}
+
+/// fsyncs a stored blob and each directory from its own up to the blob
+/// root, for a blob found in place (left by a crash, or another process)
+/// before anything is committed that names it.
+pub fn sync_blob(out: &OutDir, sha: &Digest32) -> io::Result<()> {
+    open_regular(&out.blob_path(sha), OpenOptions::new().read(true))?.sync_all()?;
+    let top = out.root.join("blobs");
+    let mut dir = blob_dir(out, sha)?;
+    loop {
+        sync_dir(&dir)?;
+        if dir == top || !dir.pop() || !dir.starts_with(&top) {
+            return Ok(());
+        }
+    }
+}
+
+/// The directory a blob's address is in.
+fn blob_dir(out: &OutDir, sha: &Digest32) -> io::Result<PathBuf> {
+    out.blob_path(sha)
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| io::Error::other("blob path has no parent"))
+}
+
+/// [`publish`]'s first half: the part linked at its address (or found
+/// already stored there). With `durable_dirs`,
+/// directories it creates are fsynced into their parents; either way the
+/// new link itself is not yet durable and the part keeps its name: the
+/// caller makes the link durable (an fsync of the directory, or one
+/// `syncfs` for a whole batch) and then removes the part.
+pub fn link_blob(
+    out: &OutDir,
+    part: &Path,
+    sha: Digest32,
+    size: u64,
+    durable_dirs: bool,
+) -> io::Result<Published> {
     let dest = out.blob_path(&sha);
     let info = BlobInfo::new(sha, size);
-    let dir = dest
-        .parent()
-        .ok_or_else(|| io::Error::other("blob path has no parent"))?;
-    create_dir_durable(dir)?;
-    check_real_dirs(&out.root, dir)?;
+    let dir = blob_dir(out, &sha)?;
+    if durable_dirs {
+        create_dir_durable(&dir)?;
+    } else {
+        fs::create_dir_all(&dir)?;
+    }
+    check_real_dirs(&out.root, &dir)?;
     // The part itself, through its descriptor: a link at its name is
     // refused, and only the file idem wrote loses its write bits, once it
     // is stored (a part whose link failed stays writable for a retry).
@@ -542,7 +612,6 @@ pub fn publish(out: &OutDir, part: &Path, sha: Digest32, size: u64) -> io::Resul
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && replaced.is_none() => {
                 if holds(&dest, &sha, size) {
-                    remove_part(part);
                     return Ok(Published::AlreadyStored(info));
                 }
                 replaced = Some(quarantine(out, &dest)?);
@@ -550,8 +619,6 @@ pub fn publish(out: &OutDir, part: &Path, sha: Digest32, size: u64) -> io::Resul
             Err(e) => return Err(e),
         }
     }
-    sync_dir(dir)?;
-    remove_part(part);
     Ok(match replaced {
         Some(aside) => Published::Replaced(info, aside),
         None => Published::New(info),

@@ -2,10 +2,11 @@
 //! They exist only with the `test-hooks` feature, which only the
 //! integration tests enable; a build without it has none of this code.
 //!
-//! - `IDEM_CRASHPOINT=after_stream_commit` or `after_publish`: abort at
-//!   that point of a job's finish, to hit the windows between an effect and
-//!   its commit deterministically (kill -9 at random instants hits them by
-//!   chance).
+//! - `IDEM_CRASHPOINT=after_stream_commit`, `after_batch_link` (parts
+//!   linked into the store, not yet made durable) or `after_publish`:
+//!   abort at that point of a job's finish, to hit the windows between an
+//!   effect and its commit deterministically (kill -9 at random instants
+//!   hits them by chance).
 //! - `IDEM_TEST_POISON_URL=<text>`: abort whenever a body arrives for a URL
 //!   that contains `<text>`: a job that kills every worker that runs it.
 

@@ -43,6 +43,7 @@
 
 pub mod drill;
 mod drive;
+mod durable;
 pub mod files;
 mod hooks;
 mod isolate;
@@ -192,6 +193,7 @@ pub struct Engine<S: Store + 'static, H: Http> {
     pub(crate) http: Arc<H>,
     pub(crate) cfg: Arc<EngineConfig>,
     pub(crate) out: OutDir,
+    pub(crate) publisher: durable::Publisher,
     pub(crate) sink: Arc<dyn EventSink>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) owner: WorkerId,
@@ -238,6 +240,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         Ok(Self {
             store,
             http,
+            publisher: durable::Publisher::new(out.clone()),
             out,
             sink,
             clock: Arc::new(SystemClock),

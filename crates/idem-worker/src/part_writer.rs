@@ -54,6 +54,8 @@ pub struct PartWriter {
     /// The part and its sidecar, for [`PartWriter::keep`] to record what
     /// was written when a stream fails.
     kept: Option<Box<(PathBuf, Sidecar)>>,
+    /// Whether the final fsync may be left to whoever publishes the part.
+    skip_final_sync: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Longest a gathered chunk waits for more before it goes to the writer.
@@ -179,6 +181,8 @@ impl PartWriter {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Chunk>>(8);
         // On the runtime's blocking pool, whose threads are reused: a thread
         // of its own per part cost more than a small body's whole write.
+        let skip_final_sync = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let skip = Arc::clone(&skip_final_sync);
         let handle = tokio::task::spawn_blocking(move || -> io::Result<(Digest32, u64, File)> {
             use std::io::Seek;
             file.seek(io::SeekFrom::Start(offset))?;
@@ -250,7 +254,9 @@ impl PartWriter {
             // part.
             let record_durable = syncer.is_some();
             drop(syncer);
-            file.sync_all()?;
+            if record_durable || !skip.load(std::sync::atomic::Ordering::Acquire) {
+                file.sync_all()?;
+            }
             let sha = digest(&hasher);
             if let Some(sc) = sidecar.as_mut().filter(|_| record_durable) {
                 sc.mark(written, sha, true);
@@ -265,6 +271,7 @@ impl PartWriter {
             pending_bytes: 0,
             pending_since: None,
             kept,
+            skip_final_sync,
         }
     }
 
@@ -315,6 +322,15 @@ impl PartWriter {
         let lock = self.finish().await;
         remove_part(part);
         drop(lock);
+    }
+
+    /// [`PartWriter::finish`], leaving the final fsync to whoever publishes
+    /// the part when `publisher_syncs` (a part that had early writebacks
+    /// is still fsynced, as its sidecar then records it durable).
+    pub async fn finish_unsynced(self, publisher_syncs: bool) -> io::Result<(Digest32, u64, File)> {
+        self.skip_final_sync
+            .store(publisher_syncs, std::sync::atomic::Ordering::Release);
+        self.finish().await
     }
 
     /// Flushes, fsyncs and returns the digest and size of the whole part,

@@ -246,10 +246,29 @@ pub fn reconcile<S: Store + ?Sized>(
         }
         Ok(())
     })?;
+    // Twins (one body under two jobs) published in one batch: the one
+    // whose part is the blob stored it (else the first healed), the others
+    // are its duplicates, as their holders would have recorded.
+    let mut healed = std::collections::HashSet::new();
     for (key, blob, seen) in heal {
         if opts.dry_run {
             rep.blobs_healed += 1;
-        } else if let Some(a) = lost_race_is_none(heal_with_op(store, key, blob, seen, now))? {
+            continue;
+        }
+        // Published with its durability batched, then the crash: the blob
+        // may be in the page cache only.
+        if let Err(e) = files::sync_blob(out, &blob.sha256) {
+            tracing::warn!(job = %key, error = %e, "could not make a published blob durable; left for the next holder");
+            continue;
+        }
+        if let Some(a) = lost_race_is_none(heal_with_op(
+            store,
+            key,
+            blob.clone(),
+            seen,
+            !healed.insert(blob.sha256) || !files::published_by(out, &key, seen.0, &blob.sha256),
+            now,
+        ))? {
             sink.emit(&a.events);
             sink.emit(&[EventKind::CrashRecovery {
                 kind: "blob_healed".into(),
@@ -258,6 +277,13 @@ pub fn reconcile<S: Store + ?Sized>(
             }
             .at(now)]);
             rep.blobs_healed += 1;
+            // A crash before its publisher dropped the part's name leaves
+            // the part, now of a finished job (step 3 ran before the heal).
+            for part in out.parts_of(&key, seen.0) {
+                if let Ok(Some(_lock)) = files::open_locked(&part, false) {
+                    files::remove_part(&part);
+                }
+            }
         }
     }
 
@@ -331,7 +357,8 @@ fn check_blob<S: Store + ?Sized>(
 }
 
 /// Commits the FINALIZE of a job whose blob was published (and checked)
-/// but whose commit was lost, as its holder would have: the reconciler
+/// but whose commit was lost, as its holder would have (as a duplicate
+/// when another job's heal stored that blob): the reconciler
 /// takes the lease (the epoch after `seen`), and records FINALIZE begun and
 /// committed, in one durable write. Refused, as a lost race, if the job
 /// moved on since it was read.
@@ -340,6 +367,7 @@ fn heal_with_op<S: Store + ?Sized>(
     key: JobKey,
     blob: BlobInfo,
     seen: idem_core::Epoch,
+    duplicate: bool,
     now: idem_core::Timestamp,
 ) -> Result<idem_core::Applied<Vec<idem_core::ports::StepOutput>>, StoreError> {
     use idem_core::ports::Step;
@@ -365,9 +393,17 @@ fn heal_with_op<S: Store + ?Sized>(
         Step::FinishOp {
             op,
             outcome: Ok(OpResult::Finalize(blob.clone())),
-            then: Some(Command::Finalize {
-                epoch: op.epoch,
-                blob,
+            then: Some(if duplicate {
+                Command::Duplicate {
+                    epoch: op.epoch,
+                    blob,
+                    of: None,
+                }
+            } else {
+                Command::Finalize {
+                    epoch: op.epoch,
+                    blob,
+                }
             }),
         },
     ];
