@@ -14,13 +14,9 @@
 //! holds; if `<job-key>.part` is held that way, the new holder writes
 //! `<job-key>.e<epoch>.part` instead.
 //!
-//! Publishing is: fsync the part, link it to its content address (same
-//! filesystem; a link never overwrites, so exactly one of two identical
-//! publishers wins), fsync the directory, drop the part's name. If the
-//! address is taken by a file with the right size and digest, the content
-//! is already stored and the part is dropped; anything else there (a file
-//! idem did not write, damaged or planted) is moved aside to
-//! `<out>/quarantine/` and replaced.
+//! Publishing a part into the blob store is `blobs.rs`'s: a hard link to
+//! its content address (same filesystem; a link never overwrites), made
+//! durable, then the part's name dropped.
 //!
 //! Nothing under the output directory is opened through a symbolic link,
 //! and anything that is not a regular file (a link, a FIFO, a device) is
@@ -28,6 +24,7 @@
 //! `blobs/` are predictable from a job's identity, so a planted link must
 //! never make idem write, append to or chmod a file elsewhere.
 
+use crate::blobs::check_real_dirs;
 use idem_core::{BlobInfo, Digest32, JobKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -306,7 +303,7 @@ pub fn open_regular(path: &Path, opts: &mut OpenOptions) -> io::Result<File> {
     Ok(f)
 }
 
-fn not_regular(path: &Path, what: &str) -> io::Error {
+pub(crate) fn not_regular(path: &Path, what: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidInput,
         format!(
@@ -477,190 +474,11 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Whether publishing stored new content or found it already there.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Published {
-    New(BlobInfo),
-    AlreadyStored(BlobInfo),
-    /// Stored, replacing a file at the address that was not this content;
-    /// that file was moved to the path given, for inspection.
-    Replaced(BlobInfo, PathBuf),
-}
-
-/// Whether the file at `path` is a regular file holding `size` bytes that
-/// hash to `sha`.
-pub fn holds(path: &Path, sha: &Digest32, size: u64) -> bool {
-    fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && m.len() == size)
-        && hash_file(path).is_ok_and(|(got, n)| got == *sha && n == size)
-}
-
-/// Checks that each directory from `root` down to `dir` is a real
-/// directory, not a link to one elsewhere.
-fn check_real_dirs(root: &Path, dir: &Path) -> io::Result<()> {
-    let mut p = dir;
-    while p != root {
-        if !fs::symlink_metadata(p)?.is_dir() {
-            return Err(not_regular(p, "not a directory idem made"));
-        }
-        p = match p.parent() {
-            Some(up) if up.starts_with(root) => up,
-            _ => break,
-        };
-    }
-    Ok(())
-}
-
-/// Publishes a fully written, fsynced part under its content address.
-///
-/// The part is hard-linked to its address, which fails if the address is
-/// taken: of two jobs with the same content publishing at once, exactly one
-/// stores it and the other learns it is a duplicate (a rename would let both
-/// "win"). The part's name is then removed and the directory fsynced.
-///
-/// A file already at the address is trusted only if it is a regular file
-/// with this size and digest (idem may not have written it); otherwise it
-/// is moved to `<out>/quarantine/` and the part is linked in its place.
-pub fn publish(out: &OutDir, part: &Path, sha: Digest32, size: u64) -> io::Result<Published> {
-    let published = link_blob(out, part, sha, size, true)?;
-    match published {
-        // Found, not written here: perhaps by a process that died before
-        // making it durable.
-        Published::AlreadyStored(_) => sync_blob(out, &sha)?,
-        _ => sync_dir(&blob_dir(out, &sha)?)?,
-    }
-    remove_part(part);
-    Ok(published)
-}
-
-/// Whether the blob at `sha`'s address is this job's own publish (so the
-/// job is `finalized` by it, not a duplicate): true unless one of the
-/// job's parts (up to `epoch`) is still there and is not that file. A
-/// publisher drops the part's name only after the blob is durable, so a
-/// part that is the blob's other name was linked by this job, and a part
-/// that is another file was not.
-pub fn published_by(out: &OutDir, job: &JobKey, epoch: u64, sha: &Digest32) -> bool {
-    use std::os::unix::fs::MetadataExt as _;
-    let Ok(blob) = fs::symlink_metadata(out.blob_path(sha)) else {
-        return false;
-    };
-    let parts: Vec<fs::Metadata> = out
-        .parts_of(job, epoch)
-        .iter()
-        .filter_map(|p| fs::symlink_metadata(p).ok())
-        .collect();
-    parts.is_empty()
-        || parts
-            .iter()
-            .any(|m| m.dev() == blob.dev() && m.ino() == blob.ino())
-}
-
-/// fsyncs a stored blob and each directory from its own up to the blob
-/// root, for a blob found in place (left by a crash, or another process)
-/// before anything is committed that names it.
-pub fn sync_blob(out: &OutDir, sha: &Digest32) -> io::Result<()> {
-    open_regular(&out.blob_path(sha), OpenOptions::new().read(true))?.sync_all()?;
-    let top = out.root.join("blobs");
-    let mut dir = blob_dir(out, sha)?;
-    loop {
-        sync_dir(&dir)?;
-        if dir == top || !dir.pop() || !dir.starts_with(&top) {
-            return Ok(());
-        }
-    }
-}
-
-/// The directory a blob's address is in.
-fn blob_dir(out: &OutDir, sha: &Digest32) -> io::Result<PathBuf> {
-    out.blob_path(sha)
-        .parent()
-        .map(Path::to_path_buf)
-        .ok_or_else(|| io::Error::other("blob path has no parent"))
-}
-
-/// [`publish`]'s first half: the part linked at its address (or found
-/// already stored there). With `durable_dirs`,
-/// directories it creates are fsynced into their parents; either way the
-/// new link itself is not yet durable and the part keeps its name: the
-/// caller makes the link durable (an fsync of the directory, or one
-/// `syncfs` for a whole batch) and then removes the part.
-pub fn link_blob(
-    out: &OutDir,
-    part: &Path,
-    sha: Digest32,
-    size: u64,
-    durable_dirs: bool,
-) -> io::Result<Published> {
-    let dest = out.blob_path(&sha);
-    let info = BlobInfo::new(sha, size);
-    let dir = blob_dir(out, &sha)?;
-    if durable_dirs {
-        create_dir_durable(&dir)?;
-    } else {
-        fs::create_dir_all(&dir)?;
-    }
-    check_real_dirs(&out.root, &dir)?;
-    // The part itself, through its descriptor: a link at its name is
-    // refused, and only the file idem wrote loses its write bits, once it
-    // is stored (a part whose link failed stays writable for a retry).
-    let file = open_regular(part, OpenOptions::new().read(true))?;
-    let mut replaced = None;
-    loop {
-        match fs::hard_link(part, &dest) {
-            Ok(()) => {
-                set_read_only(&file)?;
-                break;
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && replaced.is_none() => {
-                if holds(&dest, &sha, size) {
-                    return Ok(Published::AlreadyStored(info));
-                }
-                replaced = Some(quarantine(out, &dest)?);
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(match replaced {
-        Some(aside) => Published::Replaced(info, aside),
-        None => Published::New(info),
-    })
-}
-
-/// Moves a file that is not the content its address names out of the
-/// store, to `<out>/quarantine/<name>.<unix-ms>`, where an operator can
-/// look at it.
-pub fn quarantine(out: &OutDir, bad: &Path) -> io::Result<PathBuf> {
-    let dir = out.root.join("quarantine");
-    create_dir_durable(&dir)?;
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    let name = bad
-        .file_name()
-        .map_or_else(|| "blob".into(), |n| n.to_string_lossy().into_owned());
-    let aside = dir.join(format!("{name}.{ms}"));
-    fs::rename(bad, &aside)?;
-    sync_dir(&dir)?;
-    Ok(aside)
-}
-
-/// Removes the write bits of a file idem wrote, keeping the rest of the
-/// mode its creation under the umask gave it.
-#[cfg(unix)]
-fn set_read_only(f: &File) -> io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = f.metadata()?.permissions().mode();
-    f.set_permissions(fs::Permissions::from_mode(mode & !0o222))
-}
-
-#[cfg(not(unix))]
-fn set_read_only(_: &File) -> io::Result<()> {
-    Ok(())
-}
-
 /// Bodies shorter than this get no sidecar: restarting them costs less than
 /// the two file writes a sidecar needs.
 pub const SIDECAR_MIN: u64 = 256 << 10;
 
+pub use crate::blobs::{holds, link_blob, publish, published_by, quarantine, sync_blob, Published};
 pub use crate::part_writer::{Chunk, PartWriter, SidecarPlan, SIDECAR_AFTER};
 
 #[cfg(test)]
@@ -748,57 +566,6 @@ mod tests {
             fs::metadata(&victim).unwrap().permissions().mode() & 0o200,
             0
         );
-    }
-
-    #[test]
-    fn publish_links_once_and_reports_duplicates() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = OutDir::prepare(dir.path().join("out")).unwrap();
-        let body = b"same bytes";
-        let sha = Digest32::of(body);
-        let part_a = out.part_path(&idem_core::job_key_of("w", "a"));
-        let part_b = out.fallback_part_path(&idem_core::job_key_of("w", "b"), 3);
-        fs::write(&part_a, body).unwrap();
-        fs::write(&part_b, body).unwrap();
-        assert!(matches!(
-            publish(&out, &part_a, sha, 10).unwrap(),
-            Published::New(_)
-        ));
-        assert!(matches!(
-            publish(&out, &part_b, sha, 10).unwrap(),
-            Published::AlreadyStored(_)
-        ));
-        assert!(!part_a.exists() && !part_b.exists(), "parts are gone");
-        let stored = out.blob_path(&sha);
-        assert_eq!(fs::read(&stored).unwrap(), body);
-        assert!(fs::metadata(&stored).unwrap().permissions().readonly());
-    }
-
-    /// A file at a blob's address with other bytes is not trusted: it is
-    /// moved aside and replaced by the verified content.
-    #[test]
-    fn a_wrong_file_at_a_blob_address_is_replaced() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = OutDir::prepare(dir.path().join("out")).unwrap();
-        let body = b"the real bytes";
-        let sha = Digest32::of(body);
-        let dest = out.blob_path(&sha);
-        create_dir_durable(dest.parent().unwrap()).unwrap();
-        fs::write(&dest, b"planted!").unwrap();
-        let part = out.part_path(&idem_core::job_key_of("w", "a"));
-        fs::write(&part, body).unwrap();
-        let Published::Replaced(_, aside) = publish(&out, &part, sha, 14).unwrap() else {
-            panic!("not replaced");
-        };
-        assert_eq!(fs::read(&dest).unwrap(), body);
-        assert_eq!(fs::read(&aside).unwrap(), b"planted!");
-        assert!(aside.starts_with(out.root().join("quarantine")));
-        // The same content again is a duplicate of what is now stored.
-        fs::write(&part, body).unwrap();
-        assert!(matches!(
-            publish(&out, &part, sha, 14).unwrap(),
-            Published::AlreadyStored(_)
-        ));
     }
 
     /// Earlier versions left a sidecar temp file when they crashed before

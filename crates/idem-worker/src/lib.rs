@@ -41,6 +41,7 @@
 //! an engine over an `Http` of your own. Depends on idem-core, tokio,
 //! tracing and libc; any `Store` and `Http` implementation plugs in.
 
+mod blobs;
 pub mod drill;
 mod drive;
 mod durable;
