@@ -46,11 +46,14 @@ pub mod drill;
 mod drive;
 mod durable;
 pub mod files;
+mod finalize;
 mod hooks;
 mod isolate;
 pub mod owner;
 mod part_writer;
 pub mod reconcile;
+mod reuse;
+mod stream;
 pub mod verify;
 
 use idem_core::ports::{LeaseRequest, Store, StoreError};
@@ -618,7 +621,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
         &self,
         limit: usize,
         isolated: bool,
-    ) -> Result<Vec<(idem_core::Job, Option<drive::Stored>)>, StoreError> {
+    ) -> Result<Vec<(idem_core::Job, Option<reuse::Stored>)>, StoreError> {
         let req = self.lease_request(limit, isolated);
         let now = self.now();
         let asked = std::time::Instant::now();
@@ -629,7 +632,7 @@ impl<S: Store + 'static, H: Http> Engine<S, H> {
                 let dups: Vec<_> = a
                     .value
                     .iter()
-                    .map(|j| drive::duplicate_of(s, &root, j))
+                    .map(|j| reuse::duplicate_of(s, &root, j))
                     .collect();
                 Ok((a, dups))
             })
