@@ -47,12 +47,14 @@ mod drive;
 mod durable;
 pub mod files;
 mod finalize;
+mod head;
 mod hooks;
 mod isolate;
 pub mod owner;
 mod part_writer;
 pub mod reconcile;
 mod reuse;
+mod small;
 mod stream;
 pub mod verify;
 
